@@ -1,0 +1,365 @@
+"""The cross-correlation loss family of DeCUR (paper Section 3.1, Algorithm 1, eq. 1-6).
+
+Everything here is a pure function of embedding batches, usable without Lightning:
+
+- :func:`barlow_twins_loss`: the Barlow Twins loss of two views (eq. 4/5 for one modality).
+- :func:`decur_loss`: the four DeCUR terms of eq. 6 from four embedding batches.
+- :class:`DeCURLoss`: an ``nn.Module`` around :func:`decur_loss` that gathers embeddings
+  across ranks (with gradient) before standardising, so that a distributed run computes the
+  loss of the global batch exactly.
+
+Two exact computations of every cross-correlation term are available:
+
+``"dense"``
+    Builds ``C = za.T @ zb / N`` (``K x K``), as Algorithm 1 writes it. Cost ``O(N K^2)``
+    time and ``O(K^2)`` memory.
+``"cheap"``
+    Never builds ``C``. With standardised ``za, zb`` of shape ``(N, K)``:
+    ``diag(C) = sum_n za * zb / N`` and
+    ``||C||_F^2 = sum((za za^T) * (zb zb^T)) / N^2`` (two ``N x N`` Gram matrices),
+    so that the off-diagonal sum is ``||C||_F^2 - sum(diag(C)^2)``. Cost ``O(N^2 K)`` time and
+    ``O(N^2 + N K)`` memory; a block of ``C`` uses the same identity on column slices.
+    For ``N < K`` (the paper's regime: ``N = 256``, ``K = 8192``) it is much faster.
+
+``"auto"`` (the default) picks ``"cheap"`` when ``N < K`` and ``"dense"`` otherwise. Both
+run in float32, also inside ``torch.autocast``: a bf16 correlation matrix is off by about
+3e-3 off the diagonal, and fp16 sums of squares overflow.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DeCURLoss",
+    "DeCURLossTerms",
+    "barlow_twins_loss",
+    "decur_loss",
+    "gather_with_grad",
+    "standardize",
+]
+
+Method = Literal["auto", "dense", "cheap"]
+DEFAULT_LAMBDA = 0.0051
+_METHODS = ("auto", "dense", "cheap")
+
+
+class DeCURLossTerms(NamedTuple):
+    """The terms of the DeCUR objective (eq. 6), each a float32 scalar tensor.
+
+    Attributes:
+        total: ``common + unique + intra1 + intra2`` (eq. 6).
+        intra1: intra-modal Barlow Twins term of modality 1, ``L_M1`` (eq. 4).
+        intra2: intra-modal Barlow Twins term of modality 2, ``L_M2`` (eq. 5).
+        common: cross-modal common term ``L_com`` (eq. 2), common block of ``C_m`` to identity.
+        unique: cross-modal unique term ``L_uni`` (eq. 3), unique block of ``C_m`` to zero.
+        cross_diagonal: the ``K`` on-diagonal entries of the cross-modal correlation matrix
+            ``C_m`` (first ``common_dims`` are the common dimensions); ``(1 - C_ii)^2`` is the
+            per-dimension alignment loss of eq. 7.
+    """
+
+    total: Tensor
+    intra1: Tensor
+    intra2: Tensor
+    common: Tensor
+    unique: Tensor
+    cross_diagonal: Tensor
+
+
+def standardize(z: Tensor) -> Tensor:
+    """Standardise each embedding dimension over the batch, in float32.
+
+    Equals ``BatchNorm1d(K, affine=False)`` in training mode (biased variance, eps 1e-5),
+    the ``BN`` of Algorithm 1.
+    """
+    z = z.float()
+    return F.batch_norm(z, None, None, training=True, eps=1e-5)
+
+
+def _check_method(method: str) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+
+
+def _use_cheap(method: Method, n: int, k: int) -> bool:
+    return method == "cheap" or (method == "auto" and n < k)
+
+
+def _check_pair(za: Tensor, zb: Tensor, names: tuple[str, str]) -> None:
+    if za.ndim != 2 or zb.ndim != 2:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must be embedding batches of shape (N, K); "
+            f"got {tuple(za.shape)} and {tuple(zb.shape)}."
+        )
+    if za.shape != zb.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape (N, K); "
+            f"got {tuple(za.shape)} and {tuple(zb.shape)}."
+        )
+    if za.shape[0] < 2:
+        raise ValueError(
+            f"The DeCUR / Barlow Twins loss standardises each dimension over the batch, which needs "
+            f"at least 2 samples; got a batch of {za.shape[0]}. Use a larger batch_size (and "
+            "drop_last=True in the training DataLoader)."
+        )
+
+
+def _redundancy_loss(diag: Tensor, frob_sq: Tensor, target_one: bool, lambd: float) -> Tensor:
+    """``sum_i (t - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` from the diagonal and ``||C||_F^2``."""
+    on_diag = (1.0 - diag).pow(2).sum() if target_one else diag.pow(2).sum()
+    off_diag = frob_sq - diag.pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+class _CorrelationStats(NamedTuple):
+    diag: Tensor  # (K,) on-diagonal entries of C
+    frob_sq: Tensor  # ||C||_F^2 restricted to the block
+
+
+def _dense_stats(za: Tensor, zb: Tensor) -> _CorrelationStats:
+    c = za.T @ zb / za.shape[0]
+    return _CorrelationStats(torch.diagonal(c), c.pow(2).sum())
+
+
+def _gram(z: Tensor) -> Tensor:
+    return z @ z.T
+
+
+def _cheap_stats(za: Tensor, zb: Tensor, gram_a: Tensor, gram_b: Tensor) -> _CorrelationStats:
+    n = za.shape[0]
+    return _CorrelationStats((za * zb).sum(0) / n, (gram_a * gram_b).sum() / (n * n))
+
+
+def _float32(*zs: Tensor) -> list[Tensor]:
+    return [z.float() for z in zs]
+
+
+def barlow_twins_loss(
+    za: Tensor, zb: Tensor, lambd: float = DEFAULT_LAMBDA, method: Method = "auto"
+) -> Tensor:
+    """Barlow Twins loss of two embedding batches (paper eq. 4/5, Algorithm 1 ``loss_c``).
+
+    ``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` with ``C`` the cross-correlation of the
+    per-dimension standardised embeddings. Computed in float32 even under autocast.
+
+    Args:
+        za: embeddings of view 1, shape ``(N, K)``.
+        zb: embeddings of view 2, shape ``(N, K)``.
+        lambd: weight of the redundancy-reduction (off-diagonal) term.
+        method: ``"dense"``, ``"cheap"`` or ``"auto"`` (see the module docstring).
+
+    Example:
+        >>> za, zb = torch.randn(8, 32), torch.randn(8, 32)
+        >>> barlow_twins_loss(za, zb).shape
+        torch.Size([])
+    """
+    _check_method(method)
+    _check_pair(za, zb, ("za", "zb"))
+    with torch.autocast(device_type=za.device.type, enabled=False):
+        za, zb = standardize(za), standardize(zb)
+        if _use_cheap(method, *za.shape):
+            stats = _cheap_stats(za, zb, _gram(za), _gram(zb))
+        else:
+            stats = _dense_stats(za, zb)
+        return _redundancy_loss(stats.diag, stats.frob_sq, True, lambd)
+
+
+def decur_loss(
+    z1a: Tensor,
+    z1b: Tensor,
+    z2a: Tensor,
+    z2b: Tensor,
+    common_dims: int,
+    lambd: float = DEFAULT_LAMBDA,
+    *,
+    lambd_intra1: float | None = None,
+    lambd_intra2: float | None = None,
+    lambd_common: float | None = None,
+    lambd_unique: float | None = None,
+    method: Method = "auto",
+) -> DeCURLossTerms:
+    """The DeCUR objective of Algorithm 1 (eq. 2-6).
+
+    The four embedding batches are standardised per dimension (``BN`` in Algorithm 1), then
+
+    - ``intra1 = loss_c(C1)``, ``C1 = corr(z1a, z1b)`` over all ``K`` dims (eq. 4),
+    - ``intra2 = loss_c(C2)``, ``C2 = corr(z2a, z2b)`` (eq. 5),
+    - ``common = loss_c(Cm[:Kc, :Kc])`` and ``unique = loss_u(Cm[Kc:, Kc:])`` with
+      ``Cm = corr(z1a, z2a)`` (eq. 2, 3); the off-diagonal blocks of ``Cm`` are not penalised,
+    - ``total = common + unique + intra1 + intra2`` (eq. 6).
+
+    Args:
+        z1a, z1b: embeddings of the two augmented views of modality 1, each ``(N, K)``.
+        z2a, z2b: embeddings of the two augmented views of modality 2, each ``(N, K)``.
+        common_dims: ``K_c``, the number of common dimensions (the first ``K_c``);
+            ``0 < common_dims <= K``. ``common_dims == K`` leaves no unique dimensions.
+        lambd: default weight of every off-diagonal term (paper: 0.0051).
+        lambd_intra1, lambd_intra2, lambd_common, lambd_unique: optional per-term weights
+            (``lambda_M1``, ``lambda_M2``, ``lambda_c``, ``lambda_u``); ``None`` uses ``lambd``.
+        method: ``"dense"``, ``"cheap"`` or ``"auto"`` (see the module docstring); all give the
+            same value and gradient up to float32 rounding.
+
+    Returns:
+        :class:`DeCURLossTerms` with float32 scalars (and the cross-modal diagonal).
+
+    Example:
+        >>> z = [torch.randn(16, 64) for _ in range(4)]
+        >>> terms = decur_loss(*z, common_dims=48)
+        >>> bool(torch.isclose(terms.total, terms.common + terms.unique + terms.intra1 + terms.intra2))
+        True
+    """
+    _check_method(method)
+    _check_pair(z1a, z1b, ("z1a", "z1b"))
+    _check_pair(z2a, z2b, ("z2a", "z2b"))
+    _check_pair(z1a, z2a, ("z1a", "z2a"))
+    n, k = z1a.shape
+    if not 0 < common_dims <= k:
+        raise ValueError(
+            f"common_dims must satisfy 0 < common_dims <= K = {k} (the embedding size); "
+            f"got {common_dims}. The paper uses 87.5% of K for SAR-optical and 75% for RGB-DEM/RGB-D."
+        )
+    lambdas = {
+        name: lambd if value is None else value
+        for name, value in (
+            ("intra1", lambd_intra1),
+            ("intra2", lambd_intra2),
+            ("common", lambd_common),
+            ("unique", lambd_unique),
+        )
+    }
+    with torch.autocast(device_type=z1a.device.type, enabled=False):
+        z1a, z1b, z2a, z2b = (standardize(z) for z in (z1a, z1b, z2a, z2b))
+        c1, c2, cc, cu = (
+            _cheap_terms(z1a, z1b, z2a, z2b, common_dims)
+            if _use_cheap(method, n, k)
+            else _dense_terms(z1a, z1b, z2a, z2b, common_dims)
+        )
+        intra1 = _redundancy_loss(*c1, True, lambdas["intra1"])
+        intra2 = _redundancy_loss(*c2, True, lambdas["intra2"])
+        common = _redundancy_loss(*cc, True, lambdas["common"])
+        unique = (
+            _redundancy_loss(*cu, False, lambdas["unique"])
+            if common_dims < k
+            else z1a.new_zeros(())
+        )
+        cross_diagonal = torch.cat([cc.diag, cu.diag])
+        return DeCURLossTerms(
+            total=common + unique + intra1 + intra2,
+            intra1=intra1,
+            intra2=intra2,
+            common=common,
+            unique=unique,
+            cross_diagonal=cross_diagonal,
+        )
+
+
+def _dense_terms(
+    z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor, common_dims: int
+) -> tuple[_CorrelationStats, ...]:
+    n = z1a.shape[0]
+    cm = z1a.T @ z2a / n
+    cc, cu = cm[:common_dims, :common_dims], cm[common_dims:, common_dims:]
+    return (
+        _dense_stats(z1a, z1b),
+        _dense_stats(z2a, z2b),
+        _CorrelationStats(torch.diagonal(cc), cc.pow(2).sum()),
+        _CorrelationStats(torch.diagonal(cu), cu.pow(2).sum()),
+    )
+
+
+def _cheap_terms(
+    z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor, common_dims: int
+) -> tuple[_CorrelationStats, ...]:
+    # Gram matrices of the common and unique column blocks of the cross-modal pair; their sums
+    # are the full Gram matrices that the intra-modal terms need, so z1a and z2a cost one
+    # N x N x K product each in total.
+    c = common_dims
+    g1c, g1u = _gram(z1a[:, :c]), _gram(z1a[:, c:])
+    g2c, g2u = _gram(z2a[:, :c]), _gram(z2a[:, c:])
+    return (
+        _cheap_stats(z1a, z1b, g1c + g1u, _gram(z1b)),
+        _cheap_stats(z2a, z2b, g2c + g2u, _gram(z2b)),
+        _cheap_stats(z1a[:, :c], z2a[:, :c], g1c, g2c),
+        _cheap_stats(z1a[:, c:], z2a[:, c:], g1u, g2u),
+    )
+
+
+def gather_with_grad(z: Tensor) -> Tensor:
+    """Concatenate ``z`` from all ranks along the batch, keeping the gradient.
+
+    The backward pass sums the gradients that every rank computes for each shard, so that,
+    since every rank computes the same global loss, DDP's gradient average yields exactly the
+    single-process gradient of the global batch. Returns ``z`` unchanged outside a
+    multi-process run. Every rank must hold the same batch size (use ``drop_last=True``).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    from torch.distributed import nn as dist_nn
+
+    return torch.cat(dist_nn.functional.all_gather(z.contiguous()), dim=0)
+
+
+class DeCURLoss(nn.Module):
+    """DeCUR objective (eq. 6) as a module, exact under any world size.
+
+    With ``gather_distributed=True`` the four embedding batches are gathered with gradient
+    across ranks before standardisation, so with ``W`` ranks each holding ``N / W`` samples the
+    loss equals the single-process loss on the global batch of ``N``, and the gradient that DDP
+    applies equals the single-process gradient. (Reducing ``C`` across ranks instead, as Barlow
+    Twins' and the authors' code do, standardises per rank and changes the loss.)
+
+    Args:
+        common_dims: number of common dimensions ``K_c`` (``0 < K_c <= K``).
+        lambd: weight of every off-diagonal term; per-term weights as in :func:`decur_loss`.
+        method: ``"auto"``, ``"dense"`` or ``"cheap"``.
+        gather_distributed: gather embeddings across ranks (default on).
+
+    Example:
+        >>> criterion = DeCURLoss(common_dims=6)
+        >>> z1a, z1b, z2a, z2b = (torch.randn(8, 8, requires_grad=True) for _ in range(4))
+        >>> terms = criterion(z1a, z1b, z2a, z2b)
+        >>> terms.total.backward()
+    """
+
+    def __init__(
+        self,
+        common_dims: int,
+        lambd: float = DEFAULT_LAMBDA,
+        *,
+        lambd_intra1: float | None = None,
+        lambd_intra2: float | None = None,
+        lambd_common: float | None = None,
+        lambd_unique: float | None = None,
+        method: Method = "auto",
+        gather_distributed: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_method(method)
+        if common_dims <= 0:
+            raise ValueError(f"common_dims must be positive, got {common_dims}.")
+        self.common_dims = common_dims
+        self.lambd = lambd
+        self.lambdas = {
+            "lambd_intra1": lambd_intra1,
+            "lambd_intra2": lambd_intra2,
+            "lambd_common": lambd_common,
+            "lambd_unique": lambd_unique,
+        }
+        self.method: Method = method
+        self.gather_distributed = gather_distributed
+
+    def forward(self, z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor) -> DeCURLossTerms:
+        """Compute :class:`DeCURLossTerms` of the (global) batch."""
+        if self.gather_distributed:
+            z1a, z1b, z2a, z2b = (gather_with_grad(z) for z in (z1a, z1b, z2a, z2b))
+        return decur_loss(
+            z1a, z1b, z2a, z2b, self.common_dims, self.lambd, method=self.method, **self.lambdas
+        )
+
+    def extra_repr(self) -> str:
+        return f"common_dims={self.common_dims}, lambd={self.lambd}, method={self.method!r}"

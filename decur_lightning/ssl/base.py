@@ -1,0 +1,261 @@
+"""The shared multimodal self-supervised LightningModule.
+
+Encoders, projectors, on-device views, optimiser and logging live here; a method (DeCUR or a
+baseline) only defines :meth:`MultimodalSSLModule.compute_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules.heads import ProjectionHead
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from ..augmentations import VIEW_KINDS, ViewPair, make_view_pair
+from ..models.encoders import create_encoder
+from .optim import OptimizerName, build_optimizer, cosine_with_warmup
+
+__all__ = ["MultimodalSSLModule", "build_projector"]
+
+
+def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Module:
+    """Barlow Twins projector: ``Linear-BN-ReLU`` for all but the last layer, then ``Linear``.
+
+    The paper uses ``dims = (8192, 8192, 8192)`` (Section 4). Linear layers have no bias, as in
+    Barlow Twins and the authors' code (the loss standardises every dimension, so a bias on the
+    last layer would cancel).
+    """
+    dims = [int(d) for d in dims]
+    if not dims or min(dims) < 1:
+        raise ValueError(f"projector_dims must be a non-empty list of positive sizes, got {dims}.")
+    blocks = []
+    widths = [in_dim, *dims]
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        last = i == len(dims) - 1
+        bn = None if last else nn.BatchNorm1d(d_out)
+        act = None if last else nn.ReLU(inplace=True)
+        blocks.append((d_in, d_out, bn, act, False))
+    return ProjectionHead(blocks)
+
+
+class MultimodalSSLModule(LightningModule):
+    """Two modality-specific encoders and projectors trained on two views per modality.
+
+    A batch is a dict with ``image_<modality1>`` and ``image_<modality2>`` tensors
+    ``(N, C, H, W)`` in [0, 1]. In each step, two views per modality are made on the device
+    under ``no_grad`` (:mod:`decur_lightning.augmentations`), each view goes through its
+    modality's encoder and projector (four separate passes, as Algorithm 1), and the method's
+    :meth:`compute_loss` turns the four embedding batches into a dict of scalar terms with the
+    key ``"loss"``.
+
+    Args:
+        encoder1, encoder2: encoder names (timm names, or see
+            :func:`decur_lightning.models.create_encoder`).
+        in_channels1, in_channels2: band counts of the two modalities.
+        modality1, modality2: modality names; the batch keys are ``image_<name>``.
+        weights1, weights2: optional pretrained encoder weights (path, torchgeo weight enum
+            or its name).
+        projector_dims: widths of the projector layers; the last is the embedding size ``K``.
+        augmentation1, augmentation2: view pipeline per modality: a kind (``"optical"``,
+            ``"rgb"``, ``"sar"``, ``"dem"``, ``"hha"``, ``"generic"``), ``"auto"`` (the
+            datamodule's ``modality_kinds``, else the modality name if it is a kind, else
+            ``"generic"``), a :class:`~decur_lightning.augmentations.ViewPair`, or any module
+            applied twice.
+        crop_size: side of the views in pixels (the paper: 224 from 264 px images); ``None``
+            keeps the input size.
+        crop_scale: area range of the random resized crop.
+        optimizer: ``"lars"`` (paper, ResNets) or ``"adamw"`` (paper, MiT/ViT with lr 1e-4).
+        lr: learning rate of the weights (LARS: 0.2 at batch 256; Barlow Twins scales it
+            linearly with the global batch size).
+        lr_bias: LARS learning rate of biases and norm parameters (0.0048).
+        weight_decay: weight decay of the weights (1e-6).
+        momentum: LARS momentum (0.9).
+        warmup_epochs: linear warm-up length before the cosine decay (paper: 0).
+    """
+
+    def __init__(
+        self,
+        encoder1: str = "resnet50",
+        encoder2: str = "resnet50",
+        in_channels1: int = 2,
+        in_channels2: int = 13,
+        modality1: str = "s1",
+        modality2: str = "s2",
+        weights1: str | None = None,
+        weights2: str | None = None,
+        projector_dims: Sequence[int] = (8192, 8192, 8192),
+        augmentation1: str | nn.Module = "auto",
+        augmentation2: str | nn.Module = "auto",
+        crop_size: int | None = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        optimizer: OptimizerName = "lars",
+        lr: float = 0.2,
+        lr_bias: float = 0.0048,
+        weight_decay: float = 1e-6,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if modality1 == modality2:
+            raise ValueError(f"modality1 and modality2 must differ (they name batch keys); got {modality1!r} twice.")
+        for name, aug in (("augmentation1", augmentation1), ("augmentation2", augmentation2)):
+            if isinstance(aug, str) and aug != "auto" and aug not in VIEW_KINDS:
+                raise ValueError(f"{name}={aug!r}: expected 'auto', one of {VIEW_KINDS}, or an nn.Module.")
+        if optimizer not in ("lars", "adamw"):
+            raise ValueError(f"optimizer must be 'lars' or 'adamw', got {optimizer!r}.")
+        augmentations = {"augmentation1": augmentation1, "augmentation2": augmentation2}
+        self.save_hyperparameters(ignore=[k for k, v in augmentations.items() if isinstance(v, nn.Module)])
+        self.modalities = (modality1, modality2)
+        self.in_channels = (in_channels1, in_channels2)
+        self.encoder1 = create_encoder(encoder1, in_channels1, weights1)
+        self.encoder2 = create_encoder(encoder2, in_channels2, weights2)
+        self.projector1 = build_projector(self.encoder1.num_features, projector_dims)
+        self.projector2 = build_projector(self.encoder2.num_features, projector_dims)
+        self.embedding_dim = int(projector_dims[-1])
+        self._augmentations: list[str | nn.Module] = [augmentation1, augmentation2]
+        # Views hold no learnable state; kept out of the state dict (built at the first batch).
+        self._views: list[ViewPair] | None = None
+
+    # ------------------------------------------------------------------ models
+    def forward(self, x: Tensor, modality: int | str = 1) -> Tensor:
+        """Encoder features ``(N, num_features)`` of one modality (the transferable representation)."""
+        index = self._modality_index(modality)
+        return (self.encoder1, self.encoder2)[index](x)
+
+    def embed(self, x: Tensor, modality: int | str = 1) -> Tensor:
+        """Projector embeddings ``(N, K)`` of one modality (the space the loss acts on)."""
+        index = self._modality_index(modality)
+        return (self.projector1, self.projector2)[index](self.forward(x, index + 1))
+
+    def _modality_index(self, modality: int | str) -> int:
+        if modality in (1, 2):
+            return int(modality) - 1
+        if modality in self.modalities:
+            return self.modalities.index(modality)
+        raise ValueError(f"modality must be 1, 2 or one of {self.modalities}; got {modality!r}.")
+
+    # ------------------------------------------------------------------ views
+    def _resolve_kind(self, index: int) -> str:
+        name = self.modalities[index]
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        kinds = getattr(datamodule, "modality_kinds", None) or {}
+        if name in kinds:
+            return kinds[name]
+        return name if name in VIEW_KINDS else "generic"
+
+    def _build_views(self, inputs: Sequence[Tensor]) -> list[ViewPair]:
+        pairs = []
+        for index, (aug, x) in enumerate(zip(self._augmentations, inputs)):
+            if isinstance(aug, ViewPair):
+                pairs.append(aug)
+            elif isinstance(aug, nn.Module):
+                pairs.append(ViewPair(aug, aug))
+            else:
+                kind = self._resolve_kind(index) if aug == "auto" else aug
+                size = self.hparams.crop_size or min(x.shape[-2:])
+                pairs.append(make_view_pair(kind, size, tuple(self.hparams.crop_scale)))
+        return pairs
+
+    def make_views(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Two views per modality of a batch: ``(x1a, x1b, x2a, x2b)``, made under ``no_grad``."""
+        inputs = self.get_inputs(batch)
+        if self._views is None:
+            self._views = self._build_views(inputs)
+        (x1a, x1b), (x2a, x2b) = (pair(x) for pair, x in zip(self._views, inputs))
+        return x1a, x1b, x2a, x2b
+
+    def get_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The two modality tensors of a batch, checked against the encoders' expectations."""
+        if not isinstance(batch, dict):
+            raise TypeError(
+                f"Expected a batch dict with keys {self._keys()}; got {type(batch).__name__}. "
+                "Datamodules of this package return such dicts."
+            )
+        missing = [key for key in self._keys() if key not in batch]
+        if missing:
+            raise KeyError(
+                f"The batch has no {missing}; it has keys {sorted(batch)}. Set modality1/modality2 to "
+                "the names in the batch keys image_<name>."
+            )
+        inputs = tuple(batch[key] for key in self._keys())
+        for key, x, channels in zip(self._keys(), inputs, self.in_channels):
+            if x.ndim != 4 or x.shape[1] != channels:
+                raise ValueError(
+                    f"{key} has shape {tuple(x.shape)}, but its encoder expects (N, {channels}, H, W). "
+                    f"Set in_channels{self._keys().index(key) + 1}={x.shape[1] if x.ndim == 4 else '?'} "
+                    "or select the right bands in the datamodule."
+                )
+        if self.training and inputs[0].shape[0] < 2:
+            raise ValueError(
+                f"Got a training batch of {inputs[0].shape[0]} sample: the projector's batch norm and "
+                "the loss need batch statistics. Use batch_size >= 2 and drop_last=True."
+            )
+        return inputs  # type: ignore[return-value]
+
+    def _keys(self) -> list[str]:
+        return [f"image_{name}" for name in self.modalities]
+
+    # ------------------------------------------------------------------ steps
+    def compute_loss(self, z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor) -> dict[str, Tensor]:
+        """The method's loss terms from the four embedding batches; must contain ``"loss"``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss.")
+
+    def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        x1a, x1b, x2a, x2b = self.make_views(batch)
+        z1a, z1b = self.embed(x1a, 1), self.embed(x1b, 1)
+        z2a, z2b = self.embed(x2a, 2), self.embed(x2b, 2)
+        terms = self.compute_loss(z1a, z1b, z2a, z2b)
+        batch_size = x1a.shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=True)
+        for name, value in terms.items():
+            if name != "loss":
+                self.log(f"{stage}/{name}", value, batch_size=batch_size, on_step=on_step, on_epoch=True)
+        for name, z in zip(self.modalities, (z1a, z2a)):
+            self.log(f"{stage}/embedding_std_{name}", embedding_std(z), batch_size=batch_size, on_step=on_step, on_epoch=True)
+        return terms["loss"]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = build_optimizer(
+            [self.encoder1, self.encoder2, self.projector1, self.projector2],
+            name=hp.optimizer,
+            lr=hp.lr,
+            lr_bias=hp.lr_bias,
+            weight_decay=hp.weight_decay,
+            momentum=hp.momentum,
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup_steps = int(round(hp.warmup_epochs * total_steps / epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def log_dir(self) -> Path:
+        """The run's log folder (the logger's, else the trainer's root folder)."""
+        trainer = self.trainer
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def embedding_std(z: Tensor) -> Tensor:
+    """Collapse monitor: mean per-dimension std of the L2-normalised embeddings, times sqrt(K).
+
+    About 1 for well-spread embeddings, 0 when the embeddings collapse to a point (the
+    SimSiam monitor, rescaled so that it does not depend on ``K``).
+    """
+    z = F.normalize(z.detach().float(), dim=1)
+    return z.std(dim=0).mean() * math.sqrt(z.shape[1])
