@@ -1,0 +1,114 @@
+"""MiT (SegFormer's Mix Transformer) encoders for DeCUR RGB-depth pretraining (Appendix B.1).
+
+The trunk is segmentation_models_pytorch's ``mit_b0`` ... ``mit_b5`` encoder, whose parameter
+names equal the official SegFormer/MiT ones. Its modules are registered on the encoder itself,
+so the state dict is the official layout (``patch_embed1.proj.weight``,
+``block1.0.attn.q.weight``, ..., ``norm4.weight``) plus ``head.*``: the same keys as the
+authors' ``mit_b2(num_classes=2048)`` backbones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from segmentation_models_pytorch.encoders import get_encoder
+from torch import nn
+
+__all__ = ["MiTEncoder", "MIT_NAMES"]
+
+MIT_NAMES: tuple[str, ...] = tuple(f"mit_b{i}" for i in range(6))
+
+
+class MiTEncoder(nn.Module):
+    """MiT-B0..B5 with mean-pooled stage-4 tokens mapped by a linear head (DeCUR Appendix B.1).
+
+    ``forward(x)`` averages the stage-4 map (512 channels for B1-B5, 256 for B0) over space
+    and maps it with ``head`` (``nn.Linear``) to ``num_features`` (2048, as the paper) before
+    the projector. The paper trains MiT-B2/B5 with AdamW at lr 1e-4 (Appendix B.1), not
+    LARS: set ``optimizer: adamw`` and ``lr: 1.0e-4`` in the run's config.
+
+    Args:
+        variant: ``"mit_b0"`` ... ``"mit_b5"``.
+        in_channels: input bands (3 for RGB and for HHA-encoded depth).
+        num_features: width of the pooled output (the head's output).
+        **smp_kwargs: passed to ``segmentation_models_pytorch.encoders.get_encoder``
+            (not ``weights``: use :meth:`load_mit_state_dict`).
+
+    Example:
+        >>> enc = MiTEncoder("mit_b0", in_channels=3)
+        >>> enc(torch.randn(2, 3, 64, 64)).shape
+        torch.Size([2, 2048])
+    """
+
+    def __init__(self, variant: str = "mit_b2", in_channels: int = 3, num_features: int = 2048, **smp_kwargs: Any) -> None:
+        super().__init__()
+        if variant not in MIT_NAMES:
+            raise ValueError(f"Unknown MiT variant {variant!r}; expected one of {list(MIT_NAMES)}.")
+        trunk = get_encoder(variant, in_channels=in_channels, weights=None, **smp_kwargs)
+        for name, child in trunk.named_children():
+            self.add_module(name, child)
+        self.variant = variant
+        self.feature_channels: list[int] = [getattr(trunk, f"norm{i}").normalized_shape[0] for i in range(1, 5)]
+        self.feature_strides: list[int] = [4, 8, 16, 32]
+        self.num_features: int = num_features
+        self.head = nn.Linear(self.feature_channels[-1], num_features)
+
+    def forward_feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs ``(N, C_i, H / s_i, W / s_i)``, strides 4 / 8 / 16 / 32.
+
+        Channels :attr:`feature_channels` (64 / 128 / 320 / 512 for B1-B5).
+        """
+        maps = []
+        for stage in range(1, 5):
+            x = getattr(self, f"patch_embed{stage}")(x)
+            x = getattr(self, f"block{stage}")(x)
+            x = getattr(self, f"norm{stage}")(x).contiguous()
+            maps.append(x)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled, projected features ``(N, num_features)``, the projector's input."""
+        return self.head(self.forward_feature_maps(x)[-1].mean(dim=(2, 3)))
+
+    def trunk_state_dict(self) -> dict[str, torch.Tensor]:
+        """The MiT weights in the official layout, without ``head.*``."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+
+    def load_mit_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load official-layout MiT weights (SegFormer ``mit_b*.pth``, or the authors'
+        head-less backbone files) strictly into the trunk.
+
+        ``head.*`` entries are ignored (an ImageNet checkpoint's head is a 1000-class
+        classifier); the head keeps its current weights. To load a full ``MiTEncoder`` state
+        dict, head included, use ``load_state_dict``. Missing or unexpected trunk keys raise a
+        ``RuntimeError`` that lists them.
+        """
+        trunk_weights = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        try:
+            _Trunk(self).load_state_dict(trunk_weights, strict=True)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"These weights do not fit the {self.variant} trunk: expected the official MiT "
+                "layout (patch_embed1.proj.weight, block1.0.attn.q.weight, ..., norm4.weight); "
+                f"check the variant, in_channels and any key prefix (e.g. 'module.backbone_1.').\n{err}"
+            ) from err
+
+    def load_pretrained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load weights strictly: a full ``MiTEncoder`` state dict when its ``head.weight`` has
+        this encoder's shape, otherwise official MiT weights via :meth:`load_mit_state_dict`."""
+        head = state_dict.get("head.weight")
+        if head is not None and head.shape == self.head.weight.shape:
+            self.load_state_dict(state_dict, strict=True)
+        else:
+            self.load_mit_state_dict(state_dict)
+
+
+class _Trunk(nn.Module):
+    """View of a :class:`MiTEncoder` without its head (for strict trunk loading)."""
+
+    def __init__(self, encoder: MiTEncoder) -> None:
+        super().__init__()
+        for name, child in encoder.named_children():
+            if name != "head":
+                self.add_module(name, child)

@@ -1,0 +1,133 @@
+"""ResNet with residual deformable attention after layer3 and layer4 (DeCUR Section 3.2, Fig. 2).
+
+The trunk is a timm ResNet; its modules are registered on the encoder itself, so the trunk's
+state-dict keys stay bare (``conv1.weight``, ``layer3.0.conv1.weight``, ...) and load plain
+torchvision / timm ResNet weights (e.g. torchgeo's ``ResNet50_Weights.SENTINEL1_ALL_DECUR``).
+The two attention blocks live under ``da_l3.*`` and ``da_l4.*``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import timm
+import torch
+from timm.models import ResNet
+from torch import nn
+
+from .rda import ResidualDeformableAttention
+
+__all__ = ["ResNetRDA", "RDA_LAYER3", "RDA_LAYER4"]
+
+#: Appendix B.1 settings of the block after layer3 (14x14 map at 224 px).
+RDA_LAYER3: dict[str, int] = {"num_heads": 8, "num_groups": 4, "offset_stride": 2, "offset_kernel_size": 5}
+#: Appendix B.1 settings of the block after layer4 (7x7 map at 224 px).
+RDA_LAYER4: dict[str, int] = {"num_heads": 16, "num_groups": 8, "offset_stride": 1, "offset_kernel_size": 3}
+
+
+class ResNetRDA(nn.Module):
+    """A timm ResNet with a :class:`ResidualDeformableAttention` block after layer3 and layer4.
+
+    Appendix B.1: after layer3, 8 heads, 4 groups, offset stride 2, kernel 5; after layer4,
+    16 heads, 8 groups, stride 1, kernel 3. The attention width is the layer's channel count,
+    and **head_dim = channels // heads** with the paper's head counts: for ResNet-50
+    (1024 / 2048 channels) this gives the paper's 128 channels per head; for ResNet-18
+    (256 / 512 channels) 32 per head. Each encoder owns its blocks (the authors' code ran
+    modality 2 through modality 1's blocks; this one does not).
+
+    Both blocks start as the identity (zero-initialised ``proj_out``), so a fresh ``ResNetRDA``
+    computes exactly its trunk's function, also after loading trunk-only weights.
+
+    Args:
+        trunk: timm ResNet name (``"resnet50"``, ``"resnet18"``, ``"resnet50d"``, ...).
+        in_channels: input bands.
+        img_size: training image size; lays out the relative position bias tables for the
+            ``img_size/16`` and ``img_size/32`` maps (14 and 7 at 224 px). Other input sizes
+            work (the tables are sampled); inputs need at least 64x64 pixels (2x2 at layer4).
+        **timm_kwargs: passed to ``timm.create_model`` for the trunk.
+
+    Example:
+        >>> enc = ResNetRDA("resnet18", in_channels=2)
+        >>> enc(torch.randn(2, 2, 64, 64)).shape
+        torch.Size([2, 512])
+    """
+
+    def __init__(self, trunk: str = "resnet50", in_channels: int = 3, img_size: int = 224, **timm_kwargs: Any) -> None:
+        super().__init__()
+        model = timm.create_model(trunk, pretrained=False, in_chans=in_channels, num_classes=0, **timm_kwargs)
+        if not isinstance(model, ResNet):
+            raise ValueError(
+                f"'{trunk}_rda': residual deformable attention needs a timm ResNet trunk "
+                f"(resnet18, resnet50, ...), but {trunk!r} is a {type(model).__name__}."
+            )
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        channels = {info["module"]: info["num_chs"] for info in model.feature_info}
+        self.trunk_name = trunk
+        self.num_features: int = model.num_features
+        self.feature_channels: list[int] = [channels["layer2"], channels["layer3"], channels["layer4"]]
+        self.feature_strides: list[int] = [8, 16, 32]
+        self.da_l3 = ResidualDeformableAttention(
+            channels["layer3"], fmap_size=max(img_size // 16, 2), feature_stride=16, **RDA_LAYER3
+        )
+        self.da_l4 = ResidualDeformableAttention(
+            channels["layer4"], fmap_size=max(img_size // 32, 2), feature_stride=32, **RDA_LAYER4
+        )
+
+    def forward_feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-scale maps for segmentation: layer2, layer3 + RDA, layer4 + RDA.
+
+        Strides 8 / 16 / 32, channels :attr:`feature_channels` (512 / 1024 / 2048 for
+        ResNet-50, 128 / 256 / 512 for ResNet-18).
+        """
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        layer2 = self.layer2(self.layer1(x))
+        layer3 = self.da_l3(self.layer3(layer2))
+        layer4 = self.da_l4(self.layer4(layer3))
+        return [layer2, layer3, layer4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, num_features)``, the projector's input."""
+        return self.fc(self.global_pool(self.forward_feature_maps(x)[-1]))
+
+    def trunk_state_dict(self) -> dict[str, torch.Tensor]:
+        """The ResNet weights alone (no ``da_*``), loadable by
+        ``timm.create_model(trunk, in_chans=C, num_classes=0)`` (or torchvision without ``fc``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("da_l3.", "da_l4."))}
+
+    def load_pretrained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load weights strictly: a full ``ResNetRDA`` state dict, or a plain ResNet one.
+
+        A dict without ``da_l3.*`` / ``da_l4.*`` keys is a plain torchvision/timm ResNet (its
+        ``fc.*`` classifier is dropped): it is loaded into the trunk, and the attention blocks
+        keep their identity initialisation (a warning says so). Any other mismatch raises a
+        ``RuntimeError`` listing the missing and unexpected keys.
+        """
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        has_attention = any(k.startswith(("da_l3.", "da_l4.")) for k in state_dict)
+        target = self if has_attention else _Trunk(self)
+        try:
+            target.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            what = "a ResNetRDA" if has_attention else f"a plain {self.trunk_name}"
+            raise RuntimeError(
+                f"These weights look like {what} state dict but do not fit this "
+                f"'{self.trunk_name}_rda' encoder; check the encoder name and in_channels.\n{err}"
+            ) from err
+        if not has_attention:
+            warnings.warn(
+                f"Loaded trunk-only {self.trunk_name} weights into '{self.trunk_name}_rda'; the "
+                "deformable attention blocks keep their identity initialisation.",
+                stacklevel=2,
+            )
+
+
+class _Trunk(nn.Module):
+    """View of a :class:`ResNetRDA` without its attention blocks (for strict trunk loading)."""
+
+    def __init__(self, encoder: ResNetRDA) -> None:
+        super().__init__()
+        for name, child in encoder.named_children():
+            if name not in ("da_l3", "da_l4"):
+                self.add_module(name, child)
