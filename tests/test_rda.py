@@ -1,0 +1,187 @@
+"""Residual deformable attention block (paper Section 3.2, Appendix B.1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from decur_lightning.models.rda import ResidualDeformableAttention
+
+# Appendix B.1 settings at a small width: (heads, groups, offset stride, kernel, map size).
+LAYER3 = {"num_heads": 8, "num_groups": 4, "offset_stride": 2, "offset_kernel_size": 5}
+LAYER4 = {"num_heads": 16, "num_groups": 8, "offset_stride": 1, "offset_kernel_size": 3}
+
+
+def make_block(settings: dict[str, int] = LAYER3, channels: int = 64, fmap: int = 14) -> ResidualDeformableAttention:
+    torch.manual_seed(0)
+    return ResidualDeformableAttention(channels, fmap_size=fmap, **settings)
+
+
+def activate(block: ResidualDeformableAttention) -> ResidualDeformableAttention:
+    """Give proj_out non-zero weights (a trained block), so the attention branch contributes."""
+    nn.init.normal_(block.proj_out.weight, std=0.2)
+    nn.init.normal_(block.proj_out.bias, std=0.2)
+    return block
+
+
+@pytest.mark.parametrize(
+    ("settings", "fmap", "size"),
+    [
+        (LAYER3, 14, (14, 14)),  # layer3 of ResNet-50 at 224 px
+        (LAYER4, 7, (7, 7)),  # layer4 of ResNet-50 at 224 px
+        (LAYER3, 14, (5, 9)),  # other sizes: the bias table is sampled
+        (LAYER4, 7, (9, 5)),
+        (LAYER3, 14, (2, 2)),  # the smallest map
+        (LAYER4, 7, (16, 3)),
+    ],
+)
+def test_keeps_shape_at_any_size(settings, fmap, size):
+    block = activate(make_block(settings, fmap=fmap))
+    x = torch.randn(2, 64, *size)
+    y = block(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    assert not torch.allclose(y, x)
+
+
+def test_identity_at_init():
+    block = make_block()
+    x = torch.randn(2, 64, 14, 14)
+    assert torch.equal(block(x), x)
+    assert torch.count_nonzero(block.proj_out.weight) == 0
+
+
+def test_output_is_input_plus_attention():
+    block = activate(make_block(LAYER4, fmap=7))
+    x = torch.randn(2, 64, 7, 7)
+    branch, _ = block.attention(x)
+    assert branch.abs().mean() > 1e-3
+    torch.testing.assert_close(block(x), x + branch)
+
+
+def test_gradients_reach_every_parameter_and_the_input():
+    block = activate(make_block())
+    x = torch.randn(2, 64, 14, 14, requires_grad=True)
+    block(x).square().mean().backward()
+    for name, param in block.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    assert x.grad.abs().sum() > 0
+
+
+def test_at_init_only_proj_out_learns_first():
+    """Zero-initialised proj_out: the first step moves proj_out only (as zero_init_residual)."""
+    block = make_block()
+    block(torch.randn(2, 64, 14, 14)).square().mean().backward()
+    assert block.proj_out.weight.grad.abs().sum() > 0
+    assert block.proj_q.weight.grad.abs().sum() == 0
+
+
+def test_parameter_names_and_shapes_follow_dat():
+    block = make_block(channels=64, fmap=14)
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    group_channels = 64 // 4
+    assert shapes == {
+        "rpe_table": (8, 27, 27),
+        **{f"proj_{p}.weight": (64, 64, 1, 1) for p in "qkv"},
+        **{f"proj_{p}.bias": (64,) for p in "qkv"},
+        "proj_out.weight": (64, 64, 1, 1),
+        "proj_out.bias": (64,),
+        "conv_offset.0.weight": (group_channels, 1, 5, 5),
+        "conv_offset.0.bias": (group_channels,),
+        "conv_offset.1.norm.weight": (group_channels,),
+        "conv_offset.1.norm.bias": (group_channels,),
+        "conv_offset.3.weight": (2, group_channels, 1, 1),
+    }
+
+
+def test_sampling_points_are_clamped_and_downsampled():
+    block = make_block()
+    nn.init.normal_(block.conv_offset[3].weight, std=10.0)  # huge offsets
+    _, points = block.attention(torch.randn(2, 64, 14, 14))
+    assert points.shape == (2, 4, 7, 7, 2)  # stride 2: 7x7 points per group
+    assert points.abs().max() <= 1.0
+    assert (points.abs() == 1.0).any()
+
+
+def test_reference_points_are_cell_centres():
+    ref = ResidualDeformableAttention._reference_points(14, 14, 7, 7, torch.device("cpu"))
+    # Cell i of 7 covers pixels 2i, 2i+1: centre 2i + 0.5, normalised over 13 pixel steps.
+    expected = (torch.arange(7) * 2 + 0.5) / 13 * 2 - 1
+    torch.testing.assert_close(ref[:, 0, 0], expected)
+    torch.testing.assert_close(ref[0, :, 1], expected)
+    # Stride 1: the pixel centres themselves; one cell: the map centre.
+    torch.testing.assert_close(
+        ResidualDeformableAttention._reference_points(5, 5, 5, 5, torch.device("cpu"))[:, 0, 0],
+        torch.linspace(-1, 1, 5),
+    )
+    assert ResidualDeformableAttention._reference_points(2, 2, 1, 1, torch.device("cpu")).abs().max() == 0
+
+
+def test_matches_plain_attention_with_relative_bias_when_offsets_are_zero():
+    """Stride 1, zero offsets: keys sit on the pixels, and the bias of query (i, j) on key
+    (k, l) is rpe_table[h, i - k + H - 1, j - l + W - 1] (Swin-style relative position bias)."""
+    torch.manual_seed(0)
+    channels, heads, height, width = 16, 4, 4, 5
+    block = ResidualDeformableAttention(
+        channels, num_heads=heads, num_groups=2, offset_stride=1, offset_kernel_size=3, fmap_size=(height, width)
+    )
+    activate(block)
+    nn.init.normal_(block.rpe_table, std=1.0)
+    nn.init.zeros_(block.conv_offset[3].weight)  # no offsets
+    x = torch.randn(2, channels, height, width)
+
+    head_dim = channels // heads
+    q = block.proj_q(x).reshape(2, heads, head_dim, -1)
+    k = block.proj_k(x).reshape(2, heads, head_dim, -1)
+    v = block.proj_v(x).reshape(2, heads, head_dim, -1)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    rows = ys[:, None] - ys[None, :] + height - 1
+    cols = xs[:, None] - xs[None, :] + width - 1
+    bias = block.rpe_table[:, rows, cols]  # (heads, HW, HW)
+    logits = torch.einsum("bhcm,bhcn->bhmn", q, k) / head_dim**0.5 + bias
+    out = torch.einsum("bhmn,bhcn->bhcm", logits.softmax(-1), v).reshape_as(x)
+    expected = x + block.proj_out(out)
+    torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_samples_do_not_mix_across_the_batch():
+    block = activate(make_block())
+    x = torch.randn(3, 64, 10, 12)
+    torch.testing.assert_close(block(x)[1:2], block(x[1:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_offsets_change_the_output():
+    block = activate(make_block(LAYER4, fmap=7))
+    x = torch.randn(1, 64, 7, 7)
+    before = block(x)
+    nn.init.normal_(block.conv_offset[3].weight, std=1.0)
+    assert not torch.allclose(before, block(x))
+
+
+def test_too_small_map_raises_with_the_needed_size():
+    block = make_block()
+    with pytest.raises(ValueError, match="at least 2x2, got 1x1"):
+        block(torch.randn(1, 64, 1, 1))
+    block.feature_stride = 32
+    with pytest.raises(ValueError, match="stride 32.*at least 64x64 pixels"):
+        block(torch.randn(1, 64, 1, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"channels": 60, "num_heads": 8, "num_groups": 4}, "divisible by num_heads"),
+        ({"channels": 64, "num_heads": 8, "num_groups": 3}, "divisible by num_groups"),
+    ],
+)
+def test_invalid_widths_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResidualDeformableAttention(offset_stride=1, offset_kernel_size=3, **kwargs)
+
+
+def test_wrong_channel_count_raises():
+    with pytest.raises(ValueError, match="built for 64 channels, got 32"):
+        make_block()(torch.randn(1, 32, 4, 4))
