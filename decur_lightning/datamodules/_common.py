@@ -1,0 +1,180 @@
+"""Helpers shared by the multimodal datamodules: normalisation, subsets, paired augmentation.
+
+Normalisation follows the DeCUR paper (Appendix B.1/B.2): optical bands are "compressed to 8-bit
+by band-wise mean and standard deviation", i.e. ``[mean - 2 std, mean + 2 std]`` is mapped
+linearly to ``[0, 255]`` and clipped. We keep the result in float and divide by 255, so every
+normalised band lies in ``[0, 1]`` (what the authors' ``ToTensor`` produced from their uint8
+files, without the 8-bit quantisation). SAR images first have their 2 % outliers cut per image
+(1st and 99th percentile of each band, as in the authors' loaders) and are then mapped the same
+way with SAR statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import kornia.augmentation as K
+import numpy as np
+import torch
+from torch import Tensor, nn
+from lightning.pytorch import LightningDataModule
+from torchgeo.datamodules import NonGeoDataModule
+
+MODALITY_KINDS = ("optical", "sar", "dem", "rgb", "hha")
+"""Augmentation kinds understood by DeCURModule's per-modality view pipelines (Appendix B.1)."""
+
+
+def _band_stats(values: Sequence[float] | Tensor, image: Tensor) -> Tensor:
+    """Turn per-band statistics into a ``(C, 1, 1)`` tensor on ``image``'s device and dtype."""
+    stats = torch.as_tensor(values, dtype=image.dtype, device=image.device)
+    if stats.ndim != 1 or stats.numel() != image.shape[-3]:
+        raise ValueError(
+            f"expected {image.shape[-3]} per-band statistics for an image of shape "
+            f"{tuple(image.shape)}, got {tuple(stats.shape)}"
+        )
+    return stats.view(-1, 1, 1)
+
+
+def scale_mean_std(image: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """Map ``[mean - 2 std, mean + 2 std]`` of every band to ``[0, 1]`` and clip (paper B.1).
+
+    Args:
+        image: ``(C, H, W)`` float tensor in the statistics' units.
+        mean: per-band means, length ``C``.
+        std: per-band standard deviations, length ``C``.
+
+    Returns:
+        float tensor of the same shape with values in ``[0, 1]``.
+    """
+    mean_t = _band_stats(mean, image)
+    std_t = _band_stats(std, image)
+    low = mean_t - 2 * std_t
+    return ((image - low) / (4 * std_t)).clamp_(0.0, 1.0)
+
+
+def clip_outliers(image: Tensor, fraction: float = 0.02) -> Tensor:
+    """Clip each band of one image to its ``[fraction/2, 1 - fraction/2]`` quantiles.
+
+    The paper (B.1, B.2) "cut[s] out 2% outliers for each image" of SAR data; the authors' loaders
+    clip every band at its own 1st and 99th percentile. ``fraction=0`` returns the image unchanged.
+
+    Args:
+        image: ``(C, H, W)`` float tensor.
+        fraction: total share of pixels treated as outliers, split evenly between both tails.
+
+    Returns:
+        the clipped image (a new tensor).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"outlier fraction must lie in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return image.clone()
+    flat = image.reshape(image.shape[0], -1)
+    quantiles = torch.tensor([fraction / 2, 1 - fraction / 2], dtype=image.dtype, device=image.device)
+    low, high = torch.quantile(flat, quantiles, dim=1)
+    return torch.maximum(torch.minimum(image, high.view(-1, 1, 1)), low.view(-1, 1, 1))
+
+
+def normalize_sar(
+    image: Tensor,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    outlier_fraction: float = 0.02,
+) -> Tensor:
+    """Cut per-image SAR outliers, then apply :func:`scale_mean_std` (paper B.1, B.2)."""
+    return scale_mean_std(clip_outliers(image, outlier_fraction), mean, std)
+
+
+def percentile_min_max(image: Tensor, lower: float = 0.01, upper: float = 0.99, eps: float = 1e-5) -> Tensor:
+    """Clip every band to its ``[lower, upper]`` quantiles and rescale that range to ``[0, 1]``.
+
+    Used for elevation (GeoNRW DEM), whose absolute values vary by hundreds of metres between
+    regions: the authors' RGB-DEM pretraining loader normalises each 250 px patch this way
+    (1st/99th percentile). A flat patch maps to zeros instead of dividing by zero.
+    """
+    flat = image.reshape(image.shape[0], -1)
+    quantiles = torch.tensor([lower, upper], dtype=image.dtype, device=image.device)
+    low, high = torch.quantile(flat, quantiles, dim=1)
+    low, high = low.view(-1, 1, 1), high.view(-1, 1, 1)
+    clipped = torch.maximum(torch.minimum(image, high), low)
+    return (clipped - low) / (high - low + eps)
+
+
+def seeded_subset(num_items: int, fraction: float, seed: int) -> list[int]:
+    """Sorted indices of a reproducible random subset of ``round(fraction * num_items)`` items.
+
+    Drawn without replacement from ``numpy.random.default_rng(seed)``, so the same seed always
+    yields the same subset and a subset never holds an item twice. At least one item is kept.
+
+    Args:
+        num_items: size of the set to draw from.
+        fraction: share to keep, in ``(0, 1]``.
+        seed: seed of the generator.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    if num_items == 0:
+        return []
+    if fraction == 1.0:
+        return list(range(num_items))
+    size = max(1, round(fraction * num_items))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(num_items, size=size, replace=False))
+
+
+def is_data_key(key: str) -> bool:
+    """Whether kornia treats a batch key as spatial data (``image*`` / ``mask*``)."""
+    return key.startswith("image") or key.startswith("mask")
+
+
+class PairedAugmentation(nn.Module):
+    """One kornia pipeline applied with the same random parameters to every image and the mask.
+
+    kornia's ``AugmentationSequential(data_keys=None)`` reads a dict and treats keys named
+    ``image*`` as images and ``mask*`` as masks (nearest interpolation, integer dtype kept); it
+    draws the parameters once and applies them to all such keys. torchgeo's GeoNRW datamodule
+    stores the DEM under ``dem`` and so leaves it un-augmented; here every modality is an
+    ``image_<modality>`` key, so geometric augmentations move RGB, DEM/HHA and mask together.
+    Only the spatial keys are passed to kornia (it would otherwise cast e.g. ``label`` to float);
+    the other keys are returned untouched.
+
+    Args:
+        *augmentations: kornia augmentation modules, applied in order. None: identity.
+    """
+
+    def __init__(self, *augmentations: nn.Module) -> None:
+        super().__init__()
+        self.augmentations = (
+            K.AugmentationSequential(*augmentations, data_keys=None, keepdim=True) if augmentations else None
+        )
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Augment the ``image*``/``mask*`` tensors of a batch dict; return a new dict."""
+        if self.augmentations is None:
+            return dict(batch)
+        spatial = {key: value for key, value in batch.items() if is_data_key(key)}
+        if not spatial:
+            return dict(batch)
+        augmented = self.augmentations(spatial)
+        return {**batch, **augmented}
+
+
+class PretrainDataModule(NonGeoDataModule):
+    """Base of the pretraining datamodules: a training set only, batches passed through as read.
+
+    DeCUR pretraining has no validation split (the paper judges encoders downstream):
+    ``val_dataloader`` is Lightning's unimplemented default again (torchgeo's base defines one),
+    so the Trainer skips validation. No augmentation runs
+    here: DeCURModule makes the two views per modality on the device and reads
+    :attr:`modality_kinds` (modality name -> one of :data:`MODALITY_KINDS`) to choose each
+    modality's pipeline (paper B.1).
+    """
+
+    modality_kinds: ClassVar[dict[str, str]] = {}
+
+    val_dataloader = LightningDataModule.val_dataloader
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Return the batch unchanged: views are made by the LightningModule (B.1)."""
+        return batch

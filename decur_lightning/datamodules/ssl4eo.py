@@ -1,0 +1,218 @@
+"""SSL4EO-S12 Sentinel-1/Sentinel-2 pairs for SAR-optical DeCUR pretraining (paper Section 4, B.1).
+
+torchgeo 0.8.1's :class:`~torchgeo.datasets.SSL4EOS12` serves one modality per instance. This
+module pairs two of them (``s1`` and ``s2c``) by location index: download, extraction, checksum
+and file reading are torchgeo's; what is added here is the pairing, a length computed from the
+location folders on disk (torchgeo's is hard-coded to 251,079) and the paper's normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from torchgeo.datasets import NonGeoDataset, SSL4EOS12
+from torchgeo.datasets.utils import Path
+
+from ._common import PretrainDataModule, normalize_sar, scale_mean_std
+
+# Sentinel-1 GRD (VV, VH) in dB, as stored in SSL4EO-S12's s1 GeoTIFFs (Earth Engine's
+# COPERNICUS/S1_GRD is log-scaled). Values used by the DeCUR authors for SAR-optical pretraining
+# (zhu-xlab/DeCUR, src/pretrain; also listed in /work/shared/REFERENCE.md). The SSL4EO-S12
+# release's 50k-sample estimate is [-12.548, -20.192] / [5.257, 5.912]: the same to 0.1 dB.
+S1_MEAN: tuple[float, ...] = (-12.59, -20.26)
+S1_STD: tuple[float, ...] = (5.26, 5.91)
+
+# Sentinel-2 L1C (13 bands B1, B2, B3, B4, B5, B6, B7, B8, B8A, B9, B10, B11, B12), digital
+# numbers (reflectance x 10000). Source: SSL4EO-S12 authors, zhu-xlab/SSL4EO-S12,
+# src/benchmark/pretrain_ssl/datasets/SSL4EO/ssl4eo_dataset.py (S2C_MEAN / S2C_STD, "calculated
+# from 50k data"); the same lists appear in zhu-xlab/DeCUR src/pretrain/datasets/SSL4EO/.
+S2C_MEAN: tuple[float, ...] = (
+    1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1549.44374991, 2091.74883118,
+    2371.7172463, 2299.90463006, 2560.29504086, 830.06605044, 22.10351321, 2177.07172323,
+    1524.06546312,
+)
+S2C_STD: tuple[float, ...] = (
+    786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652, 1161.59187054,
+    1274.39184232, 1248.42891965, 1345.52684884, 577.31607053, 51.15431158, 1336.09932639,
+    1136.53823676,
+)
+
+_LOCATION_FOLDER = re.compile(r"^\d{7}$")
+
+
+class SSL4EOS12MM(NonGeoDataset):
+    """Paired SSL4EO-S12 dataset: Sentinel-1 GRD and Sentinel-2 L1C of the same location.
+
+    On-disk layout (torchgeo's, as extracted from the Hugging Face release)::
+
+        root/s1/{index:07d}/{scene}/{VV,VH}.tif                  float32, dB
+        root/s2c/{index:07d}/{scene}/{B1,...,B8A,...,B12}.tif    uint16 digital numbers
+
+    Each location folder holds four seasonal scenes per modality. Following the paper (Section 4:
+    "One random season is selected for each image and modality"), every ``__getitem__`` draws the
+    season(s) of S1 and of S2 independently, so the two images of a pair share the location but
+    usually not the date. The draw uses Python's ``random`` (torchgeo's), which PyTorch seeds
+    per DataLoader worker.
+
+    Sample keys:
+
+    * ``image_s1``: float32 ``(2 * seasons, 264, 264)``, bands VV, VH (per season), in [0, 1]
+    * ``image_s2``: float32 ``(13 * seasons, 264, 264)``, bands B1..B12 with B8A and B10, in [0, 1]
+    * ``location``: int64 scalar, the location index (folder name)
+    * ``t_s1``, ``t_s2``: float32 ``(seasons,)``, acquisition times (POSIX seconds) of the drawn
+      scenes
+
+    torchgeo's per-modality ``x``/``y`` (scene centre), ``wavelength`` and ``res`` (10 m) entries
+    are not returned: they are constant per modality or implied by ``location``.
+
+    Normalisation (paper B.1, ``normalize=True``): S2 bands map ``[mean - 2 std, mean + 2 std]``
+    to ``[0, 1]`` and clip (the authors' 8-bit scheme, kept in float); S1 bands first clip 2 %
+    per-image outliers (1st/99th percentile per band), then map the same way. Statistics:
+    :data:`S1_MEAN`/:data:`S1_STD`, :data:`S2C_MEAN`/:data:`S2C_STD`. With ``normalize=False`` the
+    raw dB values and digital numbers are returned. The paper's 224 px crop is not taken here:
+    views are cropped on the device by :class:`~decur_lightning.DeCURModule`.
+
+    Args:
+        root: directory holding ``s1/`` and ``s2c/`` (or their ``.tar.gz.part*`` archives).
+        seasons: number of seasons drawn per modality and stacked along channels (1 in the paper).
+        normalize: apply the paper's normalisation (see above).
+        transforms: callable applied to the finished sample dict (torchgeo convention).
+        download: download the ``s1`` and ``s2c`` archives if missing (about 1.5 TB compressed).
+        checksum: verify the MD5 of downloaded archives.
+
+    Raises:
+        DatasetNotFoundError: if ``root`` holds neither the extracted files nor the archives and
+            ``download`` is False (raised by torchgeo, with instructions).
+        ValueError: if no location holds both modalities.
+    """
+
+    modalities: ClassVar[dict[str, str]] = {"s1": "s1", "s2": "s2c"}
+    """Output modality name -> torchgeo ``SSL4EOS12`` split."""
+
+    def __init__(
+        self,
+        root: Path = "data",
+        seasons: int = 1,
+        normalize: bool = True,
+        transforms: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        download: bool = False,
+        checksum: bool = False,
+    ) -> None:
+        if seasons not in (1, 2, 3, 4):
+            raise ValueError(f"seasons must be 1, 2, 3 or 4 (SSL4EO-S12 has 4 per location), got {seasons}")
+        self.root = root
+        self.seasons = seasons
+        self.normalize = normalize
+        self.transforms = transforms
+        self.datasets = {
+            name: SSL4EOS12(root, split=split, seasons=seasons, download=download, checksum=checksum)  # type: ignore[arg-type]
+            for name, split in self.modalities.items()
+        }
+        self.locations = self._paired_locations()
+
+    def _paired_locations(self) -> list[int]:
+        """Location indices whose folder exists for every modality, sorted."""
+        folders = {
+            split: {name for name in os.listdir(os.path.join(self.root, split)) if _LOCATION_FOLDER.match(name)}
+            for split in self.modalities.values()
+        }
+        paired = set.intersection(*folders.values())
+        unpaired = {split: len(names - paired) for split, names in folders.items() if names - paired}
+        if unpaired:
+            warnings.warn(
+                f"SSL4EOS12MM: {unpaired} location folder(s) under {self.root} exist for only one "
+                "modality and are skipped; extract both archives fully to use them.",
+                stacklevel=3,
+            )
+        if not paired:
+            raise ValueError(
+                f"no SSL4EO-S12 location under {self.root} has both s1/ and s2c/ data: expected "
+                "folders root/s1/<7-digit index>/ and root/s2c/<same index>/"
+            )
+        return sorted(int(name) for name in paired)
+
+    def __len__(self) -> int:
+        """Number of locations present for both modalities."""
+        return len(self.locations)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """Return S1 and S2 of location ``self.locations[index]``, seasons drawn independently."""
+        location = self.locations[index]
+        sample: dict[str, Tensor] = {"location": torch.tensor(location)}
+        for name, dataset in self.datasets.items():
+            modality_sample = dataset[location]
+            image = modality_sample["image"]
+            if self.normalize:
+                image = self._normalize(name, image)
+            sample[f"image_{name}"] = image
+            sample[f"t_{name}"] = modality_sample["t"]
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+    def _normalize(self, name: str, image: Tensor) -> Tensor:
+        """Normalise a ``(seasons * C, H, W)`` stack season by season (paper B.1)."""
+        per_season = image.view(self.seasons, -1, *image.shape[-2:])
+        if name == "s1":
+            seasons = [normalize_sar(season, S1_MEAN, S1_STD) for season in per_season]
+        else:
+            seasons = [scale_mean_std(season, S2C_MEAN, S2C_STD) for season in per_season]
+        return torch.cat(seasons)
+
+
+class SSL4EOS12MMDataModule(PretrainDataModule):
+    """SSL4EO-S12 S1/S2 pairs for DeCUR SAR-optical pretraining (paper Section 4, B.1).
+
+    Serves :class:`SSL4EOS12MM` as the training set; there is no validation split (pretraining is
+    judged on downstream tasks). Batches are dicts with ``image_s1`` ``(B, 2, 264, 264)`` and
+    ``image_s2`` ``(B, 13, 264, 264)`` in [0, 1]; no augmentation runs here: DeCURModule makes the
+    views on the device and reads :attr:`modality_kinds` to choose each modality's pipeline.
+
+    Args:
+        root: dataset directory (see :class:`SSL4EOS12MM`).
+        batch_size: samples per batch (the paper uses 256).
+        num_workers: DataLoader worker processes.
+        seasons: seasons stacked per modality (1 in the paper).
+        normalize: apply the paper's normalisation.
+        download: download the data if missing.
+        checksum: verify archive checksums.
+
+    Example YAML (LightningCLI)::
+
+        data:
+          class_path: decur_lightning.datamodules.SSL4EOS12MMDataModule
+          init_args: {root: /data/ssl4eo-s12, batch_size: 256, num_workers: 8}
+    """
+
+    modality_kinds: ClassVar[dict[str, str]] = {"s1": "sar", "s2": "optical"}
+
+    def __init__(
+        self,
+        root: Path = "data",
+        batch_size: int = 256,
+        num_workers: int = 0,
+        seasons: int = 1,
+        normalize: bool = True,
+        download: bool = False,
+        checksum: bool = False,
+    ) -> None:
+        super().__init__(
+            SSL4EOS12MM,  # type: ignore[arg-type]
+            batch_size,
+            num_workers,
+            root=root,
+            seasons=seasons,
+            normalize=normalize,
+            download=download,
+            checksum=checksum,
+        )
+
+    def setup(self, stage: str) -> None:
+        """Create the training dataset (every stage uses the same pairs)."""
+        self.train_dataset = SSL4EOS12MM(**self.kwargs)
