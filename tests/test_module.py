@@ -1,0 +1,142 @@
+"""DeCURModule: steps, logging, optimiser groups, input checks."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightly.utils.lars import LARS
+
+from decur_lightning import DeCURModule
+from decur_lightning.datamodules import SyntheticMultimodalDataModule
+from decur_lightning.ssl import resolve_common_dims
+from decur_lightning.ssl.base import build_projector
+from decur_lightning.ssl.optim import cosine_with_warmup
+
+from helpers import tiny_batch, tiny_decur
+
+
+def test_common_dims_from_ratio_or_count():
+    assert resolve_common_dims(8192, 0.875, None) == 7168
+    assert resolve_common_dims(8192, 0.75, None) == 6144
+    assert resolve_common_dims(64, 0.5, 10) == 10
+    assert tiny_decur(common_ratio=0.5).common_dims == 32
+    assert tiny_decur(common_dims=60).criterion.common_dims == 60
+    with pytest.raises(ValueError, match=r"common_ratio must lie in \(0, 1\]"):
+        tiny_decur(common_ratio=1.5)
+    with pytest.raises(ValueError, match="common_dims must satisfy"):
+        tiny_decur(common_dims=65)
+
+
+def test_projectors_are_separate_barlow_twins_mlps():
+    model = tiny_decur(projector_dims=(32, 48, 16))
+    layers = [type(m).__name__ for m in model.projector1.layers]
+    assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert model.projector1.layers[-1].out_features == 16
+    assert all(p1.data_ptr() != p2.data_ptr() for p1, p2 in zip(model.projector1.parameters(), model.projector2.parameters()))
+    assert model.embed(torch.rand(3, 2, 32, 32), "sar").shape == (3, 16)
+    with pytest.raises(ValueError, match="non-empty"):
+        build_projector(8, [])
+
+
+def test_training_step_returns_loss_and_logs_every_term():
+    model = tiny_decur()
+    logged: dict[str, torch.Tensor] = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
+    loss = model.training_step(tiny_batch(n=8), 0)
+    assert loss.ndim == 0 and loss.requires_grad and torch.isfinite(loss)
+    expected = {"train/loss", "train/intra1", "train/intra2", "train/common", "train/unique",
+                "train/common_corr", "train/unique_corr", "train/embedding_std_sar", "train/embedding_std_optical"}
+    assert expected <= set(logged)
+    torch.testing.assert_close(
+        logged["train/loss"],
+        logged["train/intra1"] + logged["train/intra2"] + logged["train/common"] + logged["train/unique"],
+    )
+    assert -1 <= float(logged["train/common_corr"]) <= 1
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder1.parameters())
+    assert all(p.grad is not None for p in model.encoder2.parameters())
+
+
+def test_views_have_crop_size_and_differ():
+    model = tiny_decur(crop_size=24)
+    x1a, x1b, x2a, x2b = model.make_views(tiny_batch(n=4, size=40))
+    assert x1a.shape == (4, 2, 24, 24) and x2b.shape == (4, 4, 24, 24)
+    assert not torch.equal(x1a, x1b)
+    assert not x1a.requires_grad
+
+
+def test_auto_augmentation_uses_datamodule_kinds():
+    model = tiny_decur(modality1="dem", modality2="rgb", in_channels2=3)
+    assert model._resolve_kind(0) == "dem" and model._resolve_kind(1) == "rgb"
+    model = tiny_decur(modality1="m1", modality2="m2")
+    assert model._resolve_kind(0) == "generic"
+
+
+def test_missing_key_wrong_channels_and_batch_of_one():
+    model = tiny_decur()
+    with pytest.raises(KeyError, match=r"has keys \['image_optical', 'image_s1'\]"):
+        model.training_step({"image_s1": torch.rand(4, 2, 32, 32), "image_optical": torch.rand(4, 4, 32, 32)}, 0)
+    with pytest.raises(ValueError, match=r"image_optical has shape \(4, 13, 32, 32\).*expects \(N, 4, H, W\).*in_channels2=13"):
+        model.training_step(tiny_batch(channels=(2, 13)), 0)
+    with pytest.raises(ValueError, match="batch of 1 sample"):
+        model.training_step(tiny_batch(n=1), 0)
+    with pytest.raises(ValueError, match="must differ"):
+        tiny_decur(modality2="sar")
+    with pytest.raises(ValueError, match="augmentation1='colour'"):
+        tiny_decur(augmentation1="colour")
+
+
+def test_lars_groups_exclude_biases_and_norms(tmp_path):
+    model = tiny_decur()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, LARS)
+    weights, others = optimizer.param_groups
+    assert weights["initial_lr"] == pytest.approx(0.2) and weights["weight_decay"] == pytest.approx(1e-6)
+    assert others["initial_lr"] == pytest.approx(0.0048) and others["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in others["params"])
+    n_params = sum(1 for m in (model.encoder1, model.encoder2, model.projector1, model.projector2) for _ in m.parameters())
+    assert len(weights["params"]) + len(others["params"]) == n_params
+
+
+def test_adamw_option():
+    model = tiny_decur(optimizer="adamw", lr=1e-4, weight_decay=0.05)
+    from decur_lightning.ssl.optim import build_optimizer
+
+    opt = build_optimizer([model.encoder1], "adamw", lr=1e-4, weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_with_warmup(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5)
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    g = cosine_with_warmup(total_steps=10)
+    assert g(0) == pytest.approx(1.0) and g(5) == pytest.approx(0.5)
+
+
+def test_fit_on_synthetic_reduces_loss(tmp_path):
+    L.seed_everything(0)
+    model = tiny_decur(projector_dims=(128, 128), lr=0.05, lr_bias=0.0012, crop_scale=(0.5, 1.0))
+    dm = SyntheticMultimodalDataModule(num_train=128, num_val=32, batch_size=32)
+    trainer = L.Trainer(
+        max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        before = model.compute_loss(*(model.embed(v, i) for v, i in zip(model.make_views(batch), (1, 1, 2, 2))))["loss"]
+    model.train()
+    trainer.fit(model, dm)
+    model.eval()
+    with torch.no_grad():
+        after = model.compute_loss(*(model.embed(v, i) for v, i in zip(model.make_views(batch), (1, 1, 2, 2))))["loss"]
+    assert after < 0.9 * before
