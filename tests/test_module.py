@@ -85,6 +85,8 @@ def test_missing_key_wrong_channels_and_batch_of_one():
         tiny_decur(modality2="sar")
     with pytest.raises(ValueError, match="augmentation1='colour'"):
         tiny_decur(augmentation1="colour")
+    with pytest.raises(ValueError, match="needs 3 bands.*image_optical has 4"):
+        tiny_decur(augmentation2="rgb").training_step(tiny_batch(), 0)
 
 
 def test_lars_groups_exclude_biases_and_norms(tmp_path):

@@ -158,6 +158,11 @@ class MultimodalSSLModule(LightningModule):
                 pairs.append(ViewPair(aug, aug))
             else:
                 kind = self._resolve_kind(index) if aug == "auto" else aug
+                if kind == "rgb" and x.shape[1] != 3:
+                    raise ValueError(
+                        f"augmentation{index + 1}='rgb' (colour jitter) needs 3 bands, but "
+                        f"image_{self.modalities[index]} has {x.shape[1]}. Use 'optical' for multispectral data."
+                    )
                 size = self.hparams.crop_size or min(x.shape[-2:])
                 pairs.append(make_view_pair(kind, size, tuple(self.hparams.crop_scale)))
         return pairs
