@@ -48,6 +48,17 @@ def test_normalize_sar_is_robust_to_a_single_spike() -> None:
     assert torch.allclose(out, torch.full_like(out, 0.5))
 
 
+def test_missing_values_do_not_poison_a_band() -> None:
+    image = torch.linspace(-20, 0, 400).view(1, 20, 20).repeat(2, 1, 1)
+    image[0, 3, 3] = float("nan")
+    out = normalize_sar(image, [-10.0, -10.0], [5.0, 5.0])
+    assert torch.isfinite(out).all() and out[0, 3, 3] == 0
+    torch.testing.assert_close(out[0, 10:], out[1, 10:], atol=0.02, rtol=0)
+    dem = torch.arange(100.0).view(1, 10, 10)
+    dem[0, 0, 0] = float("nan")
+    assert torch.isfinite(percentile_min_max(dem)).all()
+
+
 def test_percentile_min_max_unit_range_and_flat_patch() -> None:
     dem = torch.arange(100.0).view(1, 10, 10) + 350.0
     out = percentile_min_max(dem)

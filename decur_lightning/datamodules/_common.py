@@ -6,7 +6,8 @@ linearly to ``[0, 255]`` and clipped. We keep the result in float and divide by 
 normalised band lies in ``[0, 1]`` (what the authors' ``ToTensor`` produced from their uint8
 files, without the 8-bit quantisation). SAR images first have their 2 % outliers cut per image
 (1st and 99th percentile of each band, as in the authors' loaders) and are then mapped the same
-way with SAR statistics.
+way with SAR statistics. Missing values (NaN) do not enter the percentiles and become 0 after
+normalisation, the value the authors' cast to uint8 gives them.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def scale_mean_std(image: Tensor, mean: Sequence[float] | Tensor, std: Sequence[
         std: per-band standard deviations, length ``C``.
 
     Returns:
-        float tensor of the same shape with values in ``[0, 1]``.
+        float tensor of the same shape with values in ``[0, 1]`` (NaN pixels become 0).
     """
     mean_t = _band_stats(mean, image)
     std_t = _band_stats(std, image)
     low = mean_t - 2 * std_t
-    return ((image - low) / (4 * std_t)).clamp_(0.0, 1.0)
+    return ((image - low) / (4 * std_t)).clamp_(0.0, 1.0).nan_to_num_(nan=0.0)
 
 
 def clip_outliers(image: Tensor, fraction: float = 0.02) -> Tensor:
@@ -58,6 +59,7 @@ def clip_outliers(image: Tensor, fraction: float = 0.02) -> Tensor:
 
     The paper (B.1, B.2) "cut[s] out 2% outliers for each image" of SAR data; the authors' loaders
     clip every band at its own 1st and 99th percentile. ``fraction=0`` returns the image unchanged.
+    NaN pixels are ignored by the quantiles and stay NaN.
 
     Args:
         image: ``(C, H, W)`` float tensor.
@@ -72,7 +74,7 @@ def clip_outliers(image: Tensor, fraction: float = 0.02) -> Tensor:
         return image.clone()
     flat = image.reshape(image.shape[0], -1)
     quantiles = torch.tensor([fraction / 2, 1 - fraction / 2], dtype=image.dtype, device=image.device)
-    low, high = torch.quantile(flat, quantiles, dim=1)
+    low, high = torch.nanquantile(flat, quantiles, dim=1)
     return torch.maximum(torch.minimum(image, high.view(-1, 1, 1)), low.view(-1, 1, 1))
 
 
@@ -91,14 +93,15 @@ def percentile_min_max(image: Tensor, lower: float = 0.01, upper: float = 0.99, 
 
     Used for elevation (GeoNRW DEM), whose absolute values vary by hundreds of metres between
     regions: the authors' RGB-DEM pretraining loader normalises each 250 px patch this way
-    (1st/99th percentile). A flat patch maps to zeros instead of dividing by zero.
+    (1st/99th percentile). A flat patch maps to zeros instead of dividing by zero; NaN pixels are
+    ignored by the quantiles and become 0.
     """
     flat = image.reshape(image.shape[0], -1)
     quantiles = torch.tensor([lower, upper], dtype=image.dtype, device=image.device)
-    low, high = torch.quantile(flat, quantiles, dim=1)
+    low, high = torch.nanquantile(flat, quantiles, dim=1)
     low, high = low.view(-1, 1, 1), high.view(-1, 1, 1)
     clipped = torch.maximum(torch.minimum(image, high), low)
-    return (clipped - low) / (high - low + eps)
+    return ((clipped - low) / (high - low + eps)).nan_to_num_(nan=0.0)
 
 
 def seeded_subset(num_items: int, fraction: float, seed: int) -> list[int]:
