@@ -181,7 +181,8 @@ def test_mit_rejects_a_wrong_state_dict_listing_the_keys():
     official = official_mit_state_dict("mit_b0", in_channels=3)
     encoder = create_encoder("mit_b0", in_channels=3)
     prefixed = {f"module.backbone_1.{k}": v for k, v in official.items()}
-    with pytest.raises(RuntimeError, match=r"(?s)official MiT layout.*Missing key.*patch_embed1\.proj\.weight.*Unexpected key.*module\.backbone_1\."):
+    expected = r"(?s)official MiT layout.*Missing key.*patch_embed1\.proj\.weight.*Unexpected key.*module\.backbone_1\."
+    with pytest.raises(RuntimeError, match=expected):
         encoder.load_mit_state_dict(prefixed)
     del official["norm4.bias"]
     with pytest.raises(RuntimeError, match=r"Missing key.*norm4\.bias"):
@@ -197,6 +198,16 @@ def test_mit_full_state_dict_with_head_round_trips(tmp_path):
     x = torch.randn(1, 4, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(clone.eval()(x), encoder.eval()(x))
+
+
+def test_mit_weights_load_back_into_smp_and_give_the_same_maps():
+    encoder = create_encoder("mit_b0", in_channels=4).eval()
+    smp_encoder = get_encoder("mit_b0", in_channels=4, weights=None).eval()
+    smp_encoder.load_state_dict(dict(encoder.state_dict()))  # smp drops head.* and loads strictly
+    x = torch.randn(1, 4, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(encoder_feature_maps(encoder, x), smp_encoder(x)[2:]):
+            torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize(

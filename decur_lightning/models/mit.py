@@ -41,7 +41,9 @@ class MiTEncoder(nn.Module):
         torch.Size([2, 2048])
     """
 
-    def __init__(self, variant: str = "mit_b2", in_channels: int = 3, num_features: int = 2048, **smp_kwargs: Any) -> None:
+    def __init__(
+        self, variant: str = "mit_b2", in_channels: int = 3, num_features: int = 2048, **smp_kwargs: Any
+    ) -> None:
         super().__init__()
         if variant not in MIT_NAMES:
             raise ValueError(f"Unknown MiT variant {variant!r}; expected one of {list(MIT_NAMES)}.")
