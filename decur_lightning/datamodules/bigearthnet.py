@@ -197,6 +197,7 @@ class BigEarthNetMMDataModule(NonGeoDataModule):
             download=download,
             checksum=checksum,
         )
+        self.num_classes = num_classes
         self.train_fraction = train_fraction
         self.seed = seed
         self.train_aug = PairedAugmentation(
