@@ -22,9 +22,10 @@ from torchgeo.datasets.utils import Path
 from ._common import PretrainDataModule, normalize_sar, scale_mean_std
 
 # Sentinel-1 GRD (VV, VH) in dB, as stored in SSL4EO-S12's s1 GeoTIFFs (Earth Engine's
-# COPERNICUS/S1_GRD is log-scaled). Values used by the DeCUR authors for SAR-optical pretraining
-# (zhu-xlab/DeCUR, src/pretrain; also listed in /work/shared/REFERENCE.md). The SSL4EO-S12
-# release's 50k-sample estimate is [-12.548, -20.192] / [5.257, 5.912]: the same to 0.1 dB.
+# COPERNICUS/S1_GRD is log-scaled). The rounded SSL4EO-S12 statistics that the project's
+# REFERENCE.md lists for DeCUR. zhu-xlab/DeCUR's src/pretrain/datasets/SSL4EO/
+# ssl4eo_dataset_lmdb_mm_norm.py uses the SSL4EO-S12 50k-sample estimate
+# [-12.548, -20.192] / [5.257, 5.912] instead: the same to within 0.07 dB.
 S1_MEAN: tuple[float, ...] = (-12.59, -20.26)
 S1_STD: tuple[float, ...] = (5.26, 5.91)
 
