@@ -22,6 +22,8 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .samplers import EpochSeededRandomSampler
+
 __all__ = ["SyntheticMultimodalDataModule", "SyntheticMultimodalDataset"]
 
 
@@ -121,7 +123,8 @@ class SyntheticMultimodalDataModule(LightningDataModule):
     """Datamodule over :class:`SyntheticMultimodalDataset`: train / val / test from one seed.
 
     The three splits share the rendering (same "sensors") and draw disjoint samples. Training
-    batches drop the last incomplete batch, since the loss needs batch statistics.
+    batches drop the last incomplete batch, since the loss needs batch statistics; the training
+    order depends only on ``seed`` and the epoch (exact resume).
 
     Args:
         modalities: the two modality names.
@@ -193,10 +196,11 @@ class SyntheticMultimodalDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader[Any]:
         self.setup()
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededRandomSampler(dataset, self.hparams.seed) if shuffle else None,
             drop_last=drop_last,
             num_workers=self.hparams.num_workers,
         )
@@ -205,7 +209,7 @@ class SyntheticMultimodalDataModule(LightningDataModule):
         return self._loader("train", shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader("val", shuffle=False, drop_last=True)
+        return self._loader("val", shuffle=False, drop_last=False)
 
     def test_dataloader(self) -> DataLoader[Any]:
         return self._loader("test", shuffle=False, drop_last=False)

@@ -9,17 +9,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..augmentations import VIEW_KINDS, ViewPair, make_view_pair
 from ..models.encoders import create_encoder
 from .optim import OptimizerName, build_optimizer, cosine_with_warmup
+
+NanPolicy = Literal["raise", "skip", "off"]
 
 __all__ = ["MultimodalSSLModule", "build_projector"]
 
@@ -77,6 +80,12 @@ class MultimodalSSLModule(LightningModule):
         weight_decay: weight decay of the weights (1e-6).
         momentum: LARS momentum (0.9).
         warmup_epochs: linear warm-up length before the cosine decay (paper: 0).
+        nan_policy: what to do when a training batch, an embedding or the loss is not finite:
+            ``"raise"`` (default; names the step and the modality), ``"skip"`` (no optimiser
+            step for that batch on any rank; counted and logged as ``train/skipped_batches``),
+            or ``"off"`` (no check: saves one host synchronisation per step).
+        collapse_threshold: warn once when a modality's embedding standard deviation
+            (:func:`embedding_std`, about 1 when healthy) falls below this value.
     """
 
     def __init__(
@@ -100,8 +109,12 @@ class MultimodalSSLModule(LightningModule):
         weight_decay: float = 1e-6,
         momentum: float = 0.9,
         warmup_epochs: float = 0.0,
+        nan_policy: NanPolicy = "raise",
+        collapse_threshold: float = 0.1,
     ) -> None:
         super().__init__()
+        if nan_policy not in ("raise", "skip", "off"):
+            raise ValueError(f"nan_policy must be 'raise', 'skip' or 'off'; got {nan_policy!r}.")
         if modality1 == modality2:
             raise ValueError(f"modality1 and modality2 must differ (they name batch keys); got {modality1!r} twice.")
         for name, aug in (("augmentation1", augmentation1), ("augmentation2", augmentation2)):
@@ -121,6 +134,12 @@ class MultimodalSSLModule(LightningModule):
         self._augmentations: list[str | nn.Module] = [augmentation1, augmentation2]
         # Views hold no learnable state; kept out of the state dict (built at the first batch).
         self._views: list[ViewPair] | None = None
+        # Views are drawn from a seed per batch (not from the global RNG), so that a resumed run
+        # makes the same views as an uninterrupted one. Saved in checkpoints.
+        self.view_seed = int(torch.initial_seed() % 2**31)
+        self.skipped_batches = 0
+        self._collapse_warned = False
+        self._warned_small_val_batch = False
 
     # ------------------------------------------------------------------ models
     def forward(self, x: Tensor, modality: int | str = 1) -> Tensor:
@@ -167,13 +186,27 @@ class MultimodalSSLModule(LightningModule):
                 pairs.append(make_view_pair(kind, size, tuple(self.hparams.crop_scale)))
         return pairs
 
-    def make_views(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Two views per modality of a batch: ``(x1a, x1b, x2a, x2b)``, made under ``no_grad``."""
+    def make_views(
+        self, batch: dict[str, Tensor], seed: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Two views per modality of a batch: ``(x1a, x1b, x2a, x2b)``, made under ``no_grad``.
+
+        With ``seed``, the random draws come from that seed and the global RNG is left as it was.
+        """
         inputs = self.get_inputs(batch)
         if self._views is None:
             self._views = self._build_views(inputs)
-        (x1a, x1b), (x2a, x2b) = (pair(x) for pair, x in zip(self._views, inputs))
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            (x1a, x1b), (x2a, x2b) = (pair(x) for pair, x in zip(self._views, inputs))
         return x1a, x1b, x2a, x2b
+
+    def _batch_seed(self, stage: str, batch_idx: int) -> int:
+        stage_id = {"train": 0, "val": 1, "test": 2}.get(stage, 3)
+        rank = self.global_rank if self._trainer is not None else 0
+        key = (self.view_seed, stage_id, self.current_epoch if self._trainer is not None else 0, batch_idx, rank)
+        return hash(key) % 2**63
 
     def get_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The two modality tensors of a batch, checked against the encoders' expectations."""
@@ -211,26 +244,143 @@ class MultimodalSSLModule(LightningModule):
         """The method's loss terms from the four embedding batches; must contain ``"loss"``."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss.")
 
-    def shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        x1a, x1b, x2a, x2b = self.make_views(batch)
-        z1a, z1b = self.embed(x1a, 1), self.embed(x1b, 1)
-        z2a, z2b = self.embed(x2a, 2), self.embed(x2b, 2)
+    def shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Tensor | None:
+        """Views, four encoder+projector passes, the method's loss, checks and logging."""
+        if stage != "train" and self.get_inputs(batch)[0].shape[0] < 2:
+            return self._skip_small_eval_batch(stage)
+        x1a, x1b, x2a, x2b = self.make_views(batch, self._batch_seed(stage, batch_idx))
+        z1a, z1b = self._embed_view(x1a, 1), self._embed_view(x1b, 1)
+        z2a, z2b = self._embed_view(x2a, 2), self._embed_view(x2b, 2)
         terms = self.compute_loss(z1a, z1b, z2a, z2b)
+        if self.hparams.nan_policy != "off" and not self._all_finite(
+            stage, batch_idx, (x1a, x2a), ((z1a, z1b), (z2a, z2b)), terms["loss"]
+        ):
+            return None
         batch_size = x1a.shape[0]
         on_step = stage == "train"
         self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=True)
         for name, value in terms.items():
             if name != "loss":
                 self.log(f"{stage}/{name}", value, batch_size=batch_size, on_step=on_step, on_epoch=True)
-        for name, z in zip(self.modalities, (z1a, z2a)):
-            self.log(f"{stage}/embedding_std_{name}", embedding_std(z), batch_size=batch_size, on_step=on_step, on_epoch=True)
+        stds = [embedding_std(z) for z in (z1a, z2a)]
+        for name, std in zip(self.modalities, stds):
+            self.log(f"{stage}/embedding_std_{name}", std, batch_size=batch_size, on_step=on_step, on_epoch=True)
+        if stage == "train":
+            self._check_collapse(stds)
         return terms["loss"]
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+    def _embed_view(self, x: Tensor, index: int) -> Tensor:
+        try:
+            return self.embed(x, index)
+        except (RuntimeError, ValueError) as err:
+            name = self.modalities[index - 1]
+            raise ValueError(
+                f"The encoder of modality '{name}' ({self.hparams[f'encoder{index}']}) failed on views of "
+                f"shape {tuple(x.shape)}: {err}\nIf the views are too small for this encoder, raise "
+                "crop_size (or the image size of the datamodule)."
+            ) from err
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "val")
+    def _all_finite(
+        self,
+        stage: str,
+        batch_idx: int,
+        inputs: Sequence[Tensor],
+        embeddings: Sequence[Sequence[Tensor]],
+        loss: Tensor,
+    ) -> bool:
+        """One host synchronisation: are inputs, embeddings and loss finite? Raise or skip if not."""
+        flags = [torch.isfinite(x).all() for x in inputs]
+        flags += [torch.stack([torch.isfinite(z).all() for z in pair]).all() for pair in embeddings]
+        flags.append(torch.isfinite(loss.detach()))
+        ok = torch.stack(flags)
+        if stage == "train" and self.hparams.nan_policy == "skip" and self._trainer is not None:
+            # Every rank must skip together (a lone rank without backward would stall DDP).
+            ok = self.trainer.strategy.reduce(ok.float(), reduce_op="min") > 0
+        ok_list = ok.tolist()
+        if all(ok_list):
+            return True
+        m1, m2 = self.modalities
+        where = [
+            f"the input image_{m1}",
+            f"the input image_{m2}",
+            f"the embeddings of '{m1}'",
+            f"the embeddings of '{m2}'",
+            "the loss",
+        ]
+        first = where[ok_list.index(False)]
+        if stage == "train" and self.hparams.nan_policy == "skip":
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+            return False
+        raise FloatingPointError(
+            f"Non-finite values (NaN or Inf) at {stage} step {self.global_step} (batch {batch_idx}) in {first}. "
+            "Inputs: check the data's no-data values and normalisation. Embeddings or loss: the "
+            "training diverged; lower the learning rate or use bf16 instead of fp16. Set "
+            "nan_policy='skip' to skip such batches."
+        )
+
+    def _check_collapse(self, stds: Sequence[Tensor]) -> None:
+        if self._collapse_warned or self._trainer is None:
+            return
+        if self.global_step % max(1, self.trainer.log_every_n_steps) != 0:
+            return
+        values = torch.stack([s.detach() for s in stds]).tolist()
+        low = [(name, v) for name, v in zip(self.modalities, values) if v < self.hparams.collapse_threshold]
+        if low:
+            self._collapse_warned = True
+            detail = ", ".join(f"'{name}': {v:.3f}" for name, v in low)
+            rank_zero_warn(
+                f"Embedding collapse at step {self.global_step}: embedding std {detail} is below "
+                f"{self.hparams.collapse_threshold} (about 1 when healthy). Likely causes: a learning rate "
+                "too high for the batch size, too few unique or common dimensions, or views that are "
+                "too easy (check the augmentations)."
+            )
+
+    def _skip_small_eval_batch(self, stage: str) -> None:
+        if not self._warned_small_val_batch:
+            self._warned_small_val_batch = True
+            rank_zero_warn(
+                f"A {stage} batch of 1 sample has no batch statistics; its loss is not computed. "
+                "Choose a batch size that divides the split to evaluate every sample."
+            )
+        return None
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return self.shared_step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return self.shared_step(batch, "val", batch_idx)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["decur_lightning"] = {
+            "method": type(self).__name__,
+            "encoders": [self.hparams.encoder1, self.hparams.encoder2],
+            "in_channels": list(self.in_channels),
+            "embedding_dim": self.embedding_dim,
+            "view_seed": self.view_seed,
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("decur_lightning")
+        if meta is None:
+            return
+        mine = {
+            "method": type(self).__name__,
+            "encoders": [self.hparams.encoder1, self.hparams.encoder2],
+            "in_channels": list(self.in_channels),
+            "embedding_dim": self.embedding_dim,
+        }
+        differences = [f"{key}: checkpoint {meta[key]!r}, this module {value!r}" for key, value in mine.items() if meta.get(key) != value]
+        if differences:
+            raise ValueError(
+                "This checkpoint does not fit this module:\n  " + "\n  ".join(differences) + "\n"
+                f"Load it with {meta['method']}.load_from_checkpoint(path) (which rebuilds the module from the "
+                "checkpoint's hyper-parameters), or build the module with the checkpoint's encoders and sizes."
+            )
+        self.view_seed = int(meta.get("view_seed", self.view_seed))
+        self.skipped_batches = int(meta.get("skipped_batches", 0))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..losses import DEFAULT_LAMBDA, DeCURLoss, Method
-from .base import MultimodalSSLModule
+from .base import MultimodalSSLModule, NanPolicy
 from .optim import OptimizerName
 
 __all__ = ["DeCURModule", "resolve_common_dims"]
@@ -85,6 +85,8 @@ class DeCURModule(MultimodalSSLModule):
         weight_decay: float = 1e-6,
         momentum: float = 0.9,
         warmup_epochs: float = 0.0,
+        nan_policy: NanPolicy = "raise",
+        collapse_threshold: float = 0.1,
     ) -> None:
         self.common_dims = resolve_common_dims(int(projector_dims[-1]), common_ratio, common_dims)
         super().__init__(
@@ -107,6 +109,8 @@ class DeCURModule(MultimodalSSLModule):
             weight_decay=weight_decay,
             momentum=momentum,
             warmup_epochs=warmup_epochs,
+            nan_policy=nan_policy,
+            collapse_threshold=collapse_threshold,
         )
         self.criterion = DeCURLoss(self.common_dims, lambd, method=loss_method)
 

@@ -15,18 +15,26 @@ __all__ = ["build_optimizer", "cosine_with_warmup", "split_decay_parameters"]
 OptimizerName = Literal["lars", "adamw"]
 
 
-def split_decay_parameters(modules: Iterable[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split trainable parameters into weights (``ndim > 1``) and biases/normalisation ones.
+# Position embeddings and relative position bias tables are not decayed (timm's and DAT's rule).
+NO_DECAY_NAMES = frozenset(
+    {"rpe_table", "pos_embed", "cls_token", "dist_token", "reg_token", "relative_position_bias_table"}
+)
 
-    Barlow Twins and DeCUR exclude biases and batch-norm parameters from LARS adaptation and
-    weight decay and give them their own learning rate (Appendix B.1).
+
+def split_decay_parameters(modules: Iterable[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split trainable parameters into weights and biases/normalisation/position ones.
+
+    Barlow Twins and DeCUR exclude biases and batch-norm parameters (``ndim <= 1``) from LARS
+    adaptation and weight decay and give them their own learning rate (Appendix B.1). Position
+    embeddings and attention bias tables (:data:`NO_DECAY_NAMES`) go with them.
     """
     weights: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
     for module in modules:
-        for param in module.parameters():
+        for name, param in module.named_parameters():
             if param.requires_grad:
-                (weights if param.ndim > 1 else others).append(param)
+                no_decay = param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+                (others if no_decay else weights).append(param)
     return weights, others
 
 
