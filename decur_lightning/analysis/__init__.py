@@ -1,5 +1,67 @@
-"""Analyses of what DeCUR learns (paper Section 7, Appendix D)."""
+"""Analyses of what DeCUR learns (paper Section 7, Appendix D, Algorithm 2).
 
-from .alignment import alignment_loss_per_dimension, collect_embeddings, plot_alignment_histogram
+- cross-modal alignment per embedding dimension, eq. 7 (:mod:`.alignment`, Fig. 5a, 7);
+- t-SNE of embedding dimensions (:mod:`.tsne`, Fig. 1, 8);
+- GradCAM and Integrated Gradients saliency of the common and unique outputs
+  (:mod:`.saliency`, Fig. 6; needs ``pip install decur-lightning[analysis]``);
+- :func:`analyze`: all of them on a checkpoint, with figures and ``statistics.json``; on the
+  command line ``python -m decur_lightning.analysis --help``.
+"""
 
-__all__ = ["alignment_loss_per_dimension", "collect_embeddings", "plot_alignment_histogram"]
+from .alignment import (
+    alignment_for_model,
+    alignment_histogram_figure,
+    alignment_loss_per_dimension,
+    alignment_statistics,
+    collect_embeddings,
+    plot_alignment_histogram,
+    summarize,
+)
+from .plotting import figure_to_array, save_figure
+from .report import analyze, load_ssl_module
+from .saliency import (
+    COMMON,
+    UNIQUE,
+    CommonUniqueOutput,
+    SaliencyResult,
+    band_importance,
+    band_importance_figure,
+    default_target_layer,
+    gradcam,
+    integrated_gradients,
+    overlap_histogram_figure,
+    saliency_analysis,
+    saliency_examples_figure,
+    saliency_overlap,
+)
+from .tsne import DimensionTSNE, dimension_tsne, dimension_tsne_figure
+
+__all__ = [
+    "COMMON",
+    "UNIQUE",
+    "CommonUniqueOutput",
+    "DimensionTSNE",
+    "SaliencyResult",
+    "alignment_for_model",
+    "alignment_histogram_figure",
+    "alignment_loss_per_dimension",
+    "alignment_statistics",
+    "analyze",
+    "band_importance",
+    "band_importance_figure",
+    "collect_embeddings",
+    "default_target_layer",
+    "dimension_tsne",
+    "dimension_tsne_figure",
+    "figure_to_array",
+    "gradcam",
+    "integrated_gradients",
+    "load_ssl_module",
+    "overlap_histogram_figure",
+    "plot_alignment_histogram",
+    "saliency_analysis",
+    "saliency_examples_figure",
+    "saliency_overlap",
+    "save_figure",
+    "summarize",
+]

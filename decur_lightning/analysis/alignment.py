@@ -1,4 +1,11 @@
-"""Cross-modal alignment per embedding dimension (paper eq. 7, Fig. 5a)."""
+"""Cross-modal alignment per embedding dimension (paper eq. 7, Fig. 5a, Fig. 7).
+
+``L_i = (1 - C_ii)^2`` for every dimension ``i`` of the cross-modal correlation ``C`` of
+un-augmented embeddings of the two modalities (Algorithm 2, ``alignment_histogram``). For
+DeCUR the common dimensions should sit near 0 and the unique ones near 1; a cross-modal
+Barlow Twins model, which treats every dimension as common, keeps a tail of badly aligned
+dimensions (Fig. 5a).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,21 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..losses import standardize
+from .plotting import COLORS, new_figure, save_figure
 
-__all__ = ["alignment_loss_per_dimension", "collect_embeddings", "plot_alignment_histogram"]
+__all__ = [
+    "alignment_for_model",
+    "alignment_histogram_figure",
+    "alignment_loss_per_dimension",
+    "alignment_statistics",
+    "collect_embeddings",
+    "plot_alignment_histogram",
+    "summarize",
+]
 
 
 def alignment_loss_per_dimension(z1: Tensor, z2: Tensor) -> Tensor:
@@ -61,6 +78,98 @@ def collect_embeddings(
     return torch.cat(z1)[:max_samples], torch.cat(z2)[:max_samples]
 
 
+def alignment_for_model(model: nn.Module, batches: Iterable[dict[str, Tensor]], max_samples: int = 512) -> Tensor:
+    """Eq. 7 for every embedding dimension of ``model`` on up to ``max_samples`` samples.
+
+    Works for any :class:`~decur_lightning.ssl.base.MultimodalSSLModule` (DeCUR or a
+    baseline such as cross-modal Barlow Twins), so a DeCUR model and a comparison model can
+    be measured on the same batches and drawn together (Fig. 5a):
+
+    Example:
+        >>> decur = alignment_for_model(decur_model, loader)  # doctest: +SKIP
+        >>> barlow = alignment_for_model(barlow_model, loader)  # doctest: +SKIP
+        >>> plot_alignment_histogram(decur, decur_model.common_dims, "fig5a.png",
+        ...                          comparison=barlow, comparison_label="cross-modal BT")  # doctest: +SKIP
+    """
+    z1, z2 = collect_embeddings(model, batches, max_samples)
+    if z1.shape[0] < 2:
+        raise ValueError(
+            f"Got {z1.shape[0]} sample: the correlation of eq. 7 needs at least 2 (use max_samples >= 2 "
+            "and a dataloader with at least 2 samples)."
+        )
+    return alignment_loss_per_dimension(z1, z2)
+
+
+def summarize(values: Tensor) -> dict[str, float | int]:
+    """Count, mean, std, min, quartiles and max of a 1-d tensor (JSON-ready floats)."""
+    values = values.detach().double().flatten().cpu()
+    if values.numel() == 0:
+        return {"count": 0}
+    quantiles = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype)).tolist()
+    return {
+        "count": int(values.numel()),
+        "mean": float(values.mean()),
+        "std": float(values.std(unbiased=False)),
+        "min": float(values.min()),
+        "q25": quantiles[0],
+        "median": quantiles[1],
+        "q75": quantiles[2],
+        "max": float(values.max()),
+    }
+
+
+def alignment_statistics(alignment: Tensor, common_dims: int | None) -> dict[str, dict[str, float | int]]:
+    """Summaries of eq. 7 over all, common (first ``K_c``) and unique (the rest) dimensions.
+
+    ``common_dims=None`` (a model without decoupling) gives only ``"all"``.
+    """
+    stats = {"all": summarize(alignment)}
+    if common_dims is not None:
+        stats["common"] = summarize(alignment[:common_dims])
+        stats["unique"] = summarize(alignment[common_dims:])
+    return stats
+
+
+def alignment_histogram_figure(
+    alignment: Tensor,
+    common_dims: int | None,
+    comparison: Tensor | None = None,
+    comparison_label: str = "comparison",
+    title: str = "Cross-modal alignment per dimension (eq. 7)",
+    bins: int = 40,
+) -> Figure:
+    """The histogram of :func:`plot_alignment_histogram` as a figure (for notebooks and loggers)."""
+    values = alignment.detach().float().cpu()
+    top = max(1.5, float(values.max()) if values.numel() else 1.5)
+    if comparison is not None and comparison.numel():
+        top = max(top, float(comparison.detach().float().max()))
+    edges = torch.linspace(0.0, top, bins + 1).tolist()
+    fig, ax = new_figure()
+    if common_dims is None:
+        ax.hist(values.numpy(), bins=edges, color=COLORS["all"], alpha=0.8, label=f"all dimensions ({values.numel()})")
+    else:
+        common = values[:common_dims]
+        ax.hist(common.numpy(), bins=edges, color=COLORS["common"], alpha=0.7, label=f"common ({common.numel()})")
+        if common_dims < values.numel():
+            unique = values[common_dims:]
+            ax.hist(unique.numpy(), bins=edges, color=COLORS["unique"], alpha=0.7, label=f"unique ({unique.numel()})")
+    if comparison is not None:
+        ax.hist(
+            comparison.detach().float().cpu().numpy(),
+            bins=edges,
+            histtype="step",
+            linewidth=1.5,
+            color=COLORS["comparison"],
+            label=comparison_label,
+        )
+    ax.set_xlabel(r"alignment loss $(1 - C_{ii})^2$")
+    ax.set_ylabel("number of dimensions")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def plot_alignment_histogram(
     alignment: Tensor,
     common_dims: int | None,
@@ -84,30 +193,5 @@ def plot_alignment_histogram(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = alignment.detach().float().cpu()
-    edges = torch.linspace(0.0, max(1.5, float(values.max()) if values.numel() else 1.5), bins + 1).tolist()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if common_dims is None:
-        ax.hist(values.numpy(), bins=edges, color="tab:gray", alpha=0.8, label="all dimensions")
-    else:
-        ax.hist(values[:common_dims].numpy(), bins=edges, color="tab:red", alpha=0.7, label=f"common ({common_dims})")
-        if common_dims < values.numel():
-            unique = values[common_dims:]
-            ax.hist(unique.numpy(), bins=edges, color="tab:blue", alpha=0.7, label=f"unique ({unique.numel()})")
-    if comparison is not None:
-        ax.hist(comparison.detach().float().cpu().numpy(), bins=edges, histtype="step", color="black", label=comparison_label)
-    ax.set_xlabel(r"alignment loss $(1 - C_{ii})^2$")
-    ax.set_ylabel("number of dimensions")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    fig = alignment_histogram_figure(alignment, common_dims, comparison, comparison_label, title, bins)
+    return save_figure(fig, path)

@@ -1,0 +1,100 @@
+"""Command line for :func:`decur_lightning.analysis.analyze`.
+
+Examples:
+    python -m decur_lightning.analysis --config examples/configs/quickstart.yaml \\
+        --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt --out analysis
+
+    python -m decur_lightning.analysis --checkpoint last.ckpt --out analysis \\
+        --data SyntheticMultimodalDataModule --data.num_val 128 --saliency_samples 32
+
+``--config`` takes the YAML of the ``decur fit`` run (its ``data`` section is used; the
+``trainer`` and ``model`` sections are ignored, the model comes from the checkpoint) or a YAML
+with only a ``data`` section (``class_path`` / ``init_args``) and any of the options below.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning import LightningDataModule
+
+import decur_lightning.datamodules  # noqa: F401  (datamodules usable by class name)
+
+from .report import analyze
+
+__all__ = ["build_parser", "main"]
+
+#: Sections of a ``decur fit`` config that the analysis accepts and ignores.
+_FIT_SECTIONS = ("seed_everything", "trainer", "model", "ckpt_path", "optimizer", "lr_scheduler")
+
+
+def build_parser() -> ArgumentParser:
+    """The argument parser of ``python -m decur_lightning.analysis``."""
+    parser = ArgumentParser(
+        prog="python -m decur_lightning.analysis",
+        description=(
+            "Explainability analyses of a DeCUR checkpoint (paper Section 7): alignment histogram (eq. 7), "
+            "t-SNE of embedding dimensions, GradCAM overlap and Integrated Gradients band importance. "
+            "Writes PNG figures, statistics.json and analysis.npz into --out."
+        ),
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML: a `decur fit` config or a `data:` section.")
+    parser.add_argument("--checkpoint", type=str, required=True, help="DeCURModule .ckpt file.")
+    parser.add_argument("--out", type=str, required=True, help="Output folder.")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    parser.add_argument("--split", type=Literal["val", "test"], default="val")
+    parser.add_argument("--max_samples", type=int, default=512, help="Samples for alignment and t-SNE.")
+    parser.add_argument("--saliency_samples", type=int, default=64, help="Samples for GradCAM and IG (0 skips them).")
+    parser.add_argument("--ig_steps", type=int, default=50)
+    parser.add_argument("--ig_internal_batch_size", type=int | None, default=None)
+    parser.add_argument("--layer1", type=str | None, default=None, help="GradCAM layer of encoder 1 (default: last stage).")
+    parser.add_argument("--layer2", type=str | None, default=None, help="GradCAM layer of encoder 2 (default: last stage).")
+    parser.add_argument("--comparison_checkpoint", type=str | None, default=None)
+    parser.add_argument("--comparison_class", type=str | None, default=None, help="Class of the comparison module.")
+    parser.add_argument("--comparison_label", type=str, default="comparison")
+    parser.add_argument("--tsne", type=bool, default=True)
+    parser.add_argument("--tsne_perplexity", type=float, default=30.0)
+    parser.add_argument("--tsne_threads", type=int | None, default=None)
+    parser.add_argument("--band_names", type=dict[str, list[str]] | None, default=None)
+    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    for section in _FIT_SECTIONS:
+        parser.add_argument(f"--{section}", type=Any, default=None, help="Ignored (a section of a `decur fit` config).")
+    return parser
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``args`` (default ``sys.argv[1:]``), run :func:`analyze`, print where the outputs are."""
+    parser = build_parser()
+    config = parser.parse_args(args)
+    datamodule = parser.instantiate_classes(config).data
+    statistics = analyze(
+        config.checkpoint,
+        datamodule,
+        config.out,
+        split=config.split,
+        max_samples=config.max_samples,
+        saliency_samples=config.saliency_samples,
+        ig_steps=config.ig_steps,
+        ig_internal_batch_size=config.ig_internal_batch_size,
+        layers=(config.layer1, config.layer2),
+        comparison_checkpoint=config.comparison_checkpoint,
+        comparison_class=config.comparison_class,
+        comparison_label=config.comparison_label,
+        tsne=config.tsne,
+        tsne_perplexity=config.tsne_perplexity,
+        tsne_threads=config.tsne_threads,
+        band_names=config.band_names,
+        device=config.device,
+        seed=config.seed,
+    )
+    summary = {key: statistics[key] for key in ("alignment", "figures")}
+    print(json.dumps(summary, indent=2))
+    print(f"Wrote {config.out}/statistics.json and analysis.npz")
+    return statistics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,517 @@
+"""Spatial and spectral saliency of the common and unique representations (paper Section 7,
+Fig. 6; Appendix D, Algorithm 2 steps 3-5).
+
+For one modality, the projector embedding is reduced to two outputs: the mean of its common
+dimensions (output 0) and the mean of its unique dimensions (output 1)
+(:class:`CommonUniqueOutput`). Attributions of each output give one "common" and one "unique"
+saliency map per modality:
+
+- spatial: GradCAM on the encoder's last convolutional stage (captum
+  :class:`~captum.attr.LayerGradCam`), upsampled to the input size; per sample, the overlap
+  score of the two modalities' maps (:func:`saliency_overlap`) is counted for the common and
+  for the unique output (Fig. 6a);
+- spectral: Integrated Gradients (captum :class:`~captum.attr.IntegratedGradients`) averaged
+  per input band and normalised (:func:`band_importance`, Fig. 6b).
+
+captum is an optional dependency: ``pip install decur-lightning[analysis]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from .plotting import COLORS, new_figure
+
+__all__ = [
+    "COMMON",
+    "OUTPUT_NAMES",
+    "UNIQUE",
+    "CommonUniqueOutput",
+    "SaliencyResult",
+    "band_importance",
+    "band_importance_figure",
+    "default_target_layer",
+    "gradcam",
+    "integrated_gradients",
+    "overlap_histogram_figure",
+    "saliency_analysis",
+    "saliency_examples_figure",
+    "saliency_overlap",
+]
+
+#: Output index of the mean of the common dimensions (Algorithm 2: ``target=0``).
+COMMON = 0
+#: Output index of the mean of the unique dimensions (Algorithm 2: ``target=1``).
+UNIQUE = 1
+#: Names of the two outputs, in output order.
+OUTPUT_NAMES: tuple[str, str] = ("common", "unique")
+
+_CAPTUM_HINT = "Saliency maps need captum, an optional dependency: pip install decur-lightning[analysis]"
+
+
+def _captum_attr() -> Any:
+    """``captum.attr``, imported lazily with an install hint when it is missing."""
+    try:
+        import captum.attr
+    except ImportError as err:
+        raise ImportError(_CAPTUM_HINT) from err
+    return captum.attr
+
+
+class CommonUniqueOutput(nn.Module):
+    """One modality's encoder and projector reduced to ``(N, 2)``: mean common, mean unique.
+
+    Algorithm 2 (``gradcam_vis``): ``z = BN(f(x))``, ``out = [mean(z[:, :K_c]), mean(z[:, K_c:])]``.
+    Attributing output :data:`COMMON` (0) or :data:`UNIQUE` (1) gives the "common" or "unique"
+    saliency of the modality.
+
+    ``BN`` here is a fixed per-dimension standardisation with the ``mean`` and ``std`` of
+    reference embeddings (what a batch norm does in eval mode): unlike batch statistics it
+    keeps every sample's output independent of the rest of the batch, which per-sample
+    GradCAM maps and the completeness of Integrated Gradients need. Without ``mean``/``std``
+    the raw projector embeddings are averaged (the authors' released notebooks).
+
+    Args:
+        encoder: the modality's encoder (``model.encoder1`` / ``model.encoder2``).
+        projector: the modality's projector.
+        common_dims: ``K_c``; needs ``0 < K_c < K`` (there must be unique dimensions).
+        mean, std: optional ``(K,)`` statistics of reference embeddings.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: nn.Module,
+        common_dims: int,
+        mean: Tensor | None = None,
+        std: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if common_dims < 1:
+            raise ValueError(f"common_dims must be at least 1; got {common_dims}.")
+        if (mean is None) != (std is None):
+            raise ValueError("Give both mean and std of the reference embeddings, or neither.")
+        self.encoder = encoder
+        self.projector = projector
+        self.common_dims = int(common_dims)
+        self.register_buffer("mean", None if mean is None else mean.detach().float().flatten())
+        self.register_buffer("std", None if std is None else std.detach().float().flatten())
+
+    @classmethod
+    def from_model(cls, model: nn.Module, modality: int | str, reference: Tensor | None = None) -> CommonUniqueOutput:
+        """The head of modality ``modality`` (1, 2 or its name) of a DeCUR model.
+
+        ``reference``: optional ``(M, K)`` embeddings of this modality (e.g. from
+        :func:`~decur_lightning.analysis.collect_embeddings`) whose per-dimension mean and
+        standard deviation standardise the embedding, as ``BN`` in Algorithm 2.
+        """
+        common_dims = getattr(model, "common_dims", None)
+        embedding_dim = getattr(model, "embedding_dim", None)
+        if common_dims is None:
+            raise ValueError(
+                f"{type(model).__name__} has no common_dims: common/unique saliency needs a DeCUR model "
+                "(DeCURModule), whose first common_dims embedding dimensions are common."
+            )
+        if embedding_dim is not None and common_dims >= embedding_dim:
+            raise ValueError(
+                f"The model has common_dims={common_dims} of {embedding_dim} dimensions, so no unique "
+                "dimensions: there is no 'unique' output to attribute. Use a model trained with common_ratio < 1."
+            )
+        index = _modality_index(model, modality)
+        encoder = (model.encoder1, model.encoder2)[index]
+        projector = (model.projector1, model.projector2)[index]
+        mean = std = None
+        if reference is not None:
+            reference = reference.detach().float()
+            mean = reference.mean(0)
+            std = (reference.var(0, unbiased=False) + 1e-5).sqrt()
+            device = next(model.parameters()).device
+            mean, std = mean.to(device), std.to(device)
+        return cls(encoder, projector, common_dims, mean, std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.projector(self.encoder(x)).float()
+        if self.mean is not None:
+            z = (z - self.mean) / self.std
+        if self.common_dims >= z.shape[1]:
+            raise ValueError(
+                f"common_dims={self.common_dims} leaves no unique dimension in a {z.shape[1]}-dimensional embedding."
+            )
+        return torch.stack([z[:, : self.common_dims].mean(1), z[:, self.common_dims :].mean(1)], dim=1)
+
+
+def _modality_index(model: nn.Module, modality: int | str) -> int:
+    if modality in (1, 2):
+        return int(modality) - 1
+    names = tuple(getattr(model, "modalities", ()))
+    if modality in names:
+        return names.index(modality)
+    raise ValueError(f"modality must be 1, 2 or one of {names}; got {modality!r}.")
+
+
+def default_target_layer(encoder: nn.Module) -> nn.Module:
+    """The encoder's last spatial stage, where GradCAM is taken.
+
+    ``da_l4`` (ResNet with residual deformable attention), ``layer4`` (timm/torchvision
+    ResNet), ``norm4`` (MiT) or the last of ``stages`` (ConvNeXt and other timm models).
+    """
+    for name in ("da_l4", "layer4", "norm4"):
+        layer = getattr(encoder, name, None)
+        if isinstance(layer, nn.Module):
+            return layer
+    stages = getattr(encoder, "stages", None)
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) > 0:
+        return stages[-1]
+    raise ValueError(
+        f"Cannot find the last convolutional stage of a {type(encoder).__name__} encoder. Pass layer= "
+        "(a module of the encoder, or its name such as 'layer4'): GradCAM needs a layer whose output "
+        "is a spatial map (N, C, h, w). Token-based encoders (ViT) have none."
+    )
+
+
+def _resolve_layer(encoder: nn.Module, layer: nn.Module | str | None) -> nn.Module:
+    if layer is None:
+        return default_target_layer(encoder)
+    if isinstance(layer, str):
+        try:
+            return encoder.get_submodule(layer)
+        except AttributeError as err:
+            raise ValueError(f"The encoder has no submodule {layer!r}: {err}") from err
+    return layer
+
+
+@contextlib.contextmanager
+def _attribution_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode (batch norm with running statistics) and gradients on, restored afterwards.
+
+    Works inside ``torch.no_grad`` and ``torch.inference_mode`` blocks (e.g. Lightning's
+    validation hooks).
+    """
+    states = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for m, training in states.items():
+            m.training = training
+
+
+def _prepare_input(x: Tensor, module: nn.Module) -> Tensor:
+    parameter = next(module.parameters())
+    return x.detach().clone().to(device=parameter.device, dtype=parameter.dtype).requires_grad_(True)
+
+
+def gradcam(
+    head: nn.Module, inputs: Tensor, target: int, layer: nn.Module | str | None = None, upsample: bool = True
+) -> Tensor:
+    """GradCAM maps ``(N, H, W)`` of output ``target`` of ``head`` (Algorithm 2, ``gradcam_vis``).
+
+    captum's :class:`~captum.attr.LayerGradCam` on ``layer`` (default: the last stage of
+    ``head.encoder``, :func:`default_target_layer`), with the ReLU of GradCAM applied (maps are
+    non-negative), bilinearly upsampled to the input size (``upsample=False`` keeps the layer's
+    ``h x w``). The head runs in eval mode.
+
+    Args:
+        head: a :class:`CommonUniqueOutput` (or any module mapping ``(N, C, H, W)`` to outputs).
+        inputs: ``(N, C, H, W)`` images of the head's modality.
+        target: :data:`COMMON` or :data:`UNIQUE`.
+        layer: the attributed layer: a module, its name in ``head.encoder`` (``"layer3"``), or
+            ``None`` for :func:`default_target_layer`.
+    """
+    attr = _captum_attr()
+    layer = _resolve_layer(head.encoder, layer)
+    with _attribution_mode(head):
+        x = _prepare_input(inputs, head)
+        maps = attr.LayerGradCam(head, layer).attribute(x, target=target, relu_attributions=True)
+    if maps.ndim != 4:
+        raise ValueError(
+            f"GradCAM of {type(layer).__name__} has shape {tuple(maps.shape)}; it needs a layer with a "
+            "spatial output (N, C, h, w). Pass another layer."
+        )
+    if maps.shape[-2:].numel() == 1:
+        warnings.warn(
+            f"The GradCAM map of {type(layer).__name__} is 1 x 1 for {tuple(x.shape[-2:])} px inputs, so it "
+            "carries no spatial information: pass a shallower layer (e.g. layer='layer3') or larger images.",
+            stacklevel=2,
+        )
+    if upsample:
+        maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return maps[:, 0].detach()
+
+
+def saliency_overlap(map1: Tensor, map2: Tensor) -> Tensor:
+    """Per-sample overlap score of two modalities' saliency maps (Algorithm 2, ``gradcam_stat``).
+
+    ``norm(att1) x norm(att2)``: each map is flattened and scaled to unit L2 norm, and the
+    score is their inner product, i.e. the cosine similarity of the two maps. For non-negative
+    (GradCAM) maps it lies in [0, 1]: 1 when the maps are equal up to scale, 0 when they have
+    disjoint support. A map that is zero everywhere scores 0. Maps of different sizes are
+    compared at the size of ``map1`` (bilinear resampling of ``map2``).
+
+    Args:
+        map1, map2: ``(N, H, W)`` maps of the same samples.
+
+    Returns:
+        ``(N,)`` scores.
+    """
+    if map1.ndim != 3 or map2.ndim != 3 or map1.shape[0] != map2.shape[0]:
+        raise ValueError(f"Expected two (N, H, W) map batches of the same N; got {tuple(map1.shape)} and {tuple(map2.shape)}.")
+    map1, map2 = map1.float(), map2.float().to(map1.device)
+    if map1.shape[-2:] != map2.shape[-2:]:
+        map2 = F.interpolate(map2[:, None], size=map1.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    a = F.normalize(map1.flatten(1), dim=1)
+    b = F.normalize(map2.flatten(1), dim=1)
+    return (a * b).sum(1)
+
+
+def integrated_gradients(
+    head: nn.Module,
+    inputs: Tensor,
+    target: int,
+    baseline: float | Tensor = 0.0,
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    internal_batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Integrated Gradients ``(N, C, H, W)`` of output ``target`` and their convergence deltas.
+
+    captum's :class:`~captum.attr.IntegratedGradients` from ``baseline`` (default: a zero
+    image) to ``inputs``, in eval mode. By completeness, the attributions of a sample sum to
+    ``head(x)[target] - head(baseline)[target]`` up to the returned ``(N,)`` convergence delta
+    (it shrinks with ``n_steps``).
+    """
+    attr = _captum_attr()
+    with _attribution_mode(head):
+        x = _prepare_input(inputs, head)
+        baselines = baseline.to(x.device).expand_as(x) if isinstance(baseline, Tensor) else float(baseline)
+        attributions, delta = attr.IntegratedGradients(head).attribute(
+            x,
+            baselines=baselines,
+            target=target,
+            n_steps=n_steps,
+            method=method,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+        )
+    return attributions.detach(), delta.detach()
+
+
+def band_importance(attributions: Tensor) -> Tensor:
+    """Normalised importance of every input band, ``(N, C)`` (Algorithm 2, ``IG_stat``; Fig. 6b).
+
+    The Integrated Gradients map of each band is averaged over the image (Algorithm 2), taken in
+    absolute value and normalised to sum to 1 over the bands of each sample. By completeness
+    the band mean is proportional to the band's contribution to the output change, so the
+    score is the band's share of it (when all bands push the output the same way).
+    """
+    if attributions.ndim != 4:
+        raise ValueError(f"Expected attributions (N, C, H, W); got {tuple(attributions.shape)}.")
+    scores = attributions.float().mean(dim=(2, 3)).abs()
+    return scores / scores.sum(1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+@dataclass
+class SaliencyResult:
+    """Per-sample saliency statistics of a DeCUR model (Fig. 6).
+
+    Attributes:
+        modalities: the two modality names.
+        overlap: ``{"common": (N,), "unique": (N,)}`` GradCAM overlap scores between modalities.
+        band_importance: ``{modality: {"common": (N, C), "unique": (N, C)}}`` normalised IG band
+            importances.
+        relative_delta: ``{modality: {"common": (N,), "unique": (N,)}}`` IG convergence delta
+            divided by ``|output - baseline output|`` (a check of the integration).
+        examples: the first samples' images and GradCAM maps for plotting:
+            ``{"images": {modality: (E, C, H, W)}, "maps": {modality: {"common": (E, H, W), ...}}}``.
+    """
+
+    modalities: tuple[str, str]
+    overlap: dict[str, Tensor]
+    band_importance: dict[str, dict[str, Tensor]]
+    relative_delta: dict[str, dict[str, Tensor]]
+    examples: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.overlap["common"].numel())
+
+
+def saliency_analysis(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    max_samples: int = 64,
+    reference: tuple[Tensor, Tensor] | None = None,
+    layers: Sequence[nn.Module | str | None] = (None, None),
+    ig_steps: int = 50,
+    ig_internal_batch_size: int | None = None,
+    num_examples: int = 4,
+) -> SaliencyResult:
+    """GradCAM overlap and IG band importance over up to ``max_samples`` samples (Fig. 6).
+
+    Args:
+        model: a DeCUR model (``encoder1/2``, ``projector1/2``, ``common_dims``, ``modalities``).
+        batches: dicts with the model's ``image_<modality>`` keys (un-augmented data).
+        max_samples: number of samples to attribute.
+        reference: optional ``(z1, z2)`` embeddings whose statistics standardise the
+            embeddings (``BN`` of Algorithm 2; see :class:`CommonUniqueOutput`).
+        layers: GradCAM layer of each modality's encoder (module, name, or ``None`` for
+            :func:`default_target_layer`).
+        ig_steps: Integrated Gradients steps.
+        ig_internal_batch_size: captum's internal batch size for IG (bounds memory).
+        num_examples: samples kept in ``examples`` for :func:`saliency_examples_figure`.
+    """
+    modalities = tuple(model.modalities)
+    heads = [
+        CommonUniqueOutput.from_model(model, index + 1, None if reference is None else reference[index])
+        for index in range(2)
+    ]
+    target_layers = [_resolve_layer(head.encoder, layer) for head, layer in zip(heads, layers)]
+    maps: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
+    importance: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
+    deltas: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
+    images: dict[str, list[Tensor]] = {m: [] for m in modalities}
+    count = 0
+    for batch in batches:
+        remaining = max_samples - count
+        if remaining <= 0:
+            break
+        for index, (modality, head, layer) in enumerate(zip(modalities, heads, target_layers)):
+            x = batch[f"image_{modality}"][:remaining]
+            if sum(t.shape[0] for t in images[modality]) < num_examples:
+                images[modality].append(x[:num_examples].detach().cpu())
+            for target, name in enumerate(OUTPUT_NAMES):
+                maps[modality][name].append(gradcam(head, x, target, layer).cpu())
+                attributions, delta = integrated_gradients(
+                    head, x, target, n_steps=ig_steps, internal_batch_size=ig_internal_batch_size
+                )
+                importance[modality][name].append(band_importance(attributions).cpu())
+                deltas[modality][name].append(_relative_delta(head, x, target, delta).cpu())
+        count += min(remaining, batch[f"image_{modalities[0]}"].shape[0])
+    if count == 0:
+        raise ValueError("No samples to attribute: the dataloader is empty (or max_samples < 1).")
+    cat = {m: {name: torch.cat(maps[m][name]) for name in OUTPUT_NAMES} for m in modalities}
+    m1, m2 = modalities
+    return SaliencyResult(
+        modalities=modalities,  # type: ignore[arg-type]
+        overlap={name: saliency_overlap(cat[m1][name], cat[m2][name]) for name in OUTPUT_NAMES},
+        band_importance={m: {name: torch.cat(importance[m][name]) for name in OUTPUT_NAMES} for m in modalities},
+        relative_delta={m: {name: torch.cat(deltas[m][name]) for name in OUTPUT_NAMES} for m in modalities},
+        examples={
+            "images": {m: torch.cat(images[m])[:num_examples] for m in modalities},
+            "maps": {m: {name: cat[m][name][:num_examples] for name in OUTPUT_NAMES} for m in modalities},
+        },
+    )
+
+
+@torch.no_grad()
+def _relative_delta(head: nn.Module, x: Tensor, target: int, delta: Tensor) -> Tensor:
+    """``|delta| / |head(x) - head(0)|`` for output ``target`` (eval mode)."""
+    states = {m: m.training for m in head.modules()}
+    head.eval()
+    try:
+        device = next(head.parameters()).device
+        x = x.detach().float().to(device)
+        change = head(x)[:, target] - head(torch.zeros_like(x))[:, target]
+    finally:
+        for m, training in states.items():
+            m.training = training
+    return delta.abs().to(change.device) / change.abs().clamp_min(1e-12)
+
+
+def overlap_histogram_figure(overlap: Mapping[str, Tensor], bins: int = 20, title: str | None = None) -> Figure:
+    """Histogram of the per-sample GradCAM overlap scores, common vs unique (Fig. 6a)."""
+    fig, ax = new_figure()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for name in OUTPUT_NAMES:
+        if name in overlap:
+            values = overlap[name].detach().float().cpu().numpy()
+            ax.hist(values, bins=edges, color=COLORS[name], alpha=0.6, label=f"{name} (mean {values.mean():.2f})")
+    ax.set_xlabel("overlap score of the two modalities' GradCAM maps")
+    ax.set_ylabel("number of samples")
+    ax.set_title(title or "Spatial saliency statistics")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def band_importance_figure(
+    importance: Mapping[str, Mapping[str, Tensor]],
+    band_names: Mapping[str, Sequence[str]] | None = None,
+    title: str = "Spectral saliency statistics",
+) -> Figure:
+    """Mean (bars) and standard deviation (error bars) of the normalised band importances,
+    common vs unique, one panel per modality (Fig. 6b)."""
+    modalities = list(importance)
+    fig, axes = new_figure(ncols=len(modalities), width=5.0)
+    axes = np.atleast_1d(axes)
+    for ax, modality in zip(axes, modalities):
+        num_bands = next(iter(importance[modality].values())).shape[1]
+        names = list((band_names or {}).get(modality) or [f"b{i + 1}" for i in range(num_bands)])
+        if len(names) != num_bands:
+            raise ValueError(f"band_names[{modality!r}] has {len(names)} names for {num_bands} bands.")
+        positions = np.arange(num_bands)
+        for offset, name in zip((-0.2, 0.2), OUTPUT_NAMES):
+            scores = importance[modality][name].detach().float().cpu()
+            ax.bar(
+                positions + offset,
+                scores.mean(0).numpy(),
+                0.4,
+                yerr=scores.std(0, unbiased=False).numpy(),
+                color=COLORS[name],
+                alpha=0.8,
+                capsize=2,
+                label=name,
+            )
+        ax.set_xticks(positions)
+        ax.set_xticklabels(names, rotation=45 if num_bands > 6 else 0)
+        ax.set_xlabel(f"{modality} bands")
+        ax.set_ylabel("normalised saliency score")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _display_image(image: Tensor) -> np.ndarray:
+    """A grey image in [0, 1] (band mean, 2-98 % stretch) for overlays."""
+    grey = image.float().mean(0)
+    low, high = torch.quantile(grey.flatten(), torch.tensor([0.02, 0.98])).tolist()
+    return ((grey - low) / max(high - low, 1e-8)).clamp(0, 1).numpy()
+
+
+def saliency_examples_figure(result: SaliencyResult, max_examples: int = 4) -> Figure:
+    """Per sample: each modality's image with its common and unique GradCAM maps overlaid,
+    titled with the overlap scores (the visual counterpart of Fig. 6a)."""
+    images, maps = result.examples["images"], result.examples["maps"]
+    num = min(max_examples, *(images[m].shape[0] for m in result.modalities))
+    if num < 1:
+        raise ValueError("The saliency result holds no example samples (num_examples=0).")
+    fig, axes = new_figure(ncols=6, nrows=num, width=2.0, height=2.1)
+    axes = np.atleast_2d(axes)
+    for row in range(num):
+        for block, modality in enumerate(result.modalities):
+            picture = _display_image(images[modality][row])
+            axes[row, 3 * block].imshow(picture, cmap="gray")
+            axes[row, 3 * block].set_title(modality, fontsize=8)
+            for col, name in enumerate(OUTPUT_NAMES, start=1):
+                ax = axes[row, 3 * block + col]
+                ax.imshow(picture, cmap="gray")
+                ax.imshow(maps[modality][name][row].numpy(), cmap="jet", alpha=0.5)
+                score = float(result.overlap[name][row])
+                ax.set_title(f"{modality} {name}\noverlap {score:.2f}", fontsize=8)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
