@@ -83,7 +83,10 @@ class MultimodalSSLModule(LightningModule):
         nan_policy: what to do when a training batch, an embedding or the loss is not finite:
             ``"raise"`` (default; names the step and the modality), ``"skip"`` (no optimiser
             step for that batch on any rank; counted and logged as ``train/skipped_batches``),
-            or ``"off"`` (no check: saves one host synchronisation per step).
+            or ``"off"`` (no check: saves two host synchronisations per step). Inputs are
+            checked before the forward pass, so a skipped bad batch leaves no trace in the
+            batch-norm statistics; a non-finite loss from finite inputs (divergence) is
+            detected after the forward pass.
         collapse_threshold: warn once when a modality's embedding standard deviation
             (:func:`embedding_std`, about 1 when healthy) falls below this value.
     """
@@ -193,7 +196,9 @@ class MultimodalSSLModule(LightningModule):
 
         With ``seed``, the random draws come from that seed and the global RNG is left as it was.
         """
-        inputs = self.get_inputs(batch)
+        return self._views_of(self.get_inputs(batch), seed)
+
+    def _views_of(self, inputs: Sequence[Tensor], seed: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._views is None:
             self._views = self._build_views(inputs)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -246,15 +251,20 @@ class MultimodalSSLModule(LightningModule):
 
     def shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Tensor | None:
         """Views, four encoder+projector passes, the method's loss, checks and logging."""
-        if stage != "train" and self.get_inputs(batch)[0].shape[0] < 2:
+        inputs = self.get_inputs(batch)
+        if stage != "train" and inputs[0].shape[0] < 2:
             return self._skip_small_eval_batch(stage)
-        x1a, x1b, x2a, x2b = self.make_views(batch, self._batch_seed(stage, batch_idx))
+        check = self.hparams.nan_policy != "off"
+        # Inputs are checked before the forward pass, so a bad batch never reaches the batch-norm statistics.
+        if check and not self._all_finite(stage, batch_idx, [torch.isfinite(x).all() for x in inputs], 0):
+            return None
+        x1a, x1b, x2a, x2b = self._views_of(inputs, self._batch_seed(stage, batch_idx))
         z1a, z1b = self._embed_view(x1a, 1), self._embed_view(x1b, 1)
         z2a, z2b = self._embed_view(x2a, 2), self._embed_view(x2b, 2)
         terms = self.compute_loss(z1a, z1b, z2a, z2b)
-        if self.hparams.nan_policy != "off" and not self._all_finite(
-            stage, batch_idx, (x1a, x2a), ((z1a, z1b), (z2a, z2b)), terms["loss"]
-        ):
+        flags = [torch.isfinite(a.detach()).all() & torch.isfinite(b.detach()).all() for a, b in ((z1a, z1b), (z2a, z2b))]
+        flags.append(torch.isfinite(terms["loss"].detach()))
+        if check and not self._all_finite(stage, batch_idx, flags, 2):
             return None
         batch_size = x1a.shape[0]
         on_step = stage == "train"
@@ -272,7 +282,7 @@ class MultimodalSSLModule(LightningModule):
     def _embed_view(self, x: Tensor, index: int) -> Tensor:
         try:
             return self.embed(x, index)
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, AssertionError) as err:  # timm asserts on input sizes
             name = self.modalities[index - 1]
             raise ValueError(
                 f"The encoder of modality '{name}' ({self.hparams[f'encoder{index}']}) failed on views of "
@@ -280,18 +290,12 @@ class MultimodalSSLModule(LightningModule):
                 "crop_size (or the image size of the datamodule)."
             ) from err
 
-    def _all_finite(
-        self,
-        stage: str,
-        batch_idx: int,
-        inputs: Sequence[Tensor],
-        embeddings: Sequence[Sequence[Tensor]],
-        loss: Tensor,
-    ) -> bool:
-        """One host synchronisation: are inputs, embeddings and loss finite? Raise or skip if not."""
-        flags = [torch.isfinite(x).all() for x in inputs]
-        flags += [torch.stack([torch.isfinite(z).all() for z in pair]).all() for pair in embeddings]
-        flags.append(torch.isfinite(loss.detach()))
+    def _all_finite(self, stage: str, batch_idx: int, flags: list[Tensor], offset: int) -> bool:
+        """One host synchronisation: raise or skip unless every flag holds.
+
+        ``flags`` are scalar booleans for, from ``offset`` on: input 1, input 2, embeddings 1,
+        embeddings 2, loss.
+        """
         ok = torch.stack(flags)
         if stage == "train" and self.hparams.nan_policy == "skip" and self._trainer is not None:
             # Every rank must skip together (a lone rank without backward would stall DDP).
@@ -306,14 +310,14 @@ class MultimodalSSLModule(LightningModule):
             f"the embeddings of '{m1}'",
             f"the embeddings of '{m2}'",
             "the loss",
-        ]
-        first = where[ok_list.index(False)]
+        ][offset + ok_list.index(False)]
         if stage == "train" and self.hparams.nan_policy == "skip":
             self.skipped_batches += 1
-            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+            if self._trainer is not None:
+                self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
             return False
         raise FloatingPointError(
-            f"Non-finite values (NaN or Inf) at {stage} step {self.global_step} (batch {batch_idx}) in {first}. "
+            f"Non-finite values (NaN or Inf) at {stage} step {self.global_step} (batch {batch_idx}) in {where}. "
             "Inputs: check the data's no-data values and normalisation. Embeddings or loss: the "
             "training diverged; lower the learning rate or use bf16 instead of fp16. Set "
             "nan_policy='skip' to skip such batches."

@@ -1,0 +1,204 @@
+"""Exact resume, mixed precision, bad input and collapse warnings (issue 8)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from decur_lightning import DeCURModule
+from decur_lightning.datamodules import SyntheticMultimodalDataModule
+from decur_lightning.ssl.optim import split_decay_parameters
+
+from helpers import tiny_batch, tiny_decur
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _trainer(tmp_path, max_epochs: int, recorder: _LossRecorder, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=tmp_path, deterministic=True, callbacks=[recorder], **kwargs,
+    )
+
+
+def _data() -> SyntheticMultimodalDataModule:
+    return SyntheticMultimodalDataModule(num_train=48, batch_size=16, size=32)
+
+
+def test_resume_continues_with_the_same_losses(tmp_path):
+    """Stopped after epoch 1 and resumed, a run repeats the uninterrupted run's losses step by step."""
+    settings = dict(projector_dims=(32, 32), warmup_epochs=1)
+    L.seed_everything(0)
+    full = _LossRecorder()
+    _trainer(tmp_path / "full", 3, full, enable_checkpointing=False).fit(tiny_decur(**settings), _data())
+
+    L.seed_everything(0)
+    first = _LossRecorder()
+    trainer = _trainer(tmp_path / "part", 1, first, enable_checkpointing=False)
+    trainer.fit(tiny_decur(**settings), _data())
+    checkpoint = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    L.seed_everything(123)  # a different global RNG state must not matter
+    second = _LossRecorder()
+    _trainer(tmp_path / "part", 3, second, enable_checkpointing=False).fit(
+        tiny_decur(**settings), _data(), ckpt_path=checkpoint
+    )
+    assert len(full.losses) == 9 and len(first.losses) == 3 and len(second.losses) == 6
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_and_statistics_stay_float32_under_bf16_autocast():
+    model = tiny_decur(projector_dims=(32, 32))
+    batch = tiny_batch(n=8)
+    views = model.make_views(batch, seed=3)
+    with torch.no_grad():
+        reference = model.compute_loss(*(model.embed(v, i) for v, i in zip(views, (1, 1, 2, 2))))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            embeddings = [model.embed(v, i) for v, i in zip(views, (1, 1, 2, 2))]
+            mixed = model.compute_loss(*embeddings)
+    assert embeddings[0].dtype == torch.bfloat16
+    for name, value in mixed.items():
+        assert value.dtype == torch.float32, name
+    # Only the bf16 encoder passes differ; the statistics on top are float32.
+    torch.testing.assert_close(mixed["loss"], reference["loss"], rtol=5e-2, atol=0)
+    exact = model.compute_loss(*[e.float() for e in embeddings])
+    torch.testing.assert_close(mixed["loss"], exact["loss"], rtol=1e-6, atol=1e-5)
+
+
+def test_bf16_mixed_training_step_logs_float32_loss(tmp_path):
+    """(16-mixed needs a GPU: Lightning maps it to bf16 on CPU.)"""
+    recorder = _LossRecorder()
+    model = tiny_decur(projector_dims=(32, 32))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[recorder])
+    trainer.fit(model, _data())
+    assert len(recorder.losses) == 1 and math.isfinite(recorder.losses[0])
+    assert trainer.callback_metrics["train/loss"].dtype == torch.float32
+
+
+def test_nan_in_a_batch_names_step_and_modality():
+    model = tiny_decur()
+    batch = tiny_batch(n=4)
+    batch["image_optical"][1, 2, 3, 4] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"train step 0 \(batch 0\) in the input image_optical.*nan_policy='skip'"):
+        model.training_step(batch, 0)
+    batch = tiny_batch(n=4)
+    batch["image_sar"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="the input image_sar"):
+        model.training_step(batch, 0)
+
+
+def test_nan_skip_policy_skips_and_counts(tmp_path):
+    model = tiny_decur(nan_policy="skip")
+    batch = tiny_batch(n=4)
+    batch["image_sar"][0, 0, 0, 0] = float("nan")
+    assert model.training_step(batch, 0) is None
+    assert model.skipped_batches == 1
+    assert model.training_step(tiny_batch(n=4), 1) is not None
+    assert model.skipped_batches == 1
+
+
+def test_nan_skip_policy_leaves_weights_untouched_in_fit(tmp_path):
+    class NaNData(SyntheticMultimodalDataModule):
+        def setup(self, stage=None):
+            super().setup(stage)
+            self.datasets["train"].images[0][:] = float("nan")
+
+    model = tiny_decur(nan_policy="skip", projector_dims=(32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, NaNData(num_train=32, batch_size=16))
+    assert model.skipped_batches == 2
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)
+
+
+def test_nan_loss_from_embeddings_is_reported():
+    model = tiny_decur()
+    with torch.no_grad():
+        model.projector2.layers[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="the embeddings of 'optical'"):
+        model.training_step(tiny_batch(n=4), 0)
+
+
+def test_nan_policy_off_skips_the_check():
+    model = tiny_decur(nan_policy="off")
+    batch = tiny_batch(n=4)
+    batch["image_sar"][0] = float("nan")
+    assert torch.isnan(model.training_step(batch, 0))
+    with pytest.raises(ValueError, match="nan_policy must be"):
+        tiny_decur(nan_policy="ignore")
+
+
+def test_too_small_views_for_the_encoder_give_a_clear_error():
+    model = tiny_decur(encoder1="vit_small_patch16_224", crop_size=8, projector_dims=(16,))
+    with pytest.raises(ValueError, match=r"(?s)encoder of modality 'sar' \(vit_small_patch16_224\) failed on views of shape \(4, 2, 8, 8\).*raise\s+crop_size"):
+        model.training_step(tiny_batch(n=4, size=32), 0)
+
+
+def test_checkpoint_of_other_encoders_is_rejected(tmp_path):
+    model = tiny_decur(projector_dims=(32, 32))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, _data())
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    other = tiny_decur(encoder2="resnet34", projector_dims=(32, 32))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"encoders: checkpoint \['resnet18', 'resnet18'\], this module \['resnet18', 'resnet34'\]"):
+        trainer.fit(other, _data(), ckpt_path=path)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["decur_lightning"]["method"] = "BarlowTwinsModule"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"(?s)method: checkpoint 'BarlowTwinsModule'.*BarlowTwinsModule.load_from_checkpoint"):
+        DeCURModule.load_from_checkpoint(path)
+
+
+def test_collapse_warns_once_with_the_step(tmp_path):
+    """A projector that outputs a constant has collapsed: warned once, with the step."""
+    model = tiny_decur(projector_dims=(32, 32), lr=0.0, lr_bias=0.0)
+    with torch.no_grad():
+        model.projector1.layers[-1].weight.zero_()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        log_every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"Embedding collapse at step 0: embedding std 'sar': 0.000 is below 0.1") as record:
+        trainer.fit(model, _data())
+    assert sum("Embedding collapse" in str(w.message) for w in record) == 1
+
+
+def test_common_ratio_outside_range_and_missing_root(tmp_path):
+    with pytest.raises(ValueError, match=r"common_ratio must lie in \(0, 1\]; got 0"):
+        tiny_decur(common_ratio=0.0)
+    from torchgeo.datasets import DatasetNotFoundError
+
+    from decur_lightning.datamodules import SSL4EOS12MMDataModule
+
+    dm = SSL4EOS12MMDataModule(root=str(tmp_path / "nowhere"), batch_size=2)
+    with pytest.raises(DatasetNotFoundError):
+        dm.setup("fit")
+
+
+def test_position_tables_are_not_weight_decayed():
+    from decur_lightning.models import create_encoder
+
+    encoder = create_encoder("resnet18_rda", 3)
+    weights, others = split_decay_parameters([encoder])
+    ids = {id(p) for p in others}
+    tables = [p for n, p in encoder.named_parameters() if n.endswith("rpe_table")]
+    assert tables and all(id(p) in ids for p in tables)
+    assert all(p.ndim > 1 for p in weights)
