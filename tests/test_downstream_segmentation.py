@@ -1,0 +1,254 @@
+"""MultimodalSegmentationModule: the paper's FCN and CMX, frozen and fine-tuned, any input size."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from decur_lightning.downstream import (
+    FCNHead,
+    FeatureFusionModule,
+    FeatureRectifyModule,
+    MultimodalSegmentationModule,
+)
+from decur_lightning.models import create_encoder
+
+IGNORE = 255
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny convolutions run several times faster on one thread when the cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class EasyScenes(Dataset):
+    """16 px blocks of classes 0..2: RGB band ``c`` is bright where the class is ``c``, the DEM
+    holds ``class / 2``; one block in eight is unlabelled (ignore index)."""
+
+    def __init__(self, num_samples: int, seed: int, size: int = 64, block: int = 16) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        cells = size // block
+        classes = torch.randint(0, NUM_CLASSES, (num_samples, cells, cells), generator=generator)
+        self.mask = classes.repeat_interleave(block, 1).repeat_interleave(block, 2)
+        self.rgb = 0.2 * torch.rand(num_samples, 3, size, size, generator=generator)
+        self.rgb += 0.6 * F.one_hot(self.mask, NUM_CLASSES).permute(0, 3, 1, 2)
+        self.dem = self.mask[:, None].float() / 2 + 0.1 * torch.rand(num_samples, 1, size, size, generator=generator)
+        unlabelled = torch.rand(num_samples, cells, cells, generator=generator) < 0.125
+        self.mask[unlabelled.repeat_interleave(block, 1).repeat_interleave(block, 2)] = IGNORE
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"image_rgb": self.rgb[index], "image_dem": self.dem[index], "mask": self.mask[index]}
+
+
+class EasyDataModule(L.LightningDataModule):
+    def __init__(self, size: int = 64, num_train: int = 48, num_val: int = 16, batch_size: int = 8) -> None:
+        super().__init__()
+        self.train, self.val = EasyScenes(num_train, 0, size), EasyScenes(num_val, 1, size)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.batch_size)
+
+
+def make_fcn(**overrides) -> MultimodalSegmentationModule:
+    kwargs = dict(encoder1="resnet18", encoder2="resnet18", in_channels1=3, in_channels2=1, modality1="rgb",
+                  modality2="dem", num_classes=NUM_CLASSES, ignore_index=IGNORE)
+    kwargs.update(overrides)
+    return MultimodalSegmentationModule(**kwargs)
+
+
+def fit(model: L.LightningModule, data: L.LightningDataModule, steps: int, tmp_path) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    return trainer
+
+
+def evaluate(model: L.LightningModule, data: L.LightningDataModule) -> dict[str, float]:
+    validator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return validator.validate(model, data, verbose=False)[0]
+
+
+def encoder_state(model: MultimodalSegmentationModule) -> dict[str, Tensor]:
+    return {f"{i}.{k}": v.clone() for i, e in enumerate(model.encoders) for k, v in e.state_dict().items()}
+
+
+# ------------------------------------------------------------------ FCN
+@pytest.mark.parametrize("size", [250, 64])
+def test_fcn_output_has_the_input_size(size):
+    for model in (make_fcn(), make_fcn(modality2=None)):
+        inputs = [torch.rand(2, c, size, size) for c in model.in_channels]
+        assert model(inputs).shape == (2, NUM_CLASSES, size, size)
+
+
+def test_fcn_head_equals_the_papers_upsample_then_convolve_order():
+    head = FCNHead([8, 16, 32], num_classes=5)
+    levels = [torch.randn(2, 8, 32, 32), torch.randn(2, 16, 16, 16), torch.randn(2, 32, 8, 8)]
+    size = (250, 250)
+    reference = sum(
+        F.conv2d(F.interpolate(level, size=size, mode="bilinear", align_corners=False), conv.weight, conv.bias)
+        for level, conv in zip(levels, head.classifiers)
+    )
+    torch.testing.assert_close(head(levels, size), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_fcn_levels_concatenate_both_modalities():
+    model = make_fcn()
+    channels = [conv.in_channels for conv in model.head.classifiers]
+    assert channels == [128 + 128, 256 + 256, 512 + 512]  # ResNet-18 layer2/3/4, both modalities
+    assert [conv.in_channels for conv in make_fcn(modality2=None).head.classifiers] == [128, 256, 512]
+
+
+def test_every_pixel_of_a_250px_patch_is_evaluated():
+    model = make_fcn().eval()
+    data = EasyScenes(2, 3, size=250, block=25)
+    batch = {"image_rgb": data.rgb, "image_dem": data.dem, "mask": data.mask}
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+    counted = model.val_metrics["miou"].confmat.sum()
+    assert counted == (data.mask != IGNORE).sum() and counted > 0.8 * 2 * 250 * 250
+
+
+def test_fcn_finetune_learns_the_easy_scenes(tmp_path):
+    model = make_fcn(mode="finetune", lr=1e-3)
+    data = EasyDataModule()
+    before = evaluate(model, data)
+    fit(model, data, 30, tmp_path)
+    after = evaluate(model, data)
+    assert after["val/miou"] > 0.7 and after["val/miou"] > before["val/miou"] + 0.3, (before, after)
+    assert after["val/oa"] > 0.85 and after["val/loss"] < before["val/loss"]
+
+
+def test_frozen_encoders_stay_unchanged(tmp_path):
+    model = make_fcn(mode="frozen", lr=1e-2)
+    before, head_before = encoder_state(model), model.head.classifiers[0].weight.clone()
+    modes = []
+
+    class RecordModes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append([e.training for e in pl_module.encoders] + [pl_module.head.training])
+
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[RecordModes()], default_root_dir=tmp_path)
+    trainer.fit(model, EasyDataModule())
+    for key, value in encoder_state(model).items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    assert not torch.equal(model.head.classifiers[0].weight, head_before)
+    assert modes and all(m == [False, False, True] for m in modes)
+
+
+def test_finetuned_encoders_change(tmp_path):
+    model = make_fcn(mode="finetune", modality2=None)
+    before = encoder_state(model)
+    fit(model, EasyDataModule(), 2, tmp_path)
+    after = encoder_state(model)
+    assert not torch.equal(after["0.conv1.weight"], before["0.conv1.weight"])
+    assert not torch.equal(after["0.bn1.running_mean"], before["0.bn1.running_mean"])
+
+
+def test_adamw_decays_weights_only_and_poly_schedule(tmp_path):
+    model = make_fcn(modality2=None, lr_schedule="poly", warmup_epochs=0.0)
+    trainer = fit(model, EasyDataModule(num_train=16), 4, tmp_path)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
+    assert decayed["initial_lr"] == 1e-4
+    assert decayed["lr"] == pytest.approx(0.0)  # (1 - 4/4) ** 0.9 after the last step
+
+
+# ------------------------------------------------------------------ CMX
+def test_feature_rectify_and_fusion_modules():
+    x1, x2 = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    frm = FeatureRectifyModule(16, lambda_c=0.0, lambda_s=0.0)
+    out1, out2 = frm(x1, x2)
+    torch.testing.assert_close(out1, x1)
+    torch.testing.assert_close(out2, x2)
+    out1, out2 = FeatureRectifyModule(16)(x1, torch.zeros_like(x2))
+    torch.testing.assert_close(out1, x1)  # nothing to add from an empty other modality
+    assert not torch.equal(out2, torch.zeros_like(x2))
+    assert FeatureFusionModule(16, num_heads=2)(x1, x2).shape == (2, 16, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def cmx_model() -> MultimodalSegmentationModule:
+    return MultimodalSegmentationModule("mit_b0", "mit_b0", in_channels1=3, in_channels2=3, modality1="rgb",
+                                        modality2="hha", num_classes=5, head="cmx", decoder_channels=64,
+                                        optimizer="adamw", lr=6e-5, lr_schedule="poly")
+
+
+def test_cmx_forward_shape(cmx_model):
+    for size in ((64, 64), (60, 70)):
+        inputs = [torch.rand(2, 3, *size), torch.rand(2, 3, *size)]
+        assert cmx_model(inputs).shape == (2, 5, *size)
+    assert len(cmx_model.head.rectify) == len(cmx_model.head.fuse) == 4
+
+
+def test_cmx_training_step_updates_branches_and_fusion(cmx_model):
+    batch = {"image_rgb": torch.rand(2, 3, 64, 64), "image_hha": torch.rand(2, 3, 64, 64),
+             "mask": torch.randint(0, 5, (2, 64, 64))}
+    batch["mask"][:, :8] = IGNORE
+    cmx_model.train()
+    optimizer = torch.optim.AdamW([p for p in cmx_model.parameters() if p.requires_grad], lr=1e-3)
+    watched = {
+        "branch1": cmx_model.encoder1.block1[0].attn.q.weight,
+        "branch2": cmx_model.encoder2.patch_embed1.proj.weight,
+        "frm": cmx_model.head.rectify[2].spatial_mlp[0].weight,
+        "ffm": cmx_model.head.fuse[1].cross_attention.kv2.weight,
+        "decoder": cmx_model.head.decode_head.classifier.weight,
+    }
+    before = {name: p.detach().clone() for name, p in watched.items()}
+    loss = cmx_model.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    for name, param in watched.items():
+        assert not torch.equal(param, before[name]), name
+    assert not cmx_model.encoder1.head.weight.requires_grad  # the pretraining head is unused
+
+
+def test_cmx_branches_start_from_pretrained_mit(tmp_path):
+    rgb, hha = create_encoder("mit_b0", 3), create_encoder("mit_b0", 3)
+    model = {f"module.backbone_{i}.{k}": v for i, enc in ((1, rgb), (2, hha)) for k, v in enc.state_dict().items()}
+    torch.save({"epoch": 199, "model": model, "optimizer": {}}, tmp_path / "checkpoint.pth")
+    cmx = MultimodalSegmentationModule("mit_b0", "mit_b0", 3, 3, "rgb", "hha", weights1=str(tmp_path / "checkpoint.pth"),
+                                       weights2=str(tmp_path / "checkpoint.pth"), weights_modality1=1,
+                                       weights_modality2=2, num_classes=5, head="cmx", decoder_channels=64)
+    torch.testing.assert_close(cmx.encoder1.block2[0].attn.q.weight, rgb.block2[0].attn.q.weight)
+    torch.testing.assert_close(cmx.encoder2.block2[0].attn.q.weight, hha.block2[0].attn.q.weight)
+
+
+def test_configuration_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="fuses two modalities"):
+        make_fcn(head="cmx", modality2=None)
+    with pytest.raises(TypeError, match="mit_b0 ... mit_b5"):
+        make_fcn(head="cmx")
+    with pytest.raises(ValueError, match="mode must be"):
+        make_fcn(mode="linear")
+    with pytest.raises(KeyError, match="image_dem"):
+        make_fcn().get_inputs({"image_rgb": torch.rand(1, 3, 32, 32)})
+
+
+def test_unused_parameters_are_frozen_for_ddp():
+    model = make_fcn(modality2=None)
+    assert all(isinstance(m, nn.Module) for m in model.encoders)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("encoder1.layer4") for n in trainable) and any(n.startswith("head.") for n in trainable)
