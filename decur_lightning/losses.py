@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 Method = Literal["auto", "dense", "cheap"]
+Weighting = Literal["paper", "authors"]
 DEFAULT_LAMBDA = 0.0051
 _METHODS = ("auto", "dense", "cheap")
 
@@ -171,9 +172,9 @@ def barlow_twins_loss(
 
 def decur_loss(
     z1a: Tensor,
-    z1b: Tensor,
+    z1b: Tensor | None,
     z2a: Tensor,
-    z2b: Tensor,
+    z2b: Tensor | None,
     common_dims: int,
     lambd: float = DEFAULT_LAMBDA,
     *,
@@ -182,6 +183,8 @@ def decur_loss(
     lambd_common: float | None = None,
     lambd_unique: float | None = None,
     method: Method = "auto",
+    intra: bool = True,
+    weighting: Weighting = "paper",
 ) -> DeCURLossTerms:
     """The DeCUR objective of Algorithm 1 (eq. 2-6).
 
@@ -203,6 +206,11 @@ def decur_loss(
             (``lambda_M1``, ``lambda_M2``, ``lambda_c``, ``lambda_u``); ``None`` uses ``lambd``.
         method: ``"dense"``, ``"cheap"`` or ``"auto"`` (see the module docstring); all give the
             same value and gradient up to float32 rounding.
+        intra: include the intra-modal terms (Table 5 ablation "w/o intra-modal" sets it False;
+            then ``z1b`` and ``z2b`` may be ``None`` and ``intra1 = intra2 = 0``).
+        weighting: ``"paper"`` (eq. 6, the sum) or ``"authors"``, the weighting of the authors'
+            released code, ``(L_M1 + L_M2 + (L_com + L_uni) / 2) / 3``, to compare with their
+            published checkpoints. The terms themselves are the same.
 
     Returns:
         :class:`DeCURLossTerms` with float32 scalars (and the cross-modal diagonal).
@@ -214,9 +222,14 @@ def decur_loss(
         True
     """
     _check_method(method)
-    _check_pair(z1a, z1b, ("z1a", "z1b"))
-    _check_pair(z2a, z2b, ("z2a", "z2b"))
+    if weighting not in ("paper", "authors"):
+        raise ValueError(f"weighting must be 'paper' or 'authors', got {weighting!r}.")
     _check_pair(z1a, z2a, ("z1a", "z2a"))
+    if intra:
+        if z1b is None or z2b is None:
+            raise ValueError("The intra-modal terms need the second views z1b and z2b; pass them or set intra=False.")
+        _check_pair(z1a, z1b, ("z1a", "z1b"))
+        _check_pair(z2a, z2b, ("z2a", "z2b"))
     n, k = z1a.shape
     if not 0 < common_dims <= k:
         raise ValueError(
@@ -233,60 +246,69 @@ def decur_loss(
         )
     }
     with torch.autocast(device_type=z1a.device.type, enabled=False):
-        z1a, z1b, z2a, z2b = (standardize(z) for z in (z1a, z1b, z2a, z2b))
-        c1, c2, cc, cu = (
-            _cheap_terms(z1a, z1b, z2a, z2b, common_dims)
-            if _use_cheap(method, n, k)
-            else _dense_terms(z1a, z1b, z2a, z2b, common_dims)
-        )
-        intra1 = _redundancy_loss(*c1, True, lambdas["intra1"])
-        intra2 = _redundancy_loss(*c2, True, lambdas["intra2"])
+        z1a, z2a = standardize(z1a), standardize(z2a)
+        zb = (standardize(z1b), standardize(z2b)) if intra else None  # type: ignore[arg-type]
+        if _use_cheap(method, n, k):
+            cross, intra_stats = _cheap_terms(z1a, z2a, zb, common_dims)
+        else:
+            cross, intra_stats = _dense_terms(z1a, z2a, zb, common_dims)
+        cc, cu = cross
+        zero = z1a.new_zeros(())
+        intra1 = _redundancy_loss(*intra_stats[0], True, lambdas["intra1"]) if intra else zero
+        intra2 = _redundancy_loss(*intra_stats[1], True, lambdas["intra2"]) if intra else zero
         common = _redundancy_loss(*cc, True, lambdas["common"])
-        unique = (
-            _redundancy_loss(*cu, False, lambdas["unique"])
-            if common_dims < k
-            else z1a.new_zeros(())
-        )
-        cross_diagonal = torch.cat([cc.diag, cu.diag])
+        unique = _redundancy_loss(*cu, False, lambdas["unique"]) if common_dims < k else zero
+        if weighting == "paper":
+            total = common + unique + intra1 + intra2
+        else:
+            total = (intra1 + intra2 + (common + unique) / 2) / 3
         return DeCURLossTerms(
-            total=common + unique + intra1 + intra2,
+            total=total,
             intra1=intra1,
             intra2=intra2,
             common=common,
             unique=unique,
-            cross_diagonal=cross_diagonal,
+            cross_diagonal=torch.cat([cc.diag, cu.diag]),
         )
 
 
+_Stats = tuple[_CorrelationStats, _CorrelationStats]
+
+
 def _dense_terms(
-    z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor, common_dims: int
-) -> tuple[_CorrelationStats, ...]:
+    z1a: Tensor, z2a: Tensor, zb: tuple[Tensor, Tensor] | None, common_dims: int
+) -> tuple[_Stats, _Stats | None]:
     n = z1a.shape[0]
     cm = z1a.T @ z2a / n
     cc, cu = cm[:common_dims, :common_dims], cm[common_dims:, common_dims:]
-    return (
-        _dense_stats(z1a, z1b),
-        _dense_stats(z2a, z2b),
+    cross = (
         _CorrelationStats(torch.diagonal(cc), cc.pow(2).sum()),
         _CorrelationStats(torch.diagonal(cu), cu.pow(2).sum()),
     )
+    intra = None if zb is None else (_dense_stats(z1a, zb[0]), _dense_stats(z2a, zb[1]))
+    return cross, intra
 
 
 def _cheap_terms(
-    z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor, common_dims: int
-) -> tuple[_CorrelationStats, ...]:
+    z1a: Tensor, z2a: Tensor, zb: tuple[Tensor, Tensor] | None, common_dims: int
+) -> tuple[_Stats, _Stats | None]:
     # Gram matrices of the common and unique column blocks of the cross-modal pair; their sums
     # are the full Gram matrices that the intra-modal terms need, so z1a and z2a cost one
     # N x N x K product each in total.
     c = common_dims
     g1c, g1u = _gram(z1a[:, :c]), _gram(z1a[:, c:])
     g2c, g2u = _gram(z2a[:, :c]), _gram(z2a[:, c:])
-    return (
-        _cheap_stats(z1a, z1b, g1c + g1u, _gram(z1b)),
-        _cheap_stats(z2a, z2b, g2c + g2u, _gram(z2b)),
+    cross = (
         _cheap_stats(z1a[:, :c], z2a[:, :c], g1c, g2c),
         _cheap_stats(z1a[:, c:], z2a[:, c:], g1u, g2u),
     )
+    if zb is None:
+        return cross, None
+    intra = (
+        _cheap_stats(z1a, zb[0], g1c + g1u, _gram(zb[0])),
+        _cheap_stats(z2a, zb[1], g2c + g2u, _gram(zb[1])),
+    )
+    return cross, intra
 
 
 def gather_with_grad(z: Tensor) -> Tensor:
@@ -317,6 +339,7 @@ class DeCURLoss(nn.Module):
         common_dims: number of common dimensions ``K_c`` (``0 < K_c <= K``).
         lambd: weight of every off-diagonal term; per-term weights as in :func:`decur_loss`.
         method: ``"auto"``, ``"dense"`` or ``"cheap"``.
+        intra, weighting: see :func:`decur_loss`.
         gather_distributed: gather embeddings across ranks (default on).
 
     Example:
@@ -336,6 +359,8 @@ class DeCURLoss(nn.Module):
         lambd_common: float | None = None,
         lambd_unique: float | None = None,
         method: Method = "auto",
+        intra: bool = True,
+        weighting: Weighting = "paper",
         gather_distributed: bool = True,
     ) -> None:
         super().__init__()
@@ -351,14 +376,17 @@ class DeCURLoss(nn.Module):
             "lambd_unique": lambd_unique,
         }
         self.method: Method = method
+        self.intra = intra
+        self.weighting: Weighting = weighting
         self.gather_distributed = gather_distributed
 
-    def forward(self, z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor) -> DeCURLossTerms:
+    def forward(self, z1a: Tensor, z1b: Tensor | None, z2a: Tensor, z2b: Tensor | None) -> DeCURLossTerms:
         """Compute :class:`DeCURLossTerms` of the (global) batch."""
         if self.gather_distributed:
-            z1a, z1b, z2a, z2b = (gather_with_grad(z) for z in (z1a, z1b, z2a, z2b))
+            z1a, z1b, z2a, z2b = (None if z is None else gather_with_grad(z) for z in (z1a, z1b, z2a, z2b))
         return decur_loss(
-            z1a, z1b, z2a, z2b, self.common_dims, self.lambd, method=self.method, **self.lambdas
+            z1a, z1b, z2a, z2b, self.common_dims, self.lambd, method=self.method,
+            intra=self.intra, weighting=self.weighting, **self.lambdas,
         )
 
     def extra_repr(self) -> str:

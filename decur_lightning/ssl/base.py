@@ -48,20 +48,23 @@ def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Module:
 
 
 class MultimodalSSLModule(LightningModule):
-    """Two modality-specific encoders and projectors trained on two views per modality.
+    """Modality-specific encoders and projectors trained on augmented views.
 
     A batch is a dict with ``image_<modality1>`` and ``image_<modality2>`` tensors
-    ``(N, C, H, W)`` in [0, 1]. In each step, two views per modality are made on the device
-    under ``no_grad`` (:mod:`decur_lightning.augmentations`), each view goes through its
-    modality's encoder and projector (four separate passes, as Algorithm 1), and the method's
-    :meth:`compute_loss` turns the four embedding batches into a dict of scalar terms with the
-    key ``"loss"``.
+    ``(N, C, H, W)`` in [0, 1]. In each step, :attr:`views_per_modality` views per modality are
+    made on the device under ``no_grad`` (:mod:`decur_lightning.augmentations`), each view goes
+    through its modality's encoder and projector (separate passes, as Algorithm 1), and the
+    method's :meth:`compute_loss` turns the embedding batches (modality-major order:
+    ``z1a, z1b, z2a, z2b`` for two views) into a dict of scalar terms with the key ``"loss"``.
+    A method is a subclass that defines :meth:`compute_loss` (and, if it needs them,
+    :attr:`views_per_modality` and :attr:`two_modalities_required`).
 
     Args:
         encoder1, encoder2: encoder names (timm names, or see
             :func:`decur_lightning.models.create_encoder`).
         in_channels1, in_channels2: band counts of the two modalities.
-        modality1, modality2: modality names; the batch keys are ``image_<name>``.
+        modality1, modality2: modality names; the batch keys are ``image_<name>``. Single-modal
+            methods take ``modality2=None`` (no second encoder is built).
         weights1, weights2: optional pretrained encoder weights (path, torchgeo weight enum
             or its name).
         projector_dims: widths of the projector layers; the last is the embedding size ``K``.
@@ -91,6 +94,11 @@ class MultimodalSSLModule(LightningModule):
             (:func:`embedding_std`, about 1 when healthy) falls below this value.
     """
 
+    #: Views made of each modality per step (2 for DeCUR and Barlow Twins, 1 for cross-modal baselines).
+    views_per_modality: int = 2
+    #: Whether the method needs both modalities (single-modal baselines set it False).
+    two_modalities_required: bool = True
+
     def __init__(
         self,
         encoder1: str = "resnet50",
@@ -98,7 +106,7 @@ class MultimodalSSLModule(LightningModule):
         in_channels1: int = 2,
         in_channels2: int = 13,
         modality1: str = "s1",
-        modality2: str = "s2",
+        modality2: str | None = "s2",
         weights1: str | None = None,
         weights2: str | None = None,
         projector_dims: Sequence[int] = (8192, 8192, 8192),
@@ -120,6 +128,8 @@ class MultimodalSSLModule(LightningModule):
             raise ValueError(f"nan_policy must be 'raise', 'skip' or 'off'; got {nan_policy!r}.")
         if modality1 == modality2:
             raise ValueError(f"modality1 and modality2 must differ (they name batch keys); got {modality1!r} twice.")
+        if modality2 is None and self.two_modalities_required:
+            raise ValueError(f"{type(self).__name__} learns across two modalities: set modality2.")
         for name, aug in (("augmentation1", augmentation1), ("augmentation2", augmentation2)):
             if isinstance(aug, str) and aug != "auto" and aug not in VIEW_KINDS:
                 raise ValueError(f"{name}={aug!r}: expected 'auto', one of {VIEW_KINDS}, or an nn.Module.")
@@ -127,14 +137,15 @@ class MultimodalSSLModule(LightningModule):
             raise ValueError(f"optimizer must be 'lars' or 'adamw', got {optimizer!r}.")
         augmentations = {"augmentation1": augmentation1, "augmentation2": augmentation2}
         self.save_hyperparameters(ignore=[k for k, v in augmentations.items() if isinstance(v, nn.Module)])
-        self.modalities = (modality1, modality2)
-        self.in_channels = (in_channels1, in_channels2)
+        self.modalities: tuple[str, ...] = (modality1,) if modality2 is None else (modality1, modality2)
+        self.in_channels: tuple[int, ...] = (in_channels1, in_channels2)[: len(self.modalities)]
         self.encoder1 = create_encoder(encoder1, in_channels1, weights1)
-        self.encoder2 = create_encoder(encoder2, in_channels2, weights2)
         self.projector1 = build_projector(self.encoder1.num_features, projector_dims)
-        self.projector2 = build_projector(self.encoder2.num_features, projector_dims)
+        if modality2 is not None:
+            self.encoder2 = create_encoder(encoder2, in_channels2, weights2)
+            self.projector2 = build_projector(self.encoder2.num_features, projector_dims)
         self.embedding_dim = int(projector_dims[-1])
-        self._augmentations: list[str | nn.Module] = [augmentation1, augmentation2]
+        self._augmentations: list[str | nn.Module] = [augmentation1, augmentation2][: len(self.modalities)]
         # Views hold no learnable state; kept out of the state dict (built at the first batch).
         self._views: list[ViewPair] | None = None
         # Views are drawn from a seed per batch (not from the global RNG), so that a resumed run
@@ -148,19 +159,31 @@ class MultimodalSSLModule(LightningModule):
     def forward(self, x: Tensor, modality: int | str = 1) -> Tensor:
         """Encoder features ``(N, num_features)`` of one modality (the transferable representation)."""
         index = self._modality_index(modality)
-        return (self.encoder1, self.encoder2)[index](x)
+        return self.encoders[index](x)
 
     def embed(self, x: Tensor, modality: int | str = 1) -> Tensor:
         """Projector embeddings ``(N, K)`` of one modality (the space the loss acts on)."""
         index = self._modality_index(modality)
-        return (self.projector1, self.projector2)[index](self.forward(x, index + 1))
+        return self.projectors[index](self.encoders[index](x))
+
+    @property
+    def encoders(self) -> list[nn.Module]:
+        """The encoders, one per modality (``encoder1``, ``encoder2``)."""
+        return [getattr(self, f"encoder{i + 1}") for i in range(len(self.modalities))]
+
+    @property
+    def projectors(self) -> list[nn.Module]:
+        """The projectors, one per modality (``projector1``, ``projector2``)."""
+        return [getattr(self, f"projector{i + 1}") for i in range(len(self.modalities))]
 
     def _modality_index(self, modality: int | str) -> int:
-        if modality in (1, 2):
-            return int(modality) - 1
         if modality in self.modalities:
             return self.modalities.index(modality)
-        raise ValueError(f"modality must be 1, 2 or one of {self.modalities}; got {modality!r}.")
+        if isinstance(modality, int) and 1 <= modality <= len(self.modalities):
+            return modality - 1
+        raise ValueError(
+            f"modality must be one of {list(range(1, len(self.modalities) + 1))} or {self.modalities}; got {modality!r}."
+        )
 
     # ------------------------------------------------------------------ views
     def _resolve_kind(self, index: int) -> str:
@@ -189,23 +212,22 @@ class MultimodalSSLModule(LightningModule):
                 pairs.append(make_view_pair(kind, size, tuple(self.hparams.crop_scale)))
         return pairs
 
-    def make_views(
-        self, batch: dict[str, Tensor], seed: int | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Two views per modality of a batch: ``(x1a, x1b, x2a, x2b)``, made under ``no_grad``.
+    def make_views(self, batch: dict[str, Tensor], seed: int | None = None) -> tuple[Tensor, ...]:
+        """Views of a batch in modality-major order (``x1a, x1b, x2a, x2b``), made under ``no_grad``.
 
-        With ``seed``, the random draws come from that seed and the global RNG is left as it was.
+        :attr:`views_per_modality` views per modality. With ``seed``, the random draws come
+        from that seed and the global RNG is left as it was.
         """
-        return self._views_of(self.get_inputs(batch), seed)
+        return tuple(x for views in self._views_of(self.get_inputs(batch), seed) for x in views)
 
-    def _views_of(self, inputs: Sequence[Tensor], seed: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _views_of(self, inputs: Sequence[Tensor], seed: int | None) -> list[tuple[Tensor, ...]]:
         if self._views is None:
             self._views = self._build_views(inputs)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            (x1a, x1b), (x2a, x2b) = (pair(x) for pair, x in zip(self._views, inputs))
-        return x1a, x1b, x2a, x2b
+            views = [pair(x) for pair, x in zip(self._views, inputs)]
+        return [v[: self.views_per_modality] for v in views]
 
     def _batch_seed(self, stage: str, batch_idx: int) -> int:
         stage_id = {"train": 0, "val": 1, "test": 2}.get(stage, 3)
@@ -213,8 +235,8 @@ class MultimodalSSLModule(LightningModule):
         key = (self.view_seed, stage_id, self.current_epoch if self._trainer is not None else 0, batch_idx, rank)
         return hash(key) % 2**63
 
-    def get_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The two modality tensors of a batch, checked against the encoders' expectations."""
+    def get_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """The modality tensors of a batch, checked against the encoders' expectations."""
         if not isinstance(batch, dict):
             raise TypeError(
                 f"Expected a batch dict with keys {self._keys()}; got {type(batch).__name__}. "
@@ -239,40 +261,43 @@ class MultimodalSSLModule(LightningModule):
                 f"Got a training batch of {inputs[0].shape[0]} sample: the projector's batch norm and "
                 "the loss need batch statistics. Use batch_size >= 2 and drop_last=True."
             )
-        return inputs  # type: ignore[return-value]
+        return inputs
 
     def _keys(self) -> list[str]:
         return [f"image_{name}" for name in self.modalities]
 
     # ------------------------------------------------------------------ steps
-    def compute_loss(self, z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor) -> dict[str, Tensor]:
-        """The method's loss terms from the four embedding batches; must contain ``"loss"``."""
+    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
+        """The method's loss terms from the embedding batches; must contain ``"loss"``.
+
+        ``embeddings`` are in modality-major order: ``z1a, z1b, z2a, z2b`` with two views per
+        modality, ``z1, z2`` with one.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss.")
 
     def shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Tensor | None:
-        """Views, four encoder+projector passes, the method's loss, checks and logging."""
+        """Views, one encoder+projector pass per view, the method's loss, checks and logging."""
         inputs = self.get_inputs(batch)
         if stage != "train" and inputs[0].shape[0] < 2:
             return self._skip_small_eval_batch(stage)
         check = self.hparams.nan_policy != "off"
         # Inputs are checked before the forward pass, so a bad batch never reaches the batch-norm statistics.
-        if check and not self._all_finite(stage, batch_idx, [torch.isfinite(x).all() for x in inputs], 0):
+        if check and not self._all_finite(stage, batch_idx, [torch.isfinite(x).all() for x in inputs], "input"):
             return None
-        x1a, x1b, x2a, x2b = self._views_of(inputs, self._batch_seed(stage, batch_idx))
-        z1a, z1b = self._embed_view(x1a, 1), self._embed_view(x1b, 1)
-        z2a, z2b = self._embed_view(x2a, 2), self._embed_view(x2b, 2)
-        terms = self.compute_loss(z1a, z1b, z2a, z2b)
-        flags = [torch.isfinite(a.detach()).all() & torch.isfinite(b.detach()).all() for a, b in ((z1a, z1b), (z2a, z2b))]
-        flags.append(torch.isfinite(terms["loss"].detach()))
-        if check and not self._all_finite(stage, batch_idx, flags, 2):
-            return None
-        batch_size = x1a.shape[0]
+        views = self._views_of(inputs, self._batch_seed(stage, batch_idx))
+        embeddings = [[self._embed_view(x, index + 1) for x in modality_views] for index, modality_views in enumerate(views)]
+        terms = self.compute_loss(*(z for zs in embeddings for z in zs))
+        if check:
+            flags = [torch.stack([torch.isfinite(z.detach()).all() for z in zs]).all() for zs in embeddings]
+            if not self._all_finite(stage, batch_idx, [*flags, torch.isfinite(terms["loss"].detach())], "output"):
+                return None
+        batch_size = inputs[0].shape[0]
         on_step = stage == "train"
         self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=True)
         for name, value in terms.items():
             if name != "loss":
                 self.log(f"{stage}/{name}", value, batch_size=batch_size, on_step=on_step, on_epoch=True)
-        stds = [embedding_std(z) for z in (z1a, z2a)]
+        stds = [embedding_std(zs[0]) for zs in embeddings]
         for name, std in zip(self.modalities, stds):
             self.log(f"{stage}/embedding_std_{name}", std, batch_size=batch_size, on_step=on_step, on_epoch=True)
         if stage == "train":
@@ -290,11 +315,11 @@ class MultimodalSSLModule(LightningModule):
                 "crop_size (or the image size of the datamodule)."
             ) from err
 
-    def _all_finite(self, stage: str, batch_idx: int, flags: list[Tensor], offset: int) -> bool:
+    def _all_finite(self, stage: str, batch_idx: int, flags: list[Tensor], kind: Literal["input", "output"]) -> bool:
         """One host synchronisation: raise or skip unless every flag holds.
 
-        ``flags`` are scalar booleans for, from ``offset`` on: input 1, input 2, embeddings 1,
-        embeddings 2, loss.
+        ``flags`` hold one scalar boolean per modality (its input for ``kind="input"``, its
+        embeddings for ``"output"``, followed there by the loss's).
         """
         ok = torch.stack(flags)
         if stage == "train" and self.hparams.nan_policy == "skip" and self._trainer is not None:
@@ -303,14 +328,11 @@ class MultimodalSSLModule(LightningModule):
         ok_list = ok.tolist()
         if all(ok_list):
             return True
-        m1, m2 = self.modalities
-        where = [
-            f"the input image_{m1}",
-            f"the input image_{m2}",
-            f"the embeddings of '{m1}'",
-            f"the embeddings of '{m2}'",
-            "the loss",
-        ][offset + ok_list.index(False)]
+        if kind == "input":
+            names = [f"the input image_{m}" for m in self.modalities]
+        else:
+            names = [f"the embeddings of '{m}'" for m in self.modalities] + ["the loss"]
+        where = names[ok_list.index(False)]
         if stage == "train" and self.hparams.nan_policy == "skip":
             self.skipped_batches += 1
             if self._trainer is not None:
@@ -359,7 +381,7 @@ class MultimodalSSLModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["decur_lightning"] = {
             "method": type(self).__name__,
-            "encoders": [self.hparams.encoder1, self.hparams.encoder2],
+            "encoders": self._encoder_names(),
             "in_channels": list(self.in_channels),
             "embedding_dim": self.embedding_dim,
             "view_seed": self.view_seed,
@@ -372,7 +394,7 @@ class MultimodalSSLModule(LightningModule):
             return
         mine = {
             "method": type(self).__name__,
-            "encoders": [self.hparams.encoder1, self.hparams.encoder2],
+            "encoders": self._encoder_names(),
             "in_channels": list(self.in_channels),
             "embedding_dim": self.embedding_dim,
         }
@@ -386,11 +408,14 @@ class MultimodalSSLModule(LightningModule):
         self.view_seed = int(meta.get("view_seed", self.view_seed))
         self.skipped_batches = int(meta.get("skipped_batches", 0))
 
+    def _encoder_names(self) -> list[str]:
+        return [self.hparams[f"encoder{i + 1}"] for i in range(len(self.modalities))]
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = build_optimizer(
-            [self.encoder1, self.encoder2, self.projector1, self.projector2],
+            [self],  # encoders, projectors and any loss parameter (e.g. CLIP's temperature)
             name=hp.optimizer,
             lr=hp.lr,
             lr_bias=hp.lr_bias,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ..losses import DEFAULT_LAMBDA, DeCURLoss, Method
+from ..losses import DEFAULT_LAMBDA, DeCURLoss, Method, Weighting
 from .base import MultimodalSSLModule, NanPolicy
 from .optim import OptimizerName
 
@@ -50,6 +50,12 @@ class DeCURModule(MultimodalSSLModule):
         common_dims: ``K_c`` directly.
         lambd: weight of every off-diagonal term (0.0051).
         loss_method: ``"auto"``, ``"dense"`` or ``"cheap"`` (see :mod:`decur_lightning.losses`).
+        intra: keep the intra-modal terms ``L_M1 + L_M2`` (Table 5 ablation "w/o intra": False;
+            then one view per modality is made).
+        decouple: split common and unique dimensions (Table 5 ablation "w/o decoup.": False,
+            all ``K`` dimensions common, no unique term).
+        loss_weighting: ``"paper"`` (eq. 6) or ``"authors"``: the released code's
+            ``(L_M1 + L_M2 + (L_com + L_uni) / 2) / 3``, to compare with published checkpoints.
         **others: see :class:`~decur_lightning.ssl.base.MultimodalSSLModule`.
 
     Example:
@@ -75,6 +81,9 @@ class DeCURModule(MultimodalSSLModule):
         common_dims: int | None = None,
         lambd: float = DEFAULT_LAMBDA,
         loss_method: Method = "auto",
+        intra: bool = True,
+        decouple: bool = True,
+        loss_weighting: Weighting = "paper",
         augmentation1: str | nn.Module = "auto",
         augmentation2: str | nn.Module = "auto",
         crop_size: int | None = None,
@@ -88,7 +97,8 @@ class DeCURModule(MultimodalSSLModule):
         nan_policy: NanPolicy = "raise",
         collapse_threshold: float = 0.1,
     ) -> None:
-        self.common_dims = resolve_common_dims(int(projector_dims[-1]), common_ratio, common_dims)
+        embedding_dim = int(projector_dims[-1])
+        self.common_dims = resolve_common_dims(embedding_dim, common_ratio, common_dims) if decouple else embedding_dim
         super().__init__(
             encoder1=encoder1,
             encoder2=encoder2,
@@ -112,10 +122,19 @@ class DeCURModule(MultimodalSSLModule):
             nan_policy=nan_policy,
             collapse_threshold=collapse_threshold,
         )
-        self.criterion = DeCURLoss(self.common_dims, lambd, method=loss_method)
+        # Without intra-modal terms one view per modality is all the loss uses.
+        self.views_per_modality = 2 if intra else 1
+        self.criterion = DeCURLoss(self.common_dims, lambd, method=loss_method, intra=intra, weighting=loss_weighting)
 
-    def compute_loss(self, z1a: Tensor, z1b: Tensor, z2a: Tensor, z2b: Tensor) -> dict[str, Tensor]:
-        """Eq. 6 and its terms, plus the mean cross-modal correlation of each block."""
+    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
+        """Eq. 6 and its terms, plus the mean cross-modal correlation of each block.
+
+        ``embeddings`` are ``(z1a, z1b, z2a, z2b)``, or ``(z1a, z2a)`` with ``intra=False``.
+        """
+        if self.criterion.intra:
+            z1a, z1b, z2a, z2b = embeddings
+        else:
+            (z1a, z2a), z1b, z2b = embeddings, None, None
         terms = self.criterion(z1a, z1b, z2a, z2b)
         diag = terms.cross_diagonal.detach()
         out = {
