@@ -189,6 +189,10 @@ def load_encoder_state_dict(
       * an RDA backbone file: ``backbone.*`` plus ``da1_l3/l4.*`` and/or ``da2_l3/l4.*``,
         mapped to the trunk and ``da_l3.*`` / ``da_l4.*``.
 
+    Files are read with ``torch.load(weights_only=True)``; a checkpoint holding other Python
+    objects (a Lightning checkpoint's hyper-parameters may) is then unpickled in full: load only
+    files you trust.
+
     A classifier (``fc.*``) in a ResNet file (torchvision's 1000-class layer, or torchgeo's) is
     not part of an encoder and is left out, with a warning.
 

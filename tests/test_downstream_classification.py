@@ -57,7 +57,8 @@ class EasyDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=self._collate)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self._collate)
@@ -175,3 +176,14 @@ def test_pretrained_weights_from_a_decur_checkpoint(tmp_path):
             torch.testing.assert_close(encoder.state_dict()[key], value, rtol=0, atol=0)
     single = make_module(modality1="sar", modality2=None, weights1=str(path), weights_modality1=1)
     torch.testing.assert_close(single.encoder1.conv1.weight, pretrained.encoder1.conv1.weight)
+
+
+def test_second_modality_weights_without_a_second_modality_are_refused():
+    with pytest.raises(ValueError, match="modality2=None"):
+        make_module(modality2=None, weights2="encoder.pt")
+
+
+def test_mit_encoders_keep_their_pooled_head_trainable():
+    model = make_module(encoder1="mit_b0", in_channels1=2, modality2=None, mode="finetune")
+    assert model.encoder1.head.weight.requires_grad
+    assert model([torch.rand(2, 2, 32, 32)]).shape == (2, NUM_LABELS)

@@ -229,9 +229,10 @@ def test_cmx_branches_start_from_pretrained_mit(tmp_path):
     rgb, hha = create_encoder("mit_b0", 3), create_encoder("mit_b0", 3)
     model = {f"module.backbone_{i}.{k}": v for i, enc in ((1, rgb), (2, hha)) for k, v in enc.state_dict().items()}
     torch.save({"epoch": 199, "model": model, "optimizer": {}}, tmp_path / "checkpoint.pth")
-    cmx = MultimodalSegmentationModule("mit_b0", "mit_b0", 3, 3, "rgb", "hha", weights1=str(tmp_path / "checkpoint.pth"),
-                                       weights2=str(tmp_path / "checkpoint.pth"), weights_modality1=1,
-                                       weights_modality2=2, num_classes=5, head="cmx", decoder_channels=64)
+    source = str(tmp_path / "checkpoint.pth")
+    cmx = MultimodalSegmentationModule("mit_b0", "mit_b0", 3, 3, "rgb", "hha", weights1=source, weights2=source,
+                                       weights_modality1=1, weights_modality2=2, num_classes=5, head="cmx",
+                                       decoder_channels=64)
     torch.testing.assert_close(cmx.encoder1.block2[0].attn.q.weight, rgb.block2[0].attn.q.weight)
     torch.testing.assert_close(cmx.encoder2.block2[0].attn.q.weight, hha.block2[0].attn.q.weight)
 

@@ -13,7 +13,6 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from ..models.encoders import create_encoder
-from ..models.mit import MiTEncoder
 from ..weights import ModalitySelector, load_pretrained_encoder
 
 __all__ = ["MultimodalDownstreamModule", "total_training_steps"]
@@ -47,6 +46,11 @@ class MultimodalDownstreamModule(LightningModule):
                 f"modality1 and modality2 must differ (they name batch keys image_<name>); got {hp.modality1!r} "
                 "twice. For a single-modal run set modality2=None."
             )
+        if hp.modality2 is None and (hp.weights2 is not None or hp.weights_modality2 is not None):
+            raise ValueError(
+                "weights2 / weights_modality2 are set, but modality2=None (single-modal run): remove them, "
+                "or set modality2 to use a second encoder."
+            )
         self.modalities: list[str] = [hp.modality1] + ([hp.modality2] if hp.modality2 is not None else [])
         self.in_channels: list[int] = [hp.in_channels1, hp.in_channels2][: len(self.modalities)]
         self.freeze_encoders = freeze_encoders
@@ -66,10 +70,6 @@ class MultimodalDownstreamModule(LightningModule):
             if selector is None:
                 selector = hp[f"modality{index}"]
             load_pretrained_encoder(encoder, weights, selector)
-        if isinstance(encoder, MiTEncoder):
-            # The 2048-wide pretraining head serves the pooled forward only; segmentation uses
-            # the stage maps, so the head takes no gradient (and DDP sees no unused parameter).
-            encoder.head.requires_grad_(False)
         return encoder
 
     @property

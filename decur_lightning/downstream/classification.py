@@ -40,6 +40,9 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
       (their weights and batch-norm statistics never change); only the linear layer trains.
     - ``mode="finetune"``: everything trains.
 
+    (With frozen encoders Lightning warns that modules are in eval mode at the start of
+    training: that is intended.)
+
     Loss ``MultiLabelSoftMarginLoss`` (multi-label, BigEarthNet's 19 classes) or cross-entropy
     (``task="multiclass"``, labels ``(N,)``). Optimiser as the paper: SGD, momentum 0.9, weight
     decay 0, lr 0.5 (linear) / 0.05 (fine-tune), divided by 10 at 60 % and 80 % of training

@@ -179,7 +179,9 @@ class SegFormerHead(nn.Module):
         dropout: dropout before the classifier (SegFormer, CMX: 0.1).
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 512, dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 512, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         if len(in_channels) != 4:
             raise ValueError(f"SegFormerHead takes the four MiT stage maps; got channels {list(in_channels)}.")
@@ -236,7 +238,9 @@ class CMXFusion(nn.Module):
         self.decode_head = SegFormerHead(channels, num_classes, embed_dim)
 
     @classmethod
-    def for_branches(cls, branch1: MiTEncoder, branch2: MiTEncoder, num_classes: int, embed_dim: int = 512) -> CMXFusion:
+    def for_branches(
+        cls, branch1: MiTEncoder, branch2: MiTEncoder, num_classes: int, embed_dim: int = 512
+    ) -> CMXFusion:
         """Build the fusion modules for two MiT branches of the same variant."""
         for branch in (branch1, branch2):
             if not isinstance(branch, MiTEncoder):

@@ -32,6 +32,7 @@ class FCNHead(nn.Module):
         num_classes: output classes.
 
     Example:
+        >>> import torch
         >>> head = FCNHead([256, 512, 1024], num_classes=10)
         >>> levels = [torch.randn(2, 256, 8, 8), torch.randn(2, 512, 4, 4), torch.randn(2, 1024, 2, 2)]
         >>> head(levels, size=(64, 64)).shape

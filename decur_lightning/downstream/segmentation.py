@@ -13,6 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from ..models.encoders import encoder_feature_channels, encoder_feature_maps, encoder_feature_strides
+from ..models.mit import MiTEncoder
 from ..ssl.optim import build_optimizer
 from .base import MultimodalDownstreamModule, total_training_steps
 from .cmx import CMXFusion
@@ -45,7 +46,8 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
       from a DeCUR-pretrained MiT of its modality.
 
     ``mode="frozen"``: the encoders are frozen and kept in eval mode during training (weights
-    and batch-norm statistics fixed), only the head trains; ``mode="finetune"``: everything.
+    and batch-norm statistics fixed; Lightning's warning about modules in eval mode at the start
+    of training is expected), only the head trains; ``mode="finetune"``: everything.
 
     Any input size: images are zero-padded on the bottom and right to a multiple of
     ``size_divisor`` (32, the encoders' output stride), and the logits are cropped back, so the
@@ -130,6 +132,11 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             raise ValueError(f"Need num_classes >= 2 and size_divisor >= 1; got {num_classes}, {size_divisor}.")
         self.save_hyperparameters()
         self.configure_encoders(freeze_encoders=mode == "frozen")
+        for encoder in self.encoders:
+            if isinstance(encoder, MiTEncoder):
+                # The 2048-wide pretraining head serves the pooled forward only; segmentation uses
+                # the stage maps, so the head takes no gradient (and DDP finds no unused parameter).
+                encoder.head.requires_grad_(False)
         if head == "fcn":
             self.head: nn.Module = FCNHead(self._fcn_level_channels(), num_classes)
         else:
