@@ -1,0 +1,61 @@
+"""Decoupling probes on known answers, and the benchmark script end to end at tiny size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from decur_lightning.analysis.decoupling import probe_factors, ridge_r2, select_alpha
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ridge_r2_known_answers():
+    x = torch.randn(400, 6)
+    y = torch.stack([2 * x[:, 0] - x[:, 3], torch.randn(400)], 1)
+    r2 = ridge_r2(x[:300], y[:300], x[300:], y[300:], alpha=1e-4)
+    assert r2[0] > 0.99  # a linear function of the features
+    assert r2[1] < 0.05  # noise independent of the features
+    dead = torch.cat([x, torch.zeros(400, 1)], 1)  # a dead unit must not break the probe
+    assert ridge_r2(dead[:300], y[:300], dead[300:], y[300:], 1e-4)[0] > 0.99
+
+
+def test_alpha_selection_prefers_strong_penalty_for_noise():
+    x = torch.randn(200, 50)
+    assert select_alpha(x, torch.randn(200, 1)) >= 1.0
+    assert select_alpha(x, x[:, :1] * 3) <= 1e-1
+
+
+def test_probe_factors_separates_shared_own_and_other_private():
+    n = 600
+    shared, p1, p2 = torch.randn(n, 3), torch.randn(n, 2), torch.randn(n, 2)
+    data = {
+        "features_a": torch.cat([shared.abs(), p1.abs(), torch.randn(n, 5)], 1),
+        "features_b": torch.cat([shared.abs(), torch.randn(n, 5)], 1),  # b lost its private factors
+        "shared": shared, "private_a": p1, "private_b": p2,
+    }
+    train = {k: v[:400] for k, v in data.items()}
+    test = {k: v[400:] for k, v in data.items()}
+    result = probe_factors(train, test)
+    assert result["a"]["shared"] > 0.95 and result["a"]["private_own"] > 0.95
+    assert result["a"]["private_other"] < 0.05
+    assert result["b"]["shared"] > 0.95 and result["b"]["private_own"] < 0.05
+
+
+def test_benchmark_script_runs_end_to_end(tmp_path):
+    out = tmp_path / "decoupling.md"
+    cmd = [sys.executable, str(ROOT / "examples" / "decoupling_benchmark.py"), "--methods", "random", "decur",
+           "--seeds", "0", "--epochs", "1", "--num-train", "64", "--num-probe", "64", "--dim", "32",
+           "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = out.read_text()
+    assert "| Random init (no pretraining) |" in table and "| DeCUR |" in table
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"random", "decur"}
+    assert set(runs[0]["probe"]) == {"sar", "optical"}
+    assert out.with_name("decoupling_alignment.png").read_bytes()[:4] == b"\x89PNG"
