@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import decur_lightning.callbacks  # noqa: F401  (callbacks usable by class name)
 import decur_lightning.datamodules  # noqa: F401  (datamodules usable by class name)
+import decur_lightning.downstream  # noqa: F401  (downstream modules usable by class name)
 import decur_lightning.ssl  # noqa: F401  (modules usable by class name)
 
 __all__ = ["main"]

@@ -69,9 +69,12 @@ def export_encoders(checkpoint_path: str | Path, out_dir: str | Path) -> dict[st
 
     Files: ``<out_dir>/encoder_<modality>.pt`` (a plain ``state_dict``) and
     ``<out_dir>/encoders.json`` describing each (encoder name, ``in_channels``, modality).
+    Plain timm encoders load into ``timm.create_model(name, in_chans=C, num_classes=0)``
+    strictly; encoders of this package (``*_rda``, ``mit_b*``) into
+    ``decur_lightning.models.create_encoder(name, C)``.
 
     Args:
-        checkpoint_path: a ``.ckpt`` written by ``Trainer.fit`` on a DeCURModule.
+        checkpoint_path: a ``.ckpt`` written by ``Trainer.fit`` on a DeCURModule (or a baseline).
         out_dir: folder to write into (created).
 
     Returns:
@@ -88,7 +91,9 @@ def export_encoders(checkpoint_path: str | Path, out_dir: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     manifest = {}
-    for index in (1, 2):
+    # Single-modal methods have one encoder.
+    indices = [i for i in (1, 2) if i == 1 or any(k.startswith("encoder2.") for k in checkpoint["state_dict"])]
+    for index in indices:
         modality = hparams.get(f"modality{index}", str(index))
         path = out / f"encoder_{modality}.pt"
         torch.save(encoder_state_dict_from_checkpoint(checkpoint, index), path)

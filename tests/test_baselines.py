@@ -211,3 +211,20 @@ def test_compare_config_differs_only_by_the_method_line():
     assert "class_path: decur_lightning.DeCURModule" in text
     for method in METHODS[1:]:
         assert method.rsplit(".", 1)[1] in text  # listed as the alternatives of that one line
+
+
+def test_single_modal_checkpoint_exports_its_one_encoder(tmp_path):
+    import lightning as L
+    import timm
+
+    from decur_lightning.datamodules import SyntheticMultimodalDataModule
+    from decur_lightning.weights import export_encoders
+
+    model = SingleModalBarlowTwinsModule(**SHARED)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "bt.ckpt")
+    paths = export_encoders(tmp_path / "bt.ckpt", tmp_path / "out")
+    assert list(paths) == ["sar"]
+    timm.create_model("resnet18", in_chans=2, num_classes=0).load_state_dict(torch.load(paths["sar"]))
