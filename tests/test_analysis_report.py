@@ -1,0 +1,108 @@
+"""analyze(): every analysis on a checkpoint, statistics.json, figures; its command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+
+from decur_lightning.analysis import analyze, load_ssl_module
+from decur_lightning.analysis.cli import main
+from decur_lightning.datamodules import SyntheticMultimodalDataModule
+
+from helpers import tiny_decur
+from test_analysis_alignment import assert_png
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = {"alignment_histogram", "embedding_tsne", "saliency_overlap", "band_importance", "saliency_examples"}
+
+
+def small_data() -> SyntheticMultimodalDataModule:
+    return SyntheticMultimodalDataModule(num_train=16, num_val=16, num_test=8, batch_size=8)
+
+
+def fit_checkpoint(path: Path, **overrides) -> Path:
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=path.parent)
+    trainer.fit(tiny_decur(**overrides), small_data())
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    return fit_checkpoint(folder / "decur.ckpt"), fit_checkpoint(folder / "all_common.ckpt", common_ratio=1.0)
+
+
+def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
+    decur, all_common = checkpoints
+    stats = analyze(decur, small_data(), tmp_path / "out", max_samples=16, saliency_samples=4, ig_steps=4,
+                    layers=("layer3", "layer3"), comparison_checkpoint=all_common, comparison_label="all common",
+                    tsne_threads=1, band_names={"optical": ["B2", "B3", "B4", "B8"]})
+    assert set(stats["figures"]) == FIGURES
+    for path in stats["figures"].values():
+        assert_png(Path(path))
+    saved = json.loads((tmp_path / "out" / "statistics.json").read_text())
+    assert saved == {k: v for k, v in stats.items() if k != "figures"}
+    assert saved["modalities"] == ["sar", "optical"] and saved["common_dims"] == 48
+    assert saved["num_samples"] == 16
+    assert saved["alignment"]["common"]["count"] == 48 and saved["alignment"]["unique"]["count"] == 16
+    assert set(saved["comparison"]["alignment"]) == {"all", "common", "unique"}
+    saliency = saved["saliency"]
+    assert saliency["num_samples"] == 4
+    assert 0.0 <= saliency["overlap"]["common"]["mean"] <= 1.0 + 1e-6
+    optical = saliency["band_importance"]["optical"]
+    assert optical["bands"] == ["B2", "B3", "B4", "B8"]
+    assert sum(optical["unique"]["mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert saliency["band_importance"]["sar"]["bands"] == ["b1", "b2"]
+    arrays = np.load(tmp_path / "out" / "analysis.npz")
+    assert arrays["alignment"].shape == (64,) and arrays["tsne_coordinates"].shape == (128, 2)
+    assert arrays["band_importance_sar_common"].shape == (4, 2) and arrays["overlap_unique"].shape == (4,)
+
+
+def test_analyze_without_tsne_and_saliency(checkpoints, tmp_path):
+    stats = analyze(checkpoints[0], small_data(), tmp_path, split="test", max_samples=8, saliency_samples=0, tsne=False)
+    assert set(stats["figures"]) == {"alignment_histogram"} and "saliency" not in stats
+    assert stats["num_samples"] == 8 and stats["split"] == "test"
+
+
+def test_load_errors_are_actionable(checkpoints, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt"):
+        load_ssl_module(tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match="decur_lightning.ssl"):
+        load_ssl_module(checkpoints[0], "NoSuchModule")
+    assert load_ssl_module(checkpoints[0], "decur_lightning.ssl.DeCURModule").common_dims == 48
+    with pytest.raises(ValueError, match="split"):
+        analyze(checkpoints[0], small_data(), tmp_path, split="train")
+
+
+def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
+    """The YAML of the `decur fit` run is accepted: its data section is used, the rest ignored."""
+    main([
+        "--config", str(ROOT / "examples" / "configs" / "quickstart.yaml"),
+        "--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "cli"),
+        "--data.init_args.num_train=16", "--data.init_args.num_val=16", "--data.init_args.batch_size=8",
+        "--max_samples=16", "--saliency_samples=2", "--ig_steps=2", "--tsne=false", "--layer1=layer3", "--layer2=layer3",
+    ])
+    assert "statistics.json" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "cli" / "statistics.json").read_text())
+    assert saved["num_samples"] == 16 and saved["saliency"]["num_samples"] == 2
+    assert (tmp_path / "cli" / "band_importance.png").is_file()
+
+
+def test_command_line_with_a_data_only_config(checkpoints, tmp_path):
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        "data:\n  class_path: SyntheticMultimodalDataModule\n  init_args:\n"
+        "    num_train: 8\n    num_val: 8\n    batch_size: 4\n"
+        "saliency_samples: 0\ntsne: false\n"
+    )
+    stats = main(["--config", str(config), "--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "o")])
+    assert stats["num_samples"] == 8 and set(stats["figures"]) == {"alignment_histogram"}
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "o")])  # no data given
