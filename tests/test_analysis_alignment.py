@@ -24,6 +24,16 @@ from helpers import tiny_batch, tiny_decur
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op torch thread during a test (restored after): on a shared, busy CPU, spinning
+    OpenMP threads made these tests up to 25 times slower than one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def assert_png(path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC
     image = matplotlib.image.imread(path)
@@ -54,6 +64,7 @@ def test_summarize_values():
     assert stats == pytest.approx({"count": 5, "mean": 3.0, "std": 2**0.5, "min": 1.0, "q25": 2.0,
                                    "median": 3.0, "q75": 4.0, "max": 5.0})
     assert summarize(torch.tensor([])) == {"count": 0}
+    assert summarize(torch.tensor([1.0, float("nan"), 3.0]))["mean"] == 2.0  # NaNs are left out
 
 
 def test_alignment_for_model_equals_eq7_on_collected_embeddings():

@@ -14,7 +14,7 @@ from decur_lightning.analysis.cli import main
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
 from helpers import tiny_decur
-from test_analysis_alignment import assert_png
+from test_analysis_alignment import assert_png, one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"alignment_histogram", "embedding_tsne", "saliency_overlap", "band_importance", "saliency_examples"}
@@ -55,7 +55,11 @@ def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
     assert set(saved["comparison"]["alignment"]) == {"all", "common", "unique"}
     saliency = saved["saliency"]
     assert saliency["num_samples"] == 4
-    assert 0.0 <= saliency["overlap"]["common"]["mean"] <= 1.0 + 1e-6
+    for name in ("common", "unique"):
+        overlap = saliency["overlap"][name]
+        assert overlap["count"] + overlap["undefined"] == 4
+        if overlap["count"]:
+            assert 0.0 <= overlap["min"] <= overlap["max"] <= 1.0 + 1e-6
     optical = saliency["band_importance"]["optical"]
     assert optical["bands"] == ["B2", "B3", "B4", "B8"]
     assert sum(optical["unique"]["mean"]) == pytest.approx(1.0, abs=1e-5)

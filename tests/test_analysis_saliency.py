@@ -24,7 +24,7 @@ from decur_lightning.analysis import (
 )
 
 from helpers import tiny_batch, tiny_decur
-from test_analysis_alignment import assert_png
+from test_analysis_alignment import assert_png, one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,9 @@ def test_overlap_score_identical_scaled_and_disjoint():
     torch.testing.assert_close(saliency_overlap(left, right), torch.zeros(4))
     half = saliency_overlap(left, torch.ones(4, 16, 16))
     torch.testing.assert_close(half, torch.full((4,), 0.5**0.5))
-    assert saliency_overlap(torch.zeros(2, 8, 8), torch.rand(2, 8, 8)).eq(0).all()
+    # undefined where a map is zero everywhere (nothing for GradCAM's ReLU to keep)
+    assert saliency_overlap(torch.zeros(2, 8, 8), torch.rand(2, 8, 8)).isnan().all()
+    assert saliency_overlap(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)).isnan().all()
     # maps of different sizes are compared at the first map's size
     torch.testing.assert_close(saliency_overlap(torch.ones(2, 8, 8), torch.ones(2, 4, 4)), torch.ones(2))
 
@@ -163,7 +165,8 @@ def test_saliency_analysis_and_figures(model, tmp_path):
     assert result.num_samples == 5
     for name in ("common", "unique"):
         overlap = result.overlap[name]
-        assert overlap.shape == (5,) and ((overlap >= 0) & (overlap <= 1 + 1e-6)).all()
+        defined = overlap[~overlap.isnan()]
+        assert overlap.shape == (5,) and ((defined >= 0) & (defined <= 1 + 1e-6)).all()
         assert result.band_importance["sar"][name].shape == (5, 2)
         assert result.band_importance["optical"][name].shape == (5, 4)
         torch.testing.assert_close(result.band_importance["optical"][name].sum(1), torch.ones(5))
@@ -171,6 +174,9 @@ def test_saliency_analysis_and_figures(model, tmp_path):
     assert result.examples["images"]["sar"].shape == (2, 2, 64, 64)
     assert result.examples["maps"]["optical"]["unique"].shape == (2, 64, 64)
     assert_png(save_figure(overlap_histogram_figure(result.overlap), tmp_path / "overlap.png"))
+    partly_undefined = {"common": torch.tensor([0.2, float("nan")]), "unique": torch.tensor([float("nan")] * 2)}
+    legend = overlap_histogram_figure(partly_undefined).axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in legend] == ["common (mean 0.20), 1 undefined", "unique, 2 undefined"]
     bands = band_importance_figure(result.band_importance, {"optical": ["B2", "B3", "B4", "B8"]})
     assert [t.get_text() for t in bands.axes[1].get_xticklabels()] == ["B2", "B3", "B4", "B8"]
     assert_png(save_figure(bands, tmp_path / "bands.png"))

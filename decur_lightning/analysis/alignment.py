@@ -101,8 +101,10 @@ def alignment_for_model(model: nn.Module, batches: Iterable[dict[str, Tensor]], 
 
 
 def summarize(values: Tensor) -> dict[str, float | int]:
-    """Count, mean, std, min, quartiles and max of a 1-d tensor (JSON-ready floats)."""
+    """Count, mean, std, min, quartiles and max of the finite values of a tensor (JSON-ready
+    floats; NaNs, e.g. undefined overlap scores, are left out of all of them)."""
     values = values.detach().double().flatten().cpu()
+    values = values[torch.isfinite(values)]
     if values.numel() == 0:
         return {"count": 0}
     quantiles = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype)).tolist()

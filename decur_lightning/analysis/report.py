@@ -254,7 +254,10 @@ def _saliency_statistics(saliency: Any, band_names: Mapping[str, Sequence[str]] 
             }
     return {
         "num_samples": saliency.num_samples,
-        "overlap": {name: summarize(values) for name, values in saliency.overlap.items()},
+        "overlap": {
+            name: {**summarize(values), "undefined": int(values.isnan().sum())}
+            for name, values in saliency.overlap.items()
+        },
         "band_importance": bands,
         "integrated_gradients": {
             "steps": ig_steps,

@@ -256,8 +256,10 @@ def saliency_overlap(map1: Tensor, map2: Tensor) -> Tensor:
     ``norm(att1) x norm(att2)``: each map is flattened and scaled to unit L2 norm, and the
     score is their inner product, i.e. the cosine similarity of the two maps. For non-negative
     (GradCAM) maps it lies in [0, 1]: 1 when the maps are equal up to scale, 0 when they have
-    disjoint support. A map that is zero everywhere scores 0. Maps of different sizes are
-    compared at the size of ``map1`` (bilinear resampling of ``map2``).
+    disjoint support. It is undefined (NaN) when a map is zero everywhere, which GradCAM's ReLU
+    gives when an output has no positive evidence in the image; statistics skip those samples
+    and count them. Maps of different sizes are compared at the size of ``map1`` (bilinear
+    resampling of ``map2``).
 
     Args:
         map1, map2: ``(N, H, W)`` maps of the same samples.
@@ -270,9 +272,10 @@ def saliency_overlap(map1: Tensor, map2: Tensor) -> Tensor:
     map1, map2 = map1.float(), map2.float().to(map1.device)
     if map1.shape[-2:] != map2.shape[-2:]:
         map2 = F.interpolate(map2[:, None], size=map1.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    a = F.normalize(map1.flatten(1), dim=1)
-    b = F.normalize(map2.flatten(1), dim=1)
-    return (a * b).sum(1)
+    flat1, flat2 = map1.flatten(1), map2.flatten(1)
+    norm1, norm2 = flat1.norm(dim=1), flat2.norm(dim=1)
+    score = (flat1 * flat2).sum(1) / (norm1 * norm2)
+    return score.masked_fill((norm1 == 0) | (norm2 == 0), float("nan"))
 
 
 def integrated_gradients(
@@ -327,7 +330,8 @@ class SaliencyResult:
 
     Attributes:
         modalities: the two modality names.
-        overlap: ``{"common": (N,), "unique": (N,)}`` GradCAM overlap scores between modalities.
+        overlap: ``{"common": (N,), "unique": (N,)}`` GradCAM overlap scores between modalities
+            (NaN where a map is zero everywhere, see :func:`saliency_overlap`).
         band_importance: ``{modality: {"common": (N, C), "unique": (N, C)}}`` normalised IG band
             importances.
         relative_delta: ``{modality: {"common": (N,), "unique": (N,)}}`` IG convergence delta
@@ -430,13 +434,21 @@ def _relative_delta(head: nn.Module, x: Tensor, target: int, delta: Tensor) -> T
 
 
 def overlap_histogram_figure(overlap: Mapping[str, Tensor], bins: int = 20, title: str | None = None) -> Figure:
-    """Histogram of the per-sample GradCAM overlap scores, common vs unique (Fig. 6a)."""
+    """Histogram of the per-sample GradCAM overlap scores, common vs unique (Fig. 6a).
+
+    Undefined scores (NaN, a map zero everywhere) are left out and counted in the legend.
+    """
     fig, ax = new_figure()
     edges = np.linspace(0.0, 1.0, bins + 1)
     for name in OUTPUT_NAMES:
-        if name in overlap:
-            values = overlap[name].detach().float().cpu().numpy()
-            ax.hist(values, bins=edges, color=COLORS[name], alpha=0.6, label=f"{name} (mean {values.mean():.2f})")
+        if name not in overlap:
+            continue
+        values = overlap[name].detach().float().cpu().numpy()
+        finite = values[np.isfinite(values)]
+        label = f"{name} (mean {finite.mean():.2f})" if finite.size else f"{name}"
+        if finite.size < values.size:
+            label += f", {values.size - finite.size} undefined"
+        ax.hist(finite, bins=edges, color=COLORS[name], alpha=0.6, label=label)
     ax.set_xlabel("overlap score of the two modalities' GradCAM maps")
     ax.set_ylabel("number of samples")
     ax.set_title(title or "Spatial saliency statistics")
@@ -509,7 +521,8 @@ def saliency_examples_figure(result: SaliencyResult, max_examples: int = 4) -> F
                 ax.imshow(picture, cmap="gray")
                 ax.imshow(maps[modality][name][row].numpy(), cmap="jet", alpha=0.5)
                 score = float(result.overlap[name][row])
-                ax.set_title(f"{modality} {name}\noverlap {score:.2f}", fontsize=8)
+                text = "undefined" if np.isnan(score) else f"{score:.2f}"
+                ax.set_title(f"{modality} {name}\noverlap {text}", fontsize=8)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
