@@ -181,5 +181,10 @@ def test_saliency_analysis_and_figures(model, tmp_path):
     assert [t.get_text() for t in bands.axes[1].get_xticklabels()] == ["B2", "B3", "B4", "B8"]
     assert_png(save_figure(bands, tmp_path / "bands.png"))
     assert_png(save_figure(saliency_examples_figure(result), tmp_path / "examples.png"))
+    without_examples = saliency_analysis(model, batches[:1], max_samples=2, ig_steps=2, num_examples=0,
+                                         layers=("layer3", "layer3"))
+    assert without_examples.examples == {} and without_examples.num_samples == 2
+    with pytest.raises(ValueError, match="num_examples"):
+        saliency_examples_figure(without_examples)
     with pytest.raises(ValueError, match="band_names"):
         band_importance_figure(result.band_importance, {"sar": ["VV"]})

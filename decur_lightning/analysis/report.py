@@ -67,6 +67,8 @@ def load_ssl_module(
 ) -> LightningModule:
     """Load a multimodal SSL checkpoint written by ``Trainer.fit`` / ``decur fit``, in eval mode.
 
+    The file is unpickled (its hyper-parameters are Python objects): load only checkpoints you trust.
+
     Args:
         checkpoint_path: the ``.ckpt`` file.
         module_class: the LightningModule class that wrote it: a class, its name in
@@ -79,7 +81,8 @@ def load_ssl_module(
         raise FileNotFoundError(f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit (e.g. .../checkpoints/last.ckpt).")
     cls = _resolve_class(module_class)
     try:
-        model = cls.load_from_checkpoint(path, map_location="cpu")
+        # Lightning checkpoints hold pickled hyper-parameters: load only files you trust.
+        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
     except (KeyError, TypeError, RuntimeError) as err:
         raise ValueError(
             f"Could not load {path} as a {cls.__name__}: {err}. If another module class wrote it (e.g. a "
@@ -149,7 +152,8 @@ def analyze(
         saliency_samples: samples for GradCAM and Integrated Gradients (each costs about
             ``2 * (ig_steps + 2)`` forward-backward passes per modality).
         ig_steps: Integrated Gradients steps.
-        ig_internal_batch_size: captum's internal batch size for IG (bounds memory).
+        ig_internal_batch_size: inputs per forward pass inside IG (``None``: the loader's batch
+            size).
         layers: GradCAM layer name per modality (``None``: the encoder's last stage; use
             ``"layer3"`` for images so small that the last stage is 1 x 1).
         comparison_checkpoint: optional checkpoint of a comparison model (Fig. 5a).

@@ -372,7 +372,8 @@ def saliency_analysis(
         layers: GradCAM layer of each modality's encoder (module, name, or ``None`` for
             :func:`default_target_layer`).
         ig_steps: Integrated Gradients steps.
-        ig_internal_batch_size: captum's internal batch size for IG (bounds memory).
+        ig_internal_batch_size: inputs per forward pass inside IG (bounds memory; ``None``: the
+            data batch size, so IG needs the memory of one training-size batch).
         num_examples: samples kept in ``examples`` for :func:`saliency_examples_figure`.
     """
     modalities = tuple(model.modalities)
@@ -390,14 +391,14 @@ def saliency_analysis(
         remaining = max_samples - count
         if remaining <= 0:
             break
-        for index, (modality, head, layer) in enumerate(zip(modalities, heads, target_layers)):
+        for modality, head, layer in zip(modalities, heads, target_layers):
             x = batch[f"image_{modality}"][:remaining]
             if sum(t.shape[0] for t in images[modality]) < num_examples:
                 images[modality].append(x[:num_examples].detach().cpu())
             for target, name in enumerate(OUTPUT_NAMES):
                 maps[modality][name].append(gradcam(head, x, target, layer).cpu())
                 attributions, delta = integrated_gradients(
-                    head, x, target, n_steps=ig_steps, internal_batch_size=ig_internal_batch_size
+                    head, x, target, n_steps=ig_steps, internal_batch_size=ig_internal_batch_size or x.shape[0]
                 )
                 importance[modality][name].append(band_importance(attributions).cpu())
                 deltas[modality][name].append(_relative_delta(head, x, target, delta).cpu())
@@ -414,7 +415,9 @@ def saliency_analysis(
         examples={
             "images": {m: torch.cat(images[m])[:num_examples] for m in modalities},
             "maps": {m: {name: cat[m][name][:num_examples] for name in OUTPUT_NAMES} for m in modalities},
-        },
+        }
+        if num_examples > 0
+        else {},
     )
 
 
@@ -505,10 +508,10 @@ def _display_image(image: Tensor) -> np.ndarray:
 def saliency_examples_figure(result: SaliencyResult, max_examples: int = 4) -> Figure:
     """Per sample: each modality's image with its common and unique GradCAM maps overlaid,
     titled with the overlap scores (the visual counterpart of Fig. 6a)."""
+    if not result.examples:
+        raise ValueError("The saliency result holds no example samples: run saliency_analysis with num_examples >= 1.")
     images, maps = result.examples["images"], result.examples["maps"]
     num = min(max_examples, *(images[m].shape[0] for m in result.modalities))
-    if num < 1:
-        raise ValueError("The saliency result holds no example samples (num_examples=0).")
     fig, axes = new_figure(ncols=6, nrows=num, width=2.0, height=2.1)
     axes = np.atleast_2d(axes)
     for row in range(num):
