@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import matplotlib.image
 import numpy as np
 import pytest
@@ -24,14 +27,22 @@ from helpers import tiny_batch, tiny_decur
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op torch thread during a test (restored after): on a shared, busy CPU, spinning
-    OpenMP threads made these tests up to 25 times slower than one thread."""
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op torch thread (restored after): on a shared, busy CPU, spinning OpenMP
+    threads made these tests up to 25 times slower than one thread."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def assert_png(path) -> None:

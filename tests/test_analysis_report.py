@@ -14,7 +14,7 @@ from decur_lightning.analysis.cli import main
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
 from helpers import tiny_decur
-from test_analysis_alignment import assert_png, one_thread  # noqa: F401  (autouse fixture)
+from test_analysis_alignment import assert_png, one_thread, single_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"alignment_histogram", "embedding_tsne", "saliency_overlap", "band_importance", "saliency_examples"}
@@ -36,7 +36,8 @@ def fit_checkpoint(path: Path, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
-    return fit_checkpoint(folder / "decur.ckpt"), fit_checkpoint(folder / "all_common.ckpt", common_ratio=1.0)
+    with single_thread():
+        return fit_checkpoint(folder / "decur.ckpt"), fit_checkpoint(folder / "all_common.ckpt", common_ratio=1.0)
 
 
 def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
