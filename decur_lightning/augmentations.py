@@ -66,7 +66,9 @@ def make_view_augmentation(
         scale: area range of the random resized crop.
 
     Returns:
-        A module mapping a batch ``(N, C, H, W)`` in [0, 1] to ``(N, C, size, size)``.
+        A module mapping a batch ``(N, C, H, W)`` in [0, 1] to ``(N, C, size, size)``: the
+        kornia augmentations in an ``nn.Sequential`` (no transform tracking, which views never
+        need), without the operations whose probability is 0 for this view.
     """
     if kind not in VIEW_KINDS:
         raise ValueError(f"Unknown view augmentation kind {kind!r}; expected one of {VIEW_KINDS}.")
@@ -104,7 +106,7 @@ def make_view_augmentation(
         ops = [crop, hflip]
     else:  # dem, generic
         ops = [crop, hflip, vflip]
-    return K.AugmentationSequential(*ops)
+    return nn.Sequential(*(op for op in ops if op.p > 0))
 
 
 class ViewPair(nn.Module):
