@@ -4,6 +4,7 @@
 - t-SNE of embedding dimensions (:mod:`.tsne`, Fig. 1, 8);
 - GradCAM and Integrated Gradients saliency of the common and unique outputs
   (:mod:`.saliency`, Fig. 6; needs ``pip install decur-lightning[analysis]``);
+- linear probes of known factors on the synthetic data (:mod:`.decoupling`);
 - :func:`analyze`: all of them on a checkpoint, with figures and ``statistics.json``; on the
   command line ``python -m decur_lightning.analysis --help``.
 """
@@ -17,6 +18,7 @@ from .alignment import (
     plot_alignment_histogram,
     summarize,
 )
+from .decoupling import extract_features, probe_factors, ridge_r2
 from .plotting import figure_to_array, save_figure
 from .report import analyze, load_ssl_module
 from .saliency import (
@@ -53,12 +55,15 @@ __all__ = [
     "default_target_layer",
     "dimension_tsne",
     "dimension_tsne_figure",
+    "extract_features",
     "figure_to_array",
     "gradcam",
     "integrated_gradients",
     "load_ssl_module",
     "overlap_histogram_figure",
     "plot_alignment_histogram",
+    "probe_factors",
+    "ridge_r2",
     "saliency_analysis",
     "saliency_examples_figure",
     "saliency_overlap",
