@@ -202,3 +202,26 @@ def test_position_tables_are_not_weight_decayed():
     tables = [p for n, p in encoder.named_parameters() if n.endswith("rpe_table")]
     assert tables and all(id(p) in ids for p in tables)
     assert all(p.ndim > 1 for p in weights)
+
+
+def test_pretraining_loader_order_depends_only_on_seed_and_epoch(tmp_path):
+    from data_factories import make_ssl4eo_s12
+
+    from decur_lightning.datamodules import SSL4EOS12MMDataModule
+
+    root = make_ssl4eo_s12(tmp_path / "ssl4eo", locations=range(10))
+
+    def order(seed: int, epoch: int) -> list[int]:
+        L.seed_everything(seed)
+        dm = SSL4EOS12MMDataModule(root=str(root), batch_size=3)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        assert loader.drop_last
+        torch.manual_seed(999)  # the global RNG after set-up must not matter
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 1) != order(0, 2)
+    assert sorted(order(0, 2)) == list(range(10))
+    assert order(0, 1) != order(1, 1)

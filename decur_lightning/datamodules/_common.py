@@ -20,7 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
 from torchgeo.datamodules import NonGeoDataModule
+
+from .samplers import EpochSeededRandomSampler
 
 MODALITY_KINDS = ("optical", "sar", "dem", "rgb", "hha")
 """Augmentation kinds understood by DeCURModule's per-modality view pipelines (Appendix B.1)."""
@@ -177,6 +180,32 @@ class PretrainDataModule(NonGeoDataModule):
     modality_kinds: ClassVar[dict[str, str]] = {}
 
     val_dataloader = LightningDataModule.val_dataloader
+
+    def train_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        """torchgeo's training loader (``drop_last``), shuffled per epoch from a fixed seed.
+
+        The order depends only on the seed in force when the datamodule was built (set by
+        ``seed_everything``) and the epoch, so a run resumed from an epoch-end checkpoint reads
+        the data in the order of an uninterrupted run. Under a distributed strategy Lightning
+        swaps in its ``DistributedSampler``.
+        """
+        dataset = self._valid_attribute("train_dataset", "dataset")
+        return DataLoader(
+            dataset,
+            batch_size=self._valid_attribute("train_batch_size", "batch_size"),
+            sampler=EpochSeededRandomSampler(dataset, self.shuffle_seed),
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @property
+    def shuffle_seed(self) -> int:
+        """Seed of the training order, fixed at the first call (after ``seed_everything``)."""
+        if not hasattr(self, "_shuffle_seed"):
+            self._shuffle_seed = int(torch.initial_seed() % 2**31)
+        return self._shuffle_seed
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Return the batch unchanged: views are made by the LightningModule (B.1)."""
