@@ -3,6 +3,7 @@
     python benchmarks/run.py             # small settings for a 2-core CPU (about 10 minutes)
     python benchmarks/run.py --paper     # paper-size settings (resnet50, 224 px, K=8192, N=256)
     python benchmarks/run.py --only loss step
+    python benchmarks/run.py --only step --switches   # + channels_last and torch.compile
 
 On a machine with a GPU a CUDA section (bf16 autocast) is added. Writes the table as Markdown
 and JSON to ``--out`` (default ``benchmarks/results/``) and prints it. Targets are those of
@@ -44,9 +45,10 @@ def loss_rows(paper: bool, device: str) -> list[dict[str, Any]]:
     return rows
 
 
-def step_rows(paper: bool, device: str, precision: str) -> list[dict[str, Any]]:
+def step_rows(paper: bool, device: str, precision: str, switches: bool) -> list[dict[str, Any]]:
     rows = []
-    for r in step.run(step.config(paper, device, precision)):
+    cfg = step.config(paper, device, precision)
+    for r in step.run(cfg) + (step.run_switches(cfg) if switches else []):
         rows.append({"row": r["row"], "setting": r["setting"], "measured": 1e3 * r["measured_s"],
                      "baseline": 1e3 * r["baseline_s"], "unit": "ms/step", "ratio": r["ratio"],
                      "ratio_meaning": "measured / baseline", "target": r["target"]})
@@ -89,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="paper-size settings")
     parser.add_argument("--only", nargs="+", choices=["loss", "step", "augment", "rda"], default=["loss", "step", "augment", "rda"])
+    parser.add_argument("--switches", action="store_true", help="also measure channels_last and torch.compile (slow: compiles)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     sections = [("cpu", "32-true")]
@@ -99,7 +102,7 @@ def main() -> None:
         if "loss" in args.only:
             rows += loss_rows(args.paper, device)
         if "step" in args.only:
-            rows += step_rows(args.paper, device, precision)
+            rows += step_rows(args.paper, device, precision, args.switches)
         if "augment" in args.only:
             rows += augment_rows(device)
         if "rda" in args.only:

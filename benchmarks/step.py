@@ -62,17 +62,18 @@ class _StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def make_module(cfg: dict[str, Any]) -> DeCURModule:
+def make_module(cfg: dict[str, Any], **switches: Any) -> DeCURModule:
     torch.manual_seed(0)
     return DeCURModule(
         encoder1=cfg["encoder"], encoder2=cfg["encoder"], in_channels1=2, in_channels2=13,
         projector_dims=(cfg["dim"],) * 3, crop_size=cfg["size"], augmentation1="sar", augmentation2="optical",
+        **switches,
     )
 
 
-def time_module_step(cfg: dict[str, Any], steps: int, warmup: int) -> list[float]:
+def time_module_step(cfg: dict[str, Any], steps: int, warmup: int, **switches: Any) -> list[float]:
     """Per-step seconds of ``Trainer.fit`` (between batch start and end hooks; data loading excluded)."""
-    module = make_module(cfg)
+    module = make_module(cfg, **switches)
     timer = _StepTimer()
     data = DataLoader(_Batches(cfg["batch"] * (steps + warmup), (2, 13), cfg["input_size"]), batch_size=cfg["batch"])
     trainer = L.Trainer(
@@ -189,6 +190,25 @@ def run(cfg: dict[str, Any], steps: int = 2, warmup: int = 1, rounds: int = 3) -
     ]
 
 
+def run_switches(cfg: dict[str, Any], steps: int = 3, rounds: int = 2) -> list[dict[str, Any]]:
+    """Rows: the module step with ``channels_last`` and with ``compile_encoders`` vs without.
+
+    Compilation happens in the warm-up steps (not timed); it is reported separately.
+    """
+    rows = []
+    setting = f"{cfg['encoder']}, {cfg['size']} px, K={cfg['dim']}, N={cfg['batch']}, {cfg['device']} {cfg['precision']}"
+    for switch, warmup in (("channels_last", 1), ("compile_encoders", 2)):
+        default: list[float] = []
+        switched: list[float] = []
+        for _ in range(rounds):
+            default += time_module_step(cfg, steps, 1)
+            switched += time_module_step(cfg, steps, warmup, **{switch: True})
+        rows.append({"row": f"DeCURModule step with {switch}=True vs without", "setting": setting,
+                     "measured_s": statistics.median(switched), "baseline_s": statistics.median(default),
+                     "ratio": statistics.median(switched) / statistics.median(default), "target": "reported"})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="resnet50, 224 px, K=8192, N=256")
@@ -196,8 +216,11 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--switches", action="store_true", help="also measure channels_last and torch.compile")
     args = parser.parse_args()
-    for row in run(config(args.paper, args.device, args.precision), args.steps, rounds=args.rounds):
+    cfg = config(args.paper, args.device, args.precision)
+    rows = run(cfg, args.steps, rounds=args.rounds) + (run_switches(cfg) if args.switches else [])
+    for row in rows:
         print(f"{row['row']} ({row['setting']}): {row['measured_s']:.3f} s vs {row['baseline_s']:.3f} s = {row['ratio']:.2f}x (target {row['target']})")
 
 

@@ -143,3 +143,33 @@ def test_fit_on_synthetic_reduces_loss(tmp_path):
     trainer.fit(model, dm)
     model.train()
     assert held_out_loss() < 0.9 * before
+
+
+def test_channels_last_gives_the_same_loss():
+    reference = tiny_decur(projector_dims=(32, 32))
+    fast = tiny_decur(projector_dims=(32, 32), channels_last=True)
+    fast.load_state_dict(reference.state_dict())
+    assert fast.encoder1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = tiny_batch(n=8)
+    losses = []
+    for model in (reference, fast):
+        views = model.make_views(batch, seed=1)
+        losses.append(model.compute_loss(*(model._embed_view(v, i) for v, i in zip(views, (1, 1, 2, 2))))["loss"])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_encoders_keep_their_state_dict_keys():
+    plain = tiny_decur(projector_dims=(32, 32))
+    compiled = tiny_decur(projector_dims=(32, 32), compile_encoders=True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert compiled.encoder1._compiled_call_impl is not None
+
+
+@pytest.mark.slow
+def test_compiled_encoders_give_the_same_loss():
+    reference = tiny_decur(projector_dims=(32, 32))
+    compiled = tiny_decur(projector_dims=(32, 32), compile_encoders=True)
+    compiled.load_state_dict(reference.state_dict())
+    batch = tiny_batch(n=8)
+    losses = [m.compute_loss(*(m.embed(v, i) for v, i in zip(m.make_views(batch, seed=1), (1, 1, 2, 2))))["loss"] for m in (reference, compiled)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-3)

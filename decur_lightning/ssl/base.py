@@ -92,6 +92,10 @@ class MultimodalSSLModule(LightningModule):
             detected after the forward pass.
         collapse_threshold: warn once when a modality's embedding standard deviation
             (:func:`embedding_std`, about 1 when healthy) falls below this value.
+        channels_last: run the encoders in channels-last memory format (faster convolutions
+            on recent GPUs with bf16; see ``benchmarks/run.py`` for the measured effect).
+        compile_encoders: compile the encoders with ``torch.compile`` (in place, so state-dict
+            keys and checkpoints are unchanged); the first steps pay the compilation.
     """
 
     #: Views made of each modality per step (2 for DeCUR and Barlow Twins, 1 for cross-modal baselines).
@@ -122,6 +126,8 @@ class MultimodalSSLModule(LightningModule):
         warmup_epochs: float = 0.0,
         nan_policy: NanPolicy = "raise",
         collapse_threshold: float = 0.1,
+        channels_last: bool = False,
+        compile_encoders: bool = False,
     ) -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip", "off"):
@@ -144,6 +150,11 @@ class MultimodalSSLModule(LightningModule):
         if modality2 is not None:
             self.encoder2 = create_encoder(encoder2, in_channels2, weights2)
             self.projector2 = build_projector(self.encoder2.num_features, projector_dims)
+        for encoder in self.encoders:
+            if channels_last:
+                encoder.to(memory_format=torch.channels_last)
+            if compile_encoders:
+                encoder.compile()
         self.embedding_dim = int(projector_dims[-1])
         self._augmentations: list[str | nn.Module] = [augmentation1, augmentation2][: len(self.modalities)]
         # Views hold no learnable state; kept out of the state dict (built at the first batch).
@@ -305,6 +316,8 @@ class MultimodalSSLModule(LightningModule):
         return terms["loss"]
 
     def _embed_view(self, x: Tensor, index: int) -> Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         try:
             return self.embed(x, index)
         except (RuntimeError, ValueError, AssertionError) as err:  # timm asserts on input sizes

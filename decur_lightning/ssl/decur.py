@@ -96,6 +96,8 @@ class DeCURModule(MultimodalSSLModule):
         warmup_epochs: float = 0.0,
         nan_policy: NanPolicy = "raise",
         collapse_threshold: float = 0.1,
+        channels_last: bool = False,
+        compile_encoders: bool = False,
     ) -> None:
         embedding_dim = int(projector_dims[-1])
         self.common_dims = resolve_common_dims(embedding_dim, common_ratio, common_dims) if decouple else embedding_dim
@@ -121,6 +123,8 @@ class DeCURModule(MultimodalSSLModule):
             warmup_epochs=warmup_epochs,
             nan_policy=nan_policy,
             collapse_threshold=collapse_threshold,
+            channels_last=channels_last,
+            compile_encoders=compile_encoders,
         )
         # Without intra-modal terms one view per modality is all the loss uses.
         self.views_per_modality = 2 if intra else 1
