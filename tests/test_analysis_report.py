@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from decur_lightning.analysis import analyze, load_ssl_module
-from decur_lightning.analysis.cli import main
+from decur_lightning.analysis.cli import main, run
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
 from helpers import tiny_decur
@@ -87,13 +87,16 @@ def test_load_errors_are_actionable(checkpoints, tmp_path):
 
 
 def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
-    """The YAML of the `decur fit` run is accepted: its data section is used, the rest ignored."""
-    main([
+    """The YAML of the `decur fit` run is accepted: its data section is used, the rest ignored.
+
+    ``main`` is the console script: it must return None (a returned dict would become exit status 1).
+    """
+    assert main([
         "--config", str(ROOT / "examples" / "configs" / "quickstart.yaml"),
         "--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "cli"),
         "--data.init_args.num_train=16", "--data.init_args.num_val=16", "--data.init_args.batch_size=8",
         "--max_samples=16", "--saliency_samples=2", "--ig_steps=2", "--tsne=false", "--layer1=layer3", "--layer2=layer3",
-    ])
+    ]) is None
     assert "statistics.json" in capsys.readouterr().out
     saved = json.loads((tmp_path / "cli" / "statistics.json").read_text())
     assert saved["num_samples"] == 16 and saved["saliency"]["num_samples"] == 2
@@ -107,7 +110,7 @@ def test_command_line_with_a_data_only_config(checkpoints, tmp_path):
         "    num_train: 8\n    num_val: 8\n    batch_size: 4\n"
         "saliency_samples: 0\ntsne: false\n"
     )
-    stats = main(["--config", str(config), "--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "o")])
+    stats = run(["--config", str(config), "--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "o")])
     assert stats["num_samples"] == 8 and set(stats["figures"]) == {"alignment_histogram"}
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "o")])  # no data given

@@ -65,8 +65,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``args`` (default ``sys.argv[1:]``), run :func:`analyze`, print where the outputs are."""
+def main(args: list[str] | None = None) -> None:
+    """The ``decur-analyze`` command: :func:`run`, exit status 0 on success."""
+    run(args)
+
+
+def run(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``args`` (default ``sys.argv[1:]``), run :func:`analyze`, print where the outputs are.
+
+    Returns the statistics that :func:`analyze` returns.
+    """
     parser = build_parser()
     config = parser.parse_args(args)
     datamodule = parser.instantiate_classes(config).data
