@@ -124,6 +124,25 @@ def test_city_split_is_reproducible_and_disjoint(geonrw: tuple[Path, dict[str, d
     assert test_cities == set(TEST_CITIES)
 
 
+def test_train_fraction_is_a_reproducible_subset_of_the_city_split(
+    geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]],
+) -> None:
+    root = geonrw[0]
+
+    def split(fraction: float, seed: int = 3) -> tuple[list[int], list[int]]:
+        datamodule = GeoNRWMMDataModule(root, batch_size=4, patch_size=PATCH, tile_size=TILE, seed=seed, train_fraction=fraction)
+        datamodule.setup("fit")
+        return list(datamodule.train_dataset.indices), list(datamodule.val_dataset.indices)
+
+    full_train, full_val = split(1.0)
+    part_train, part_val = split(0.25)
+    assert part_train == split(0.25)[0]
+    assert len(part_train) == round(0.25 * len(full_train)) and set(part_train) < set(full_train)
+    assert part_val == full_val  # validation is never reduced
+    with pytest.raises(ValueError, match="train_fraction must lie in"):
+        GeoNRWMMDataModule(root, train_fraction=0.0)
+
+
 def test_train_augmentation_moves_rgb_dem_and_mask_together() -> None:
     torch.manual_seed(0)
     datamodule = GeoNRWMMDataModule(crop_size=40)

@@ -27,7 +27,7 @@ from torchgeo.datamodules.utils import group_shuffle_split
 from torchgeo.datasets import GeoNRW
 from torchgeo.datasets.utils import Path
 
-from ._common import PairedAugmentation, PretrainDataModule, percentile_min_max
+from ._common import PairedAugmentation, PretrainDataModule, percentile_min_max, seeded_subset
 
 
 def read_window(path: str, window: Window, expected_size: int) -> np.ndarray:
@@ -250,7 +250,9 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         batch_size: samples per batch (256 in the paper).
         num_workers: DataLoader worker processes.
         val_fraction: share of training cities held out for validation.
-        seed: seed of the city split.
+        seed: seed of the city split and of the label fraction.
+        train_fraction: share of the training patches used (the paper's 1 % setting: 0.01),
+            drawn reproducibly from ``seed`` after the city split; validation is not reduced.
         patch_size: patch side (250).
         tile_size: tile side (1000).
         crop_size: output side of the training RandomResizedCrop.
@@ -269,6 +271,7 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.2,
         seed: int = 0,
+        train_fraction: float = 1.0,
         patch_size: int = 250,
         tile_size: int = 1000,
         crop_size: int = 224,
@@ -287,8 +290,11 @@ class GeoNRWMMDataModule(NonGeoDataModule):
             download=download,
             checksum=checksum,
         )
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must lie in (0, 1] (0.01 for the paper's 1 % labels), got {train_fraction}")
         self.val_fraction = val_fraction
         self.seed = seed
+        self.train_fraction = train_fraction
         self.train_aug = PairedAugmentation(
             K.RandomResizedCrop((crop_size, crop_size), scale=(0.2, 1.0)),
             K.RandomHorizontalFlip(p=0.5),
@@ -305,7 +311,8 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         if stage in ("fit", "validate"):
             dataset = GeoNRWMM(split="train", **self.kwargs)
             train_indices, val_indices = self.split_indices(dataset)
-            self.train_dataset = Subset(dataset, train_indices)
+            kept = seeded_subset(len(train_indices), self.train_fraction, self.seed)
+            self.train_dataset = Subset(dataset, [train_indices[i] for i in kept])
             self.val_dataset = Subset(dataset, val_indices)
         if stage == "test":
             self.test_dataset = GeoNRWMM(split="test", **self.kwargs)
