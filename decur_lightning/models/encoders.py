@@ -161,48 +161,19 @@ def _timm_feature_indices(encoder: nn.Module) -> list[int]:
 def load_encoder_weights(encoder: nn.Module, weights: str | Path | Any) -> None:
     """Load pretrained ``weights`` into ``encoder`` strictly.
 
-    ``weights`` is a path to a ``torch.save``-d state dict, a torchgeo ``WeightsEnum``
-    member, or the name of one (``"ResNet50_Weights.SENTINEL2_ALL_DECUR"``). Missing or
-    unexpected keys raise a ``RuntimeError`` that lists them; nothing is loaded with
-    ``strict=False``.
+    ``weights`` is any single-encoder source of
+    :func:`decur_lightning.weights.load_encoder_state_dict`: a state-dict file, an export of
+    this package, a torchgeo ``WeightsEnum`` member or its name
+    (``"ResNet50_Weights.SENTINEL2_ALL_DECUR"``), or an authors' backbone file. Weights that do
+    not fit raise :class:`~decur_lightning.weights.EncoderWeightsMismatchError` (a
+    ``RuntimeError``) listing the missing, unexpected and mis-shaped keys; a classifier
+    (``fc.*``) is left out with a warning.
 
-    Encoders with a ``load_pretrained_state_dict`` method decide themselves:
     :class:`ResNetRDA` also takes a plain ResNet state dict (attention blocks stay identity),
     :class:`MiTEncoder` also takes official MiT weights (``head.*`` ignored).
     """
-    state_dict = _resolve_weights(weights)
-    if hasattr(encoder, "load_pretrained_state_dict"):
-        encoder.load_pretrained_state_dict(state_dict)
-        return
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "head.fc."))}
-    result = encoder.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(
-            f"The weights {weights!s} do not fit this encoder.\n"
-            f"  missing keys ({len(result.missing_keys)}): {result.missing_keys[:20]}\n"
-            f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys[:20]}\n"
-            "Check the encoder name and in_channels against the weights."
-        )
+    from ..weights import load_pretrained_encoder  # weights.py imports this package
+
+    load_pretrained_encoder(encoder, weights)
 
 
-def _resolve_weights(weights: str | Path | Any) -> dict[str, torch.Tensor]:
-    if isinstance(weights, (str, Path)) and Path(weights).exists():
-        obj = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        return dict(obj)
-    if isinstance(weights, str):
-        from torchgeo.models import get_weight
-
-        try:
-            weights = get_weight(weights)
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ValueError(
-                f"weights={weights!r} is neither an existing file nor a torchgeo weight name "
-                "such as 'ResNet50_Weights.SENTINEL1_ALL_DECUR'."
-            ) from err
-    if hasattr(weights, "get_state_dict"):
-        return dict(weights.get_state_dict(progress=True))
-    raise TypeError(
-        f"weights must be a path, a torchgeo WeightsEnum member or its name; got {type(weights).__name__}."
-    )
