@@ -166,15 +166,16 @@ def test_mit_keys_are_the_official_segformer_keys():
         assert key in keys
 
 
-def test_mit_loads_official_weights_strictly():
-    official = official_mit_state_dict("mit_b0", in_channels=3)
-    encoder = create_encoder("mit_b0", in_channels=3)
+@pytest.mark.parametrize(("variant", "width"), [("mit_b0", 256), ("mit_b2", 512)])
+def test_mit_loads_official_weights_strictly(variant, width):
+    official = official_mit_state_dict(variant, in_channels=3)
+    encoder = create_encoder(variant, in_channels=3)
     head_before = encoder.head.weight.detach().clone()
     encoder.load_mit_state_dict(official)
     for key, value in encoder.trunk_state_dict().items():
         torch.testing.assert_close(value, official[key], msg=key)
     torch.testing.assert_close(encoder.head.weight, head_before)
-    assert encoder.head.weight.shape == (2048, 256)
+    assert encoder.head.weight.shape == (2048, width)
 
 
 def test_mit_rejects_a_wrong_state_dict_listing_the_keys():
