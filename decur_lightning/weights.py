@@ -42,7 +42,7 @@ def _load_lightning_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = _torch_load(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(
             f"{path} is not a Lightning checkpoint of a decur-lightning SSL module (it has no "
@@ -50,6 +50,11 @@ def _load_lightning_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
             "decur_lightning.weights.load_encoder_state_dict."
         )
     return checkpoint
+
+
+def _encoder_indices(checkpoint: Mapping[str, Any]) -> list[int]:
+    """Which of ``encoder1`` / ``encoder2`` a Lightning checkpoint holds (single-modal methods: one)."""
+    return [i for i in (1, 2) if any(k.startswith(f"encoder{i}.") for k in checkpoint["state_dict"])]
 
 
 def encoder_state_dict_from_checkpoint(checkpoint: dict[str, Any], index: int) -> dict[str, torch.Tensor]:
@@ -91,9 +96,8 @@ def export_encoders(checkpoint_path: str | Path, out_dir: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     manifest = {}
-    # Single-modal methods have one encoder.
-    indices = [i for i in (1, 2) if i == 1 or any(k.startswith("encoder2.") for k in checkpoint["state_dict"])]
-    for index in indices:
+    # [1] when none: encoder_state_dict_from_checkpoint then says what is missing.
+    for index in _encoder_indices(checkpoint) or [1]:
         modality = hparams.get(f"modality{index}", str(index))
         path = out / f"encoder_{modality}.pt"
         torch.save(encoder_state_dict_from_checkpoint(checkpoint, index), path)
@@ -417,7 +421,7 @@ def _from_loaded(
 def _from_lightning(checkpoint: Mapping[str, Any], modality: ModalitySelector, where: str) -> dict[str, torch.Tensor]:
     hparams = checkpoint["hyper_parameters"]
     names = {index: hparams.get(f"modality{index}") for index in (1, 2)}
-    present = [i for i in (1, 2) if any(k.startswith(f"encoder{i}.") for k in checkpoint["state_dict"])]
+    present = _encoder_indices(checkpoint)
     if modality is None:
         if len(present) != 1:
             raise ValueError(
