@@ -136,10 +136,6 @@ def _cheap_stats(za: Tensor, zb: Tensor, gram_a: Tensor, gram_b: Tensor) -> _Cor
     return _CorrelationStats((za * zb).sum(0) / n, (gram_a * gram_b).sum() / (n * n))
 
 
-def _float32(*zs: Tensor) -> list[Tensor]:
-    return [z.float() for z in zs]
-
-
 def barlow_twins_loss(
     za: Tensor, zb: Tensor, lambd: float = DEFAULT_LAMBDA, method: Method = "auto"
 ) -> Tensor:

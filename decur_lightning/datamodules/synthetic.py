@@ -22,6 +22,7 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..augmentations import VIEW_KINDS
 from .samplers import EpochSeededRandomSampler
 
 __all__ = ["SyntheticMultimodalDataModule", "SyntheticMultimodalDataset"]
@@ -164,8 +165,6 @@ class SyntheticMultimodalDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.modalities = tuple(modalities)
-        from ..augmentations import VIEW_KINDS
-
         self.modality_kinds = modality_kinds or {
             name: name if name in VIEW_KINDS else "generic" for name in self.modalities
         }

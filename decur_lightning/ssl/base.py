@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -440,12 +439,6 @@ class MultimodalSSLModule(LightningModule):
         warmup_steps = int(round(hp.warmup_epochs * total_steps / epochs))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @property
-    def log_dir(self) -> Path:
-        """The run's log folder (the logger's, else the trainer's root folder)."""
-        trainer = self.trainer
-        return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def embedding_std(z: Tensor) -> Tensor:
