@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import matplotlib.image
 import numpy as np
@@ -27,22 +25,7 @@ from helpers import tiny_batch, tiny_decur
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """One intra-op torch thread (restored after): on a shared, busy CPU, spinning OpenMP
-    threads made these tests up to 25 times slower than one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_png(path) -> None:

@@ -13,7 +13,9 @@ from decur_lightning.callbacks import AlignmentHistogram, log_figure
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
 from helpers import tiny_decur
-from test_analysis_alignment import assert_png, one_thread  # noqa: F401  (autouse fixture)
+from test_analysis_alignment import assert_png
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ImageRecorder(Logger):

@@ -14,7 +14,10 @@ from decur_lightning.analysis.cli import main, run
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
 from helpers import tiny_decur
-from test_analysis_alignment import assert_png, one_thread, single_thread  # noqa: F401  (autouse fixture)
+from test_analysis_alignment import assert_png
+from threads import single_thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"alignment_histogram", "embedding_tsne", "saliency_overlap", "band_importance", "saliency_examples"}

@@ -24,7 +24,9 @@ from decur_lightning.analysis import (
 )
 
 from helpers import tiny_batch, tiny_decur
-from test_analysis_alignment import assert_png, one_thread  # noqa: F401  (autouse fixture)
+from test_analysis_alignment import assert_png
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

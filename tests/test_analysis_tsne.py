@@ -8,7 +8,9 @@ import torch
 
 from decur_lightning.analysis import dimension_tsne, dimension_tsne_figure, save_figure
 
-from test_analysis_alignment import assert_png, constructed_embeddings, one_thread  # noqa: F401  (autouse fixture)
+from test_analysis_alignment import assert_png, constructed_embeddings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_points_and_labels():

@@ -17,13 +17,8 @@ from helpers import tiny_decur
 NUM_LABELS = 4
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run several times faster on one thread when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny convolutions run several times faster on one thread when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class EasyMultiLabel(Dataset):

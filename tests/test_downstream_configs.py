@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from decur_lightning.cli import main
@@ -17,13 +16,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 DOWNSTREAM = sorted(CONFIGS.glob("downstream_*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run several times faster on one thread when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny convolutions run several times faster on one thread when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

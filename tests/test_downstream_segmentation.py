@@ -21,13 +21,8 @@ IGNORE = 255
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run several times faster on one thread when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny convolutions run several times faster on one thread when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class EasyScenes(Dataset):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from lightly.utils.lars import LARS
 
-from decur_lightning import DeCURModule
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 from decur_lightning.ssl import resolve_common_dims
 from decur_lightning.ssl.base import build_projector

@@ -24,13 +24,8 @@ from decur_lightning.weights import (
 from helpers import tiny_decur
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions run several times faster on one thread when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny convolutions run several times faster on one thread when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_weights(encoder: nn.Module, reference: dict[str, torch.Tensor], prefix: str = "") -> None:
