@@ -34,8 +34,46 @@ def test_projectors_are_separate_barlow_twins_mlps():
     assert model.projector1.layers[-1].out_features == 16
     assert all(p1.data_ptr() != p2.data_ptr() for p1, p2 in zip(model.projector1.parameters(), model.projector2.parameters()))
     assert model.embed(torch.rand(3, 2, 32, 32), "sar").shape == (3, 16)
-    with pytest.raises(ValueError, match="non-empty"):
-        build_projector(8, [])
+    with pytest.raises(ValueError, match="positive sizes"):
+        build_projector(8, [16, 0])
+
+
+def test_no_projector_ablation_puts_the_loss_on_encoder_features():
+    """Fig. 3b: ``projector_dims=[]`` -> no projector, K = the encoders' feature width."""
+    model = tiny_decur(projector_dims=[], common_ratio=0.75)
+    assert isinstance(model.projector1, torch.nn.Identity) and isinstance(model.projector2, torch.nn.Identity)
+    assert model.embedding_dim == 512 and model.common_dims == 384
+    x = torch.rand(4, 2, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model.embed(x, "sar"), model.encoder1(x))
+    model.train()
+    loss = model.training_step(tiny_batch(n=8), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.encoder1.conv1.weight.grad is not None
+    with pytest.raises(ValueError, match="feature widths differ"):
+        tiny_decur(projector_dims=[], encoder2="vit_tiny_patch16_224", in_channels2=4)
+
+
+def test_second_view_source_image2_feeds_view_two():
+    """``image2_<name>`` (e.g. another season) is the source of view 2 of that modality."""
+    from torch import nn
+
+    from decur_lightning.augmentations import ViewPair
+
+    identity = ViewPair(nn.Identity(), nn.Identity())
+    model = tiny_decur(augmentation1=identity, augmentation2=identity)
+    batch = tiny_batch(n=4)
+    batch["image2_sar"] = torch.rand(4, 2, 32, 32)
+    x1a, x1b, x2a, x2b = model.make_views(batch, seed=0)
+    assert torch.equal(x1a, batch["image_sar"]) and torch.equal(x1b, batch["image2_sar"])
+    assert torch.equal(x2a, batch["image_optical"]) and torch.equal(x2b, batch["image_optical"])
+    batch["image2_sar"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="image_sar"):
+        model.training_step(batch, 0)
+    batch["image2_sar"] = torch.rand(4, 2, 16, 16)
+    with pytest.raises(ValueError, match="image2_sar .* same bands and size"):
+        model.make_views(batch)
 
 
 def test_training_step_returns_loss_and_logs_every_term():

@@ -31,11 +31,14 @@ def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Module:
 
     The paper uses ``dims = (8192, 8192, 8192)`` (Section 4). Linear layers have no bias, as in
     Barlow Twins and the authors' code (the loss standardises every dimension, so a bias on the
-    last layer would cancel).
+    last layer would cancel). Empty ``dims`` gives no projector (``nn.Identity``): the loss then
+    acts on the encoder features themselves (the "w/o projector" ablation of Fig. 3b).
     """
     dims = [int(d) for d in dims]
-    if not dims or min(dims) < 1:
-        raise ValueError(f"projector_dims must be a non-empty list of positive sizes, got {dims}.")
+    if not dims:
+        return nn.Identity()
+    if min(dims) < 1:
+        raise ValueError(f"projector_dims must be positive sizes (or empty for no projector), got {dims}.")
     blocks = []
     widths = [in_dim, *dims]
     for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -67,6 +70,9 @@ class MultimodalSSLModule(LightningModule):
         weights1, weights2: optional pretrained encoder weights (path, torchgeo weight enum
             or its name).
         projector_dims: widths of the projector layers; the last is the embedding size ``K``.
+            Empty (``[]``) means no projector: the loss acts on the encoder features, and ``K``
+            is the encoders' feature width (Fig. 3b ablation; the encoders must then have the
+            same width).
         augmentation1, augmentation2: view pipeline per modality: a kind (``"optical"``,
             ``"rgb"``, ``"sar"``, ``"dem"``, ``"hha"``, ``"generic"``), ``"auto"`` (the
             datamodule's ``modality_kinds``, else the modality name if it is a kind, else
@@ -95,6 +101,14 @@ class MultimodalSSLModule(LightningModule):
             on recent GPUs with bf16; see ``benchmarks/run.py`` for the measured effect).
         compile_encoders: compile the encoders with ``torch.compile`` (in place, so state-dict
             keys and checkpoints are unchanged); the first steps pay the compilation.
+        encoder_kwargs: extra keyword arguments for every encoder
+            (:func:`~decur_lightning.models.create_encoder`), e.g. the residual deformable
+            attention switches of ``*_rda`` encoders.
+
+    Second-view sources: when a batch also holds ``image2_<modality>`` (same shape as
+    ``image_<modality>``), view 2 of that modality is made from it instead of from
+    ``image_<modality>`` (e.g. another season of the same location, as the authors'
+    SSL4EO-S12 pretraining does; see ``SSL4EOS12MMDataModule(season_per_view=True)``).
     """
 
     #: Views made of each modality per step (2 for DeCUR and Barlow Twins, 1 for cross-modal baselines).
@@ -127,6 +141,7 @@ class MultimodalSSLModule(LightningModule):
         collapse_threshold: float = 0.1,
         channels_last: bool = False,
         compile_encoders: bool = False,
+        encoder_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip", "off"):
@@ -144,17 +159,18 @@ class MultimodalSSLModule(LightningModule):
         self.save_hyperparameters(ignore=[k for k, v in augmentations.items() if isinstance(v, nn.Module)])
         self.modalities: tuple[str, ...] = (modality1,) if modality2 is None else (modality1, modality2)
         self.in_channels: tuple[int, ...] = (in_channels1, in_channels2)[: len(self.modalities)]
-        self.encoder1 = create_encoder(encoder1, in_channels1, weights1)
+        extra = dict(encoder_kwargs or {})
+        self.encoder1 = create_encoder(encoder1, in_channels1, weights1, **extra)
         self.projector1 = build_projector(self.encoder1.num_features, projector_dims)
         if modality2 is not None:
-            self.encoder2 = create_encoder(encoder2, in_channels2, weights2)
+            self.encoder2 = create_encoder(encoder2, in_channels2, weights2, **extra)
             self.projector2 = build_projector(self.encoder2.num_features, projector_dims)
         for encoder in self.encoders:
             if channels_last:
                 encoder.to(memory_format=torch.channels_last)
             if compile_encoders:
                 encoder.compile()
-        self.embedding_dim = int(projector_dims[-1])
+        self.embedding_dim = self._embedding_dim(projector_dims)
         self._augmentations: list[str | nn.Module] = [augmentation1, augmentation2][: len(self.modalities)]
         # Views hold no learnable state; kept out of the state dict (built at the first batch).
         self._views: list[ViewPair] | None = None
@@ -164,6 +180,18 @@ class MultimodalSSLModule(LightningModule):
         self.skipped_batches = 0
         self._collapse_warned = False
         self._warned_small_val_batch = False
+
+    def _embedding_dim(self, projector_dims: Sequence[int]) -> int:
+        """``K``: the projector's output width, or the encoders' feature width without projector."""
+        if len(projector_dims):
+            return int(projector_dims[-1])
+        widths = {name: int(encoder.num_features) for name, encoder in zip(self.modalities, self.encoders)}
+        if len(set(widths.values())) > 1:
+            raise ValueError(
+                f"projector_dims=[] (no projector) makes the loss compare encoder features directly, but the "
+                f"encoders' feature widths differ: {widths}. Use encoders of the same width, or a projector."
+            )
+        return next(iter(widths.values()))
 
     # ------------------------------------------------------------------ models
     def forward(self, x: Tensor, modality: int | str = 1) -> Tensor:
@@ -228,16 +256,41 @@ class MultimodalSSLModule(LightningModule):
         :attr:`views_per_modality` views per modality. With ``seed``, the random draws come
         from that seed and the global RNG is left as it was.
         """
-        return tuple(x for views in self._views_of(self.get_inputs(batch), seed) for x in views)
+        inputs = self.get_inputs(batch)
+        return tuple(x for views in self._views_of(inputs, seed, self.get_second_sources(batch, inputs)) for x in views)
 
-    def _views_of(self, inputs: Sequence[Tensor], seed: int | None) -> list[tuple[Tensor, ...]]:
+    def _views_of(
+        self, inputs: Sequence[Tensor], seed: int | None, second: Sequence[Tensor | None] | None = None
+    ) -> list[tuple[Tensor, ...]]:
         if self._views is None:
             self._views = self._build_views(inputs)
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        second = second if second is not None else [None] * len(inputs)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None), torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            views = [pair(x) for pair, x in zip(self._views, inputs)]
+            views = [
+                (pair.view1(x), pair.view2(x if x2 is None else x2)) for pair, x, x2 in zip(self._views, inputs, second)
+            ]
         return [v[: self.views_per_modality] for v in views]
+
+    def get_second_sources(self, batch: dict[str, Tensor], inputs: Sequence[Tensor]) -> list[Tensor | None]:
+        """The ``image2_<modality>`` tensors of a batch (sources of view 2), ``None`` where absent.
+
+        Only used when the method makes two views per modality. Each must have the shape of its
+        ``image_<modality>``.
+        """
+        if self.views_per_modality < 2:
+            return [None] * len(inputs)
+        second: list[Tensor | None] = []
+        for name, x in zip(self.modalities, inputs):
+            x2 = batch.get(f"image2_{name}")
+            if x2 is not None and x2.shape != x.shape:
+                raise ValueError(
+                    f"image2_{name} (the source of view 2) has shape {tuple(x2.shape)}, but image_{name} has "
+                    f"{tuple(x.shape)}: both views of a modality need images of the same bands and size."
+                )
+            second.append(x2)
+        return second
 
     def _batch_seed(self, stage: str, batch_idx: int) -> int:
         stage_id = {"train": 0, "val": 1, "test": 2}.get(stage, 3)
@@ -291,10 +344,12 @@ class MultimodalSSLModule(LightningModule):
         if stage != "train" and inputs[0].shape[0] < 2:
             return self._skip_small_eval_batch(stage)
         check = self.hparams.nan_policy != "off"
+        second = self.get_second_sources(batch, inputs)
         # Inputs are checked before the forward pass, so a bad batch never reaches the batch-norm statistics.
-        if check and not self._all_finite(stage, batch_idx, [torch.isfinite(x).all() for x in inputs], "input"):
+        flags = [torch.isfinite(x).all() & (True if x2 is None else torch.isfinite(x2).all()) for x, x2 in zip(inputs, second)]
+        if check and not self._all_finite(stage, batch_idx, flags, "input"):
             return None
-        views = self._views_of(inputs, self._batch_seed(stage, batch_idx))
+        views = self._views_of(inputs, self._batch_seed(stage, batch_idx), second)
         embeddings = [[self._embed_view(x, index + 1) for x in modality_views] for index, modality_views in enumerate(views)]
         terms = self.compute_loss(*(z for zs in embeddings for z in zs))
         if check:

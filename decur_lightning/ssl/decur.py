@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -18,8 +19,8 @@ def resolve_common_dims(embedding_dim: int, common_ratio: float, common_dims: in
     if common_dims is not None:
         if not 0 < common_dims <= embedding_dim:
             raise ValueError(
-                f"common_dims must satisfy 0 < common_dims <= {embedding_dim} (the embedding size "
-                f"projector_dims[-1]); got {common_dims}."
+                f"common_dims must satisfy 0 < common_dims <= {embedding_dim} (the embedding size: "
+                f"projector_dims[-1], or the encoders' feature width without projector); got {common_dims}."
             )
         return int(common_dims)
     if not 0 < common_ratio <= 1:
@@ -98,9 +99,8 @@ class DeCURModule(MultimodalSSLModule):
         collapse_threshold: float = 0.1,
         channels_last: bool = False,
         compile_encoders: bool = False,
+        encoder_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        embedding_dim = int(projector_dims[-1])
-        self.common_dims = resolve_common_dims(embedding_dim, common_ratio, common_dims) if decouple else embedding_dim
         super().__init__(
             encoder1=encoder1,
             encoder2=encoder2,
@@ -125,7 +125,10 @@ class DeCURModule(MultimodalSSLModule):
             collapse_threshold=collapse_threshold,
             channels_last=channels_last,
             compile_encoders=compile_encoders,
+            encoder_kwargs=encoder_kwargs,
         )
+        embedding_dim = self.embedding_dim
+        self.common_dims = resolve_common_dims(embedding_dim, common_ratio, common_dims) if decouple else embedding_dim
         # Without intra-modal terms one view per modality is all the loss uses.
         self.views_per_modality = 2 if intra else 1
         self.criterion = DeCURLoss(self.common_dims, lambd, method=loss_method, intra=intra, weighting=loss_weighting)
