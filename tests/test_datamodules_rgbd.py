@@ -248,6 +248,19 @@ def test_larger_eval_batches_are_padded_with_the_ignore_label(sunrgbd: tuple[Pat
     assert torch.equal(same["mask"], torch.stack([first["mask"]] * 2))
 
 
+def test_distributed_evaluation_scores_each_image_on_one_process(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
+    # Lightning's default DistributedSampler would pad 3 images on 2 processes to 4 (one twice).
+    seen = []
+    for rank in (0, 1):
+        datamodule = RGBDMMDataModule(sunrgbd[0])
+        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # type: ignore[assignment]
+        datamodule.setup("test")
+        loader = datamodule.test_dataloader()
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)  # Lightning keeps it
+        seen += list(loader.sampler)
+    assert sorted(seen) == [0, 1, 2]
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("eval_batch_size", [1, 2])
 def test_metrics_score_every_pixel_of_the_original_images_once(

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Subset, default_collate
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Subset, default_collate
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import DatasetNotFoundError, NonGeoDataset
 from torchgeo.datasets.utils import Path
@@ -438,6 +439,10 @@ class RGBDMMDataModule(NonGeoDataModule):
       scored once. Larger ``eval_batch_size``: samples are padded on the bottom and right to the
       largest in the batch (images with 0, the mask with 255 = ignored), so metrics still count
       each original pixel once, but predictions near the border may change with the padding.
+      Predictions (``predict_step``) of a padded batch cover the padding too. Under a
+      distributed strategy each evaluation image goes to exactly one process
+      (Lightning's ``UnrepeatedDistributedSampler``), where Lightning's default sampler would
+      repeat a few images to even out the processes.
       CMX evaluates whole images when a side is at most its crop size (all of NYUDv2) and
       otherwise with a sliding 480 x 480 window (stride 2/3) -- some SUN-RGBD images; not
       reproduced here.
@@ -524,6 +529,25 @@ class RGBDMMDataModule(NonGeoDataModule):
         self.collate_fn = pad_collate
         # Everything runs per sample in the DataLoader: no batch augmentation on the device.
         self.aug = PairedAugmentation()
+
+    def _dataloader_factory(self, split: str) -> DataLoader[dict[str, Tensor]]:
+        """torchgeo's loaders; evaluation loaders shard without repeats when distributed."""
+        trainer = self.trainer
+        world_size = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if split == "train" or world_size <= 1:
+            return super()._dataloader_factory(split)
+        dataset = self._valid_attribute(f"{split}_dataset", "dataset")
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=False  # type: ignore[union-attr]
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self._valid_attribute(f"{split}_batch_size", "batch_size"),
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def split_indices(self, num_train: int) -> tuple[list[int], list[int]]:
         """Indices of the training list kept for training and held out for validation."""
