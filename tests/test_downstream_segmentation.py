@@ -273,7 +273,8 @@ def test_multi_scale_flip_testing_averages_the_views_probabilities():
         for scale in (0.5, 1.0):
             scaled = [F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False) for x in inputs]
             for logits in (model(scaled), model([x.flip(-1) for x in scaled]).flip(-1)):
-                probabilities.append(F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False).softmax(1))
+                resized = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False)
+                probabilities.append(resized.softmax(1))
         reference = torch.stack(probabilities).mean(0).log()
     assert out.shape == (1, NUM_CLASSES, 40, 56)
     torch.testing.assert_close(out, reference)

@@ -138,7 +138,7 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         if num_classes < 2 or size_divisor < 1:
             raise ValueError(f"Need num_classes >= 2 and size_divisor >= 1; got {num_classes}, {size_divisor}.")
         if not test_scales or min(test_scales) <= 0:
-            raise ValueError(f"test_scales must be a non-empty list of positive factors, e.g. [1.0]; got {test_scales}.")
+            raise ValueError(f"test_scales must be non-empty positive factors, e.g. [1.0]; got {test_scales}.")
         self.save_hyperparameters()
         self.configure_encoders(freeze_encoders=mode == "frozen")
         for encoder in self.encoders:
