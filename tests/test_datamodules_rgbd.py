@@ -14,6 +14,13 @@ from test_datamodules_common import assert_moved_together, block_batch
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import RGBDMM, RGBDMMDataModule, RGBDMMPretrainDataModule
+from decur_lightning.datamodules.rgbd import (
+    CMX_SCALES,
+    CMXTrainTransform,
+    ImageNetNormalize,
+    ResizedCropTransform,
+    pad_collate,
+)
 
 SIZE = (20, 24)
 
@@ -112,22 +119,210 @@ def test_validation_split_is_reproducible_and_disjoint(sunrgbd: tuple[Path, dict
     assert len(default.train_dataset) == 8 and default.val_dataset.split == "test"
 
 
-def test_train_augmentation_moves_rgb_hha_and_mask_together() -> None:
+def test_resized_crop_option_moves_rgb_hha_and_mask_together() -> None:
     torch.manual_seed(0)
-    datamodule = RGBDMMDataModule(crop_size=(40, 48))
     batch = block_batch()
-    datamodule.trainer = SimpleNamespace(training=True, validating=False, sanity_checking=False, testing=False, predicting=False)  # type: ignore[assignment]
-    out = datamodule.on_after_batch_transfer(batch, 0)
+    transform = ResizedCropTransform((40, 48))
+    samples = [transform({key: value[i] for key, value in batch.items()}) for i in range(4)]
+    out = {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
     assert out["image_hha"].shape == (4, 3, 40, 48) and out["mask"].shape == (4, 40, 48)
     assert_moved_together(batch, out)
 
 
+def test_unknown_dataset_name_is_a_value_error_naming_the_choices() -> None:
+    # Was a bare KeyError: 'nyu' from the class-count lookup.
+    with pytest.raises(ValueError, match=r"\['nyudv2', 'sunrgbd'\].*'nyu'"):
+        RGBDMMDataModule(dataset="nyu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\['nyudv2', 'sunrgbd'\]"):
+        RGBDMMPretrainDataModule(dataset="nyu")  # type: ignore[arg-type]
+
+
+def test_bad_options_are_explained() -> None:
+    with pytest.raises(ValueError, match="augmentation"):
+        RGBDMMDataModule(augmentation="flip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="normalization"):
+        RGBDMMDataModule(normalization="minmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="crop_size"):
+        RGBDMMDataModule(crop_size=(480,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        RGBDMMDataModule(eval_batch_size=0)
+    with pytest.raises(ValueError, match="scales"):
+        CMXTrainTransform((8, 8), scales=())
+
+
+def test_cmx_defaults() -> None:
+    sun, nyu = RGBDMMDataModule(), RGBDMMDataModule(dataset="nyudv2")
+    assert sun.crop_size == (480, 480) and nyu.crop_size == (480, 640)
+    assert sun.augmentation == "cmx" and sun.normalization == "imagenet"
+    assert sun.kwargs["image_size"] == "original" and sun.val_batch_size == sun.test_batch_size == 1
+    assert isinstance(sun.train_transform.transforms[1], CMXTrainTransform)
+    assert sun.train_transform.transforms[1].scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) == CMX_SCALES
+
+
+def _position_sample(height: int = 40, width: int = 60) -> dict[str, torch.Tensor]:
+    """Channel 0 holds the column, channel 1 the row; the mask ``row * 1000 + col``."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.stack([cols.float(), rows.float(), torch.zeros(height, width)])
+    return {"image_rgb": image, "image_hha": image.clone(), "mask": rows * 1000 + cols}
+
+
+def test_cmx_transform_scales_flips_and_crops_like_cmx() -> None:
+    torch.manual_seed(0)
+    crop = (32, 48)
+    transform = CMXTrainTransform(crop)
+    sample = _position_sample()
+    scales, flips = set(), set()
+    for _ in range(150):
+        out = transform(sample)
+        assert out["image_rgb"].shape == (3, *crop) and out["mask"].shape == crop
+        assert out["mask"].dtype == torch.int64
+        torch.testing.assert_close(out["image_hha"], out["image_rgb"])
+        valid = out["mask"] != 255
+        rows, cols = valid.any(1).nonzero()[:, 0], valid.any(0).nonzero()[:, 0]
+        block = out["image_rgb"][:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        # Bilinear on a ramp: neighbours differ by 1 / scale (median: clamped edge pixels aside).
+        step_x = (block[0, :, 1:] - block[0, :, :-1]).flatten().median().item()
+        step_y = (block[1, 1:] - block[1, :-1]).flatten().median().item()
+        assert step_y > 0 and abs(abs(step_x) - step_y) < 1e-4  # isotropic scaling, rows never flip
+        scale = min(CMX_SCALES, key=lambda s: abs(s - 1 / step_y))
+        assert abs(scale - 1 / step_y) < 1e-3  # 40 x 60 scales to whole pixels at every CMX scale
+        scales.add(scale)
+        flips.add(step_x < 0)
+        # The mask (nearest) moved with the images: its row/column agree within one pixel.
+        mask = out["mask"][valid]
+        assert (mask // 1000 - out["image_rgb"][1][valid]).abs().max() <= 1
+        assert (mask % 1000 - out["image_rgb"][0][valid]).abs().max() <= 1
+        # A scaled image smaller than the crop is centred and padded: mask 255, images 0.
+        scaled = (int(40 * scale), int(60 * scale))
+        assert (int(valid.sum(0).max()), int(valid.sum(1).max())) == (
+            min(scaled[0], crop[0]),
+            min(scaled[1], crop[1]),
+        )
+        if scaled[0] < crop[0]:
+            assert rows.min() == (crop[0] - scaled[0]) // 2
+        assert (out["image_rgb"][:, ~valid] == 0).all()
+    assert scales == set(CMX_SCALES) and flips == {True, False}
+
+
+def test_imagenet_normalisation_values() -> None:
+    ones = {"image_rgb": torch.ones(3, 2, 2), "image_hha": torch.ones(3, 2, 2), "mask": torch.zeros(2, 2).long()}
+    out = ImageNetNormalize()(ones)
+    expected = torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
+    for key in ("image_rgb", "image_hha"):  # CMX normalises HHA with the same statistics
+        torch.testing.assert_close(out[key][:, 0, 0], expected)
+    assert torch.equal(out["mask"], ones["mask"])
+    mean = {"image_rgb": torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1).expand(3, 2, 2)}
+    torch.testing.assert_close(ImageNetNormalize()(mean)["image_rgb"], torch.zeros(3, 2, 2))
+
+
+def test_eval_samples_keep_original_size_and_are_normalised(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
+    root, names = sunrgbd
+    datamodule = RGBDMMDataModule(root)
+    datamodule.setup("test")
+    raw = RGBDMM(root, split="test", image_size="original")
+    batches = list(datamodule.test_dataloader())
+    assert len(batches) == 3
+    for index, (batch, name) in enumerate(zip(batches, names["test"])):
+        size = Image.open(root / "Label" / f"{name}.png").size[::-1]
+        assert batch["mask"].shape == (1, *size) and batch["image_rgb"].shape == (1, 3, *size)
+        expected = raw[index]
+        assert torch.equal(batch["mask"][0], expected["mask"])
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        for key in ("image_rgb", "image_hha"):
+            torch.testing.assert_close(batch[key][0], (expected[key] - mean) / std)
+    assert {tuple(batch["mask"].shape[1:]) for batch in batches} == {(24, 32), (30, 20)}
+
+
+def test_larger_eval_batches_are_padded_with_the_ignore_label(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
+    datamodule = RGBDMMDataModule(sunrgbd[0], eval_batch_size=2)
+    datamodule.setup("test")
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch["mask"].shape == (2, 30, 32) and batch["image_hha"].shape == (2, 3, 30, 32)
+    first, second = datamodule.test_dataset[0], datamodule.test_dataset[1]  # (24, 32) and (30, 20)
+    assert torch.equal(batch["mask"][0, :24], first["mask"]) and (batch["mask"][0, 24:] == 255).all()
+    assert torch.equal(batch["mask"][1, :, :20], second["mask"]) and (batch["mask"][1, :, 20:] == 255).all()
+    torch.testing.assert_close(batch["image_rgb"][1, :, :, :20], second["image_rgb"])
+    assert (batch["image_rgb"][1, :, :, 20:] == 0).all()
+    same = pad_collate([first, first])  # one size: plain stacking
+    assert torch.equal(same["mask"], torch.stack([first["mask"]] * 2))
+
+
+def test_distributed_evaluation_scores_each_image_on_one_process(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
+    # Lightning's default DistributedSampler would pad 3 images on 2 processes to 4 (one twice).
+    seen = []
+    for rank in (0, 1):
+        datamodule = RGBDMMDataModule(sunrgbd[0])
+        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # type: ignore[assignment]
+        datamodule.setup("test")
+        loader = datamodule.test_dataloader()
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)  # Lightning keeps it
+        seen += list(loader.sampler)
+    assert sorted(seen) == [0, 1, 2]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("eval_batch_size", [1, 2])
+def test_metrics_score_every_pixel_of_the_original_images_once(
+    sunrgbd: tuple[Path, dict[str, list[str]]], eval_batch_size: int
+) -> None:
+    import lightning as L
+
+    from decur_lightning.downstream import MultimodalSegmentationModule
+
+    class Count(L.Callback):
+        def __init__(self) -> None:
+            self.scored: list[int] = []
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self.scored.append(int(pl_module.test_metrics["miou"].confmat.sum()))
+
+    torch.manual_seed(0)
+    model = MultimodalSegmentationModule(
+        "resnet18", "resnet18", in_channels1=3, in_channels2=3, modality1="rgb", modality2="hha", num_classes=37
+    )
+    datamodule = RGBDMMDataModule(sunrgbd[0], eval_batch_size=eval_batch_size)
+    counter = Count()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[counter],
+                        enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.test(model, datamodule)[0]
+    datamodule.setup("test")
+    samples = [datamodule.test_dataset[i] for i in range(3)]
+    labelled = sum(int((sample["mask"] != 255).sum()) for sample in samples)
+    assert counter.scored[-1] == labelled  # every labelled pixel once; padding never
+    correct = 0
+    model.eval()
+    with torch.no_grad():  # reference: each image alone at its own size
+        for sample in samples:
+            prediction = model([sample["image_rgb"][None], sample["image_hha"][None]]).argmax(1)[0]
+            valid = sample["mask"] != 255
+            correct += int((prediction[valid] == sample["mask"][valid]).sum())
+    if eval_batch_size == 1:
+        assert result["test/oa"] == pytest.approx(correct / labelled, abs=1e-6)
+
+
+def test_train_batches_are_normalised_cmx_crops(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
+    torch.manual_seed(0)
+    datamodule = RGBDMMDataModule(sunrgbd[0], batch_size=3, crop_size=(16, 24))
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image_rgb"].shape == (3, 3, 16, 24) and batch["mask"].shape == (3, 16, 24)
+    assert batch["image_rgb"].min() < 0  # ImageNet-normalised, no longer in [0, 1]
+    assert datamodule.val_dataset.transforms is datamodule.eval_transform
+
+
 def test_segmentation_batch_from_loader(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
-    datamodule = RGBDMMDataModule(sunrgbd[0], batch_size=3, image_size=SIZE)
+    # Today's pipeline stays reachable: stretched samples, RandomResizedCrop, inputs in [0, 1].
+    datamodule = RGBDMMDataModule(
+        sunrgbd[0], batch_size=3, image_size=SIZE, crop_size=SIZE, augmentation="resized_crop", normalization="none"
+    )
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image_rgb"].shape == (3, 3, *SIZE) and batch["mask"].shape == (3, *SIZE)
+    assert 0 <= batch["image_rgb"].min() and batch["image_rgb"].max() <= 1
     assert datamodule.num_classes == 37
+    val = next(iter(datamodule.val_dataloader()))
+    assert val["mask"].shape == (1, *SIZE)
 
 
 def test_pretrain_datamodule_batch(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:

@@ -248,3 +248,49 @@ def test_unused_parameters_are_frozen_for_ddp():
     assert all(isinstance(m, nn.Module) for m in model.encoders)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("encoder1.layer4") for n in trainable) and any(n.startswith("head.") for n in trainable)
+
+
+# ------------------------------------------------------------------ test-time scales and flip (CMX's MS & flip)
+def _rgb_dem(height: int = 40, width: int = 56) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return [torch.rand(1, 3, height, width, generator=generator), torch.rand(1, 1, height, width, generator=generator)]
+
+
+def test_single_scale_testing_is_the_forward():
+    model = make_fcn().eval()
+    inputs = _rgb_dem()
+    with torch.no_grad():
+        assert torch.equal(model.test_logits(inputs), model(inputs))
+
+
+def test_multi_scale_flip_testing_averages_the_views_probabilities():
+    model = make_fcn(test_scales=(0.5, 1.0), test_flip=True).eval()
+    inputs = _rgb_dem()
+    with torch.no_grad():
+        out = model.test_logits(inputs)
+        mirrored = model.test_logits([x.flip(-1) for x in inputs])
+        probabilities = []
+        for scale in (0.5, 1.0):
+            scaled = [F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False) for x in inputs]
+            for logits in (model(scaled), model([x.flip(-1) for x in scaled]).flip(-1)):
+                resized = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False)
+                probabilities.append(resized.softmax(1))
+        reference = torch.stack(probabilities).mean(0).log()
+    assert out.shape == (1, NUM_CLASSES, 40, 56)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(mirrored, out.flip(-1))  # flip averaging makes the prediction mirror-symmetric
+    assert not torch.allclose(out, model(inputs).log_softmax(1), atol=1e-3)
+
+
+def test_multi_scale_test_step_scores_every_pixel_once():
+    model = make_fcn(test_scales=(0.75, 1.0, 1.25), test_flip=True).eval()
+    rgb, dem = _rgb_dem(30, 44)
+    mask = torch.randint(0, NUM_CLASSES, (1, 30, 44))
+    mask[:, :5] = IGNORE
+    with torch.no_grad():
+        loss = model.test_step({"image_rgb": rgb, "image_dem": dem, "mask": mask}, 0)
+    assert torch.isfinite(loss)
+    assert model.test_metrics["miou"].confmat.sum() == (mask != IGNORE).sum()
+    assert model.val_metrics["miou"].confmat.sum() == 0
+    with pytest.raises(ValueError, match="test_scales"):
+        make_fcn(test_scales=())

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Subset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Subset, default_collate
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import DatasetNotFoundError, NonGeoDataset
 from torchgeo.datasets.utils import Path
 
-from ._common import PairedAugmentation, PretrainDataModule, seeded_subset
+from ._common import PairedAugmentation, PretrainDataModule, is_data_key, seeded_subset
 
 DatasetName = Literal["sunrgbd", "nyudv2"]
 SplitName = Literal["train", "test", "all"]
@@ -46,6 +47,175 @@ def _split_names(list_file: str) -> list[str]:
     return [os.path.splitext(os.path.basename(token))[0] for token in tokens]
 
 
+def check_dataset(dataset: str) -> None:
+    """Raise a ValueError naming the allowed values unless ``dataset`` is a known dataset name."""
+    if dataset not in RGBDMM.num_classes_of:
+        raise ValueError(
+            f"dataset must be one of {sorted(RGBDMM.num_classes_of)} (SUN-RGBD or NYU-Depth v2 in CMX's "
+            f"layout), got {dataset!r}"
+        )
+
+
+#: ImageNet statistics CMX normalises RGB *and* HHA with (its ``config.norm_mean`` / ``norm_std``).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: CMX's training scales (``config.train_scale_array``): one is drawn per sample.
+CMX_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+#: CMX's training crop ``(image_height, image_width)`` per dataset.
+CMX_CROP_SIZE: dict[str, tuple[int, int]] = {"sunrgbd": (480, 480), "nyudv2": (480, 640)}
+
+_IMAGE_KEYS = ("image_rgb", "image_hha")
+
+Sample = dict[str, Tensor]
+
+
+class ImageNetNormalize:
+    """Subtract the ImageNet mean and divide by its std, per channel, for ``image_rgb`` and ``image_hha``.
+
+    Inputs are in [0, 1]; CMX applies the same statistics to RGB and to 3-channel HHA
+    (``normalize(img / 255, norm_mean, norm_std)`` in its ``TrainPre`` and evaluator).
+    Works on ``(3, H, W)`` samples and ``(N, 3, H, W)`` batches; other keys pass through.
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, sample: Sample) -> Sample:
+        out = dict(sample)
+        for key in _IMAGE_KEYS:
+            if key in out:
+                image = out[key]
+                out[key] = (image - self.mean.to(image)) / self.std.to(image)
+        return out
+
+
+class CMXTrainTransform:
+    """CMX's training augmentation of one sample: random scale, horizontal flip, random crop with padding.
+
+    As CMX's ``TrainPre`` (``dataloader/dataloader.py``): one scale ``s`` is drawn from ``scales``
+    and the sample is resized to ``(int(H * s), int(W * s))`` (bilinear for images, nearest for the
+    mask); with probability ``flip_p`` it is mirrored left-right; then a ``crop_size`` window at a
+    uniformly random position is cut out, and a side shorter than the crop is padded to it,
+    centred, with ``image_fill`` for images (0: the mean after ImageNet normalisation, CMX's value)
+    and :attr:`RGBDMM.ignore_index` for the mask (CMX's 255). Runs per sample (sizes differ),
+    before batching; random numbers come from torch's generator (seeded per DataLoader worker).
+
+    Args:
+        crop_size: ``(height, width)`` of the output.
+        scales: scale factors to draw from (CMX: 0.5, 0.75, ..., 1.75).
+        flip_p: probability of a horizontal flip.
+        image_fill: value of padded image pixels.
+    """
+
+    def __init__(
+        self,
+        crop_size: Sequence[int],
+        scales: Sequence[float] = CMX_SCALES,
+        flip_p: float = 0.5,
+        image_fill: float = 0.0,
+    ) -> None:
+        self.crop_size = _pair(crop_size, "crop_size")
+        self.scales = tuple(float(scale) for scale in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be a non-empty list of positive factors, got {scales}")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must lie in [0, 1], got {flip_p}")
+        self.flip_p = flip_p
+        self.image_fill = image_fill
+
+    def __call__(self, sample: Sample) -> Sample:
+        out = dict(sample)
+        height, width = out["image_rgb"].shape[-2:]
+        scale = self.scales[int(torch.randint(len(self.scales), ()))]
+        size = (max(1, int(height * scale)), max(1, int(width * scale)))
+        flip = bool(torch.rand(()) < self.flip_p)
+        crop_h, crop_w = self.crop_size
+        top = int(torch.randint(max(size[0] - crop_h, 0) + 1, ()))
+        left = int(torch.randint(max(size[1] - crop_w, 0) + 1, ()))
+        pad_h, pad_w = max(crop_h - size[0], 0), max(crop_w - size[1], 0)
+        padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)  # CMX: centred
+        for key, value in out.items():
+            if key.startswith("image"):
+                value = F.interpolate(value[None], size=size, mode="bilinear", align_corners=False)[0]
+                fill = self.image_fill
+            elif key.startswith("mask"):
+                value = F.interpolate(value[None, None].float(), size=size, mode="nearest")[0, 0].to(value.dtype)
+                fill = RGBDMM.ignore_index
+            else:
+                continue
+            if flip:
+                value = value.flip(-1)
+            value = value[..., top : top + crop_h, left : left + crop_w]
+            out[key] = F.pad(value, padding, value=fill)
+        return out
+
+
+class ResizedCropTransform:
+    """RandomResizedCrop + horizontal flip of one sample (paper B.2's "RandomResizedCrop and RandomHorizontalFlip").
+
+    kornia's ``RandomResizedCrop(crop_size, scale)`` and ``RandomHorizontalFlip`` with one set of
+    parameters for ``image_rgb``, ``image_hha`` and ``mask`` (nearest), on a batch of one so
+    samples of any size come out ``crop_size``.
+    """
+
+    def __init__(self, crop_size: Sequence[int], scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        self.crop_size = _pair(crop_size, "crop_size")
+        self.augmentation = PairedAugmentation(
+            K.RandomResizedCrop(self.crop_size, scale=scale), K.RandomHorizontalFlip(p=0.5)
+        )
+
+    def __call__(self, sample: Sample) -> Sample:
+        batch = {key: value[None] if is_data_key(key) else value for key, value in sample.items()}
+        with torch.no_grad():
+            out = self.augmentation(batch)
+        return {key: value[0] if is_data_key(key) else value for key, value in out.items()}
+
+
+class Compose:
+    """Apply sample transforms in order (picklable, for DataLoader workers)."""
+
+    def __init__(self, *transforms: Callable[[Sample], Sample]) -> None:
+        self.transforms = transforms
+
+    def __call__(self, sample: Sample) -> Sample:
+        for transform in self.transforms:
+            sample = transform(sample)
+        return sample
+
+
+def pad_collate(samples: list[Sample], image_fill: float = 0.0, ignore_index: int = 255) -> Sample:
+    """Stack samples of different sizes: pad each on the bottom and right to the largest size.
+
+    Images are padded with ``image_fill`` (0: the ImageNet mean after normalisation), masks with
+    ``ignore_index``, so padded pixels are neither trained on nor scored. Samples of one size are
+    stacked unchanged (``torch.utils.data.default_collate``).
+    """
+    sizes = {tuple(sample[key].shape[-2:]) for sample in samples for key in sample if is_data_key(key)}
+    if len(sizes) > 1:
+        height = max(size[0] for size in sizes)
+        width = max(size[1] for size in sizes)
+        padded = []
+        for sample in samples:
+            out = dict(sample)
+            for key, value in sample.items():
+                if is_data_key(key):
+                    fill = ignore_index if key.startswith("mask") else image_fill
+                    out[key] = F.pad(value, (0, width - value.shape[-1], 0, height - value.shape[-2]), value=fill)
+            padded.append(out)
+        samples = padded
+    return default_collate(samples)
+
+
+def _pair(size: Sequence[int], name: str) -> tuple[int, int]:
+    size = tuple(int(side) for side in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{name} must be (height, width) with positive sides, got {size}")
+    return size  # type: ignore[return-value]
+
+
 class RGBDMM(NonGeoDataset):
     """Indoor RGB + HHA (+ semantic mask) from CMX's SUN-RGBD / NYU-Depth v2 release.
 
@@ -62,22 +232,25 @@ class RGBDMM(NonGeoDataset):
 
     Sample keys:
 
-    * ``image_rgb``: float32 ``(3, H, W)`` in [0, 1] (divided by 255)
+    * ``image_rgb``: float32 ``(3, H, W)`` in [0, 1] (divided by 255; :class:`RGBDMMDataModule`
+      then applies ImageNet normalisation, as CMX)
     * ``image_hha``: float32 ``(3, H, W)`` in [0, 1]
     * ``mask`` (``include_mask=True``): int64 ``(H, W)``, classes ``0..N-1`` (N = 37 SUN-RGBD,
       40 NYUDv2) and :attr:`ignore_index` = 255 for unlabelled pixels. This is CMX's convention
       (``gt - 1`` on uint8 labels: label ``k`` becomes class ``k - 1``, label 0 wraps to 255).
 
-    SUN-RGBD images come in several sizes; every sample is resized to ``image_size`` (default
-    480 x 480 for SUN-RGBD, CMX's training size; NYUDv2's native 480 x 640) so samples batch:
-    bilinear with antialiasing for images, nearest for the mask.
+    SUN-RGBD images come in several sizes; by default every sample is resized to ``image_size``
+    (480 x 480 for SUN-RGBD, CMX's training size; NYUDv2's native 480 x 640) so samples batch:
+    bilinear with antialiasing for images, nearest for the mask. ``image_size="original"`` keeps
+    every sample at its native size (what :class:`RGBDMMDataModule` uses to follow CMX).
 
     Args:
         root: dataset directory (see layout).
         dataset: ``'sunrgbd'`` or ``'nyudv2'`` (sets the class count and default size).
         split: ``'train'``, ``'test'``, or ``'all'`` (train then test; the paper pretrains on
             all 10,335 SUN-RGBD pairs).
-        image_size: ``(height, width)`` of every sample; None: the dataset's default.
+        image_size: ``(height, width)`` of every sample; None: the dataset's default;
+            ``"original"``: no resizing (sizes vary on SUN-RGBD).
         include_mask: also read the label image (not needed for pretraining).
         transforms: callable applied to the finished sample dict.
 
@@ -97,21 +270,26 @@ class RGBDMM(NonGeoDataset):
         root: Path = "data",
         dataset: DatasetName = "sunrgbd",
         split: SplitName = "train",
-        image_size: Sequence[int] | None = None,
+        image_size: Sequence[int] | Literal["original"] | None = None,
         include_mask: bool = True,
         transforms: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
     ) -> None:
-        if dataset not in self.num_classes_of:
-            raise ValueError(f"dataset must be one of {sorted(self.num_classes_of)}, got {dataset!r}")
+        check_dataset(dataset)
         if split not in ("train", "test", "all"):
             raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
         self.root = root
         self.dataset = dataset
         self.split = split
         self.num_classes = self.num_classes_of[dataset]
-        self.image_size = tuple(image_size) if image_size is not None else self.default_size[dataset]
-        if len(self.image_size) != 2:
-            raise ValueError(f"image_size must be (height, width), got {image_size}")
+        self.image_size: tuple[int, ...] | None
+        if isinstance(image_size, str):
+            if image_size != "original":
+                raise ValueError(f"image_size must be (height, width), None or 'original', got {image_size!r}")
+            self.image_size = None
+        else:
+            self.image_size = tuple(image_size) if image_size is not None else self.default_size[dataset]
+            if len(self.image_size) != 2 or min(self.image_size) < 1:
+                raise ValueError(f"image_size must be (height, width) with positive sides, got {image_size}")
         self.include_mask = include_mask
         self.transforms = transforms
         self._verify()
@@ -174,7 +352,7 @@ class RGBDMM(NonGeoDataset):
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-        if tuple(tensor.shape[-2:]) != self.image_size:
+        if self.image_size is not None and tuple(tensor.shape[-2:]) != self.image_size:
             resized = F.interpolate(
                 tensor[None], size=self.image_size, mode="bilinear", align_corners=False, antialias=True
             )
@@ -191,7 +369,7 @@ class RGBDMM(NonGeoDataset):
                 f"{path}: label {int(labels.max())} exceeds {self.num_classes} classes of "
                 f"dataset={self.dataset!r}; is dataset= set right?"
             )
-        if tuple(labels.shape) != self.image_size:
+        if self.image_size is not None and tuple(labels.shape) != self.image_size:
             labels = F.interpolate(labels[None, None].float(), size=self.image_size, mode="nearest-exact")[0, 0].long()
         return torch.where(labels == 0, torch.full_like(labels, self.ignore_index), labels - 1)
 
@@ -224,6 +402,7 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
         split: SplitName = "train",
         image_size: tuple[int, int] | None = None,
     ) -> None:
+        check_dataset(dataset)
         super().__init__(
             RGBDMM,  # type: ignore[arg-type]
             batch_size,
@@ -242,24 +421,55 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
 class RGBDMMDataModule(NonGeoDataModule):
     """SUN-RGBD / NYU-Depth v2 RGB + HHA semantic segmentation (paper Section 4, B.2).
 
-    Training batches get RandomResizedCrop(``crop_size``, scale 0.2-1) and a random horizontal
-    flip on the device, with identical parameters for ``image_rgb``, ``image_hha`` and ``mask``
-    (nearest for the mask). CMX's releases have train and test lists only: with
-    ``val_fraction=0`` (default) validation runs on the test split, as CMX evaluates; with
-    ``val_fraction > 0`` a seeded share of the training list is held out instead (disjoint from
-    the training subset). Test batches always come from the test split. Evaluation batches are
-    not augmented.
+    The paper's CMX runs "follow the same settings of CMX" (B.2); by default this module follows
+    CMX's released pipeline (github.com/huaaaliu/RGBX_Semantic_Segmentation, ``config.py``,
+    ``dataloader/dataloader.py``, ``engine/evaluator.py``):
+
+    * **Training** (``augmentation="cmx"``, :class:`CMXTrainTransform`): per sample, a scale drawn
+      from ``scales`` (0.5, 0.75, ..., 1.75), a horizontal flip (p = 0.5) and a random
+      ``crop_size`` crop (480 x 480 SUN-RGBD, 480 x 640 NYUDv2), padded with the ignore label
+      where the scaled image is smaller.
+      ``augmentation="resized_crop"`` (:class:`ResizedCropTransform`): RandomResizedCrop(``crop_size``,
+      scale 0.2-1) + horizontal flip per sample, the paper's wording for its FCN runs (B.2).
+    * **Normalisation** (``normalization="imagenet"``): RGB and HHA both minus the ImageNet mean,
+      divided by its std, as CMX; ``"none"`` keeps both in [0, 1].
+    * **Evaluation** at the original image size: validation and test samples are not resized
+      (unless ``image_size`` is set) and come in batches of ``eval_batch_size`` = 1, so every
+      pixel of every test image is predicted once, on the whole image at a single scale, and
+      scored once. Larger ``eval_batch_size``: samples are padded on the bottom and right to the
+      largest in the batch (images with 0, the mask with 255 = ignored), so metrics still count
+      each original pixel once, but predictions near the border may change with the padding.
+      Predictions (``predict_step``) of a padded batch cover the padding too. Under a
+      distributed strategy each evaluation image goes to exactly one process
+      (Lightning's ``UnrepeatedDistributedSampler``), where Lightning's default sampler would
+      repeat a few images to even out the processes.
+      CMX evaluates whole images when a side is at most its crop size (all of NYUDv2) and
+      otherwise with a sliding 480 x 480 window (stride 2/3) -- some SUN-RGBD images; not
+      reproduced here.
+
+    The segmentation module pads its input to a multiple of 32 and crops the logits back, so any
+    size works. CMX's releases have train and test lists only: with ``val_fraction=0`` (default)
+    validation runs on the test split, as CMX evaluates; with ``val_fraction > 0`` a seeded share
+    of the training list is held out instead (disjoint from the training subset, evaluated
+    without augmentation). Test batches always come from the test split. Augmentation and
+    normalisation run in the DataLoader (per sample), not on the device.
 
     Batch keys: ``image_rgb``, ``image_hha``, ``mask`` (255 = ignore); :attr:`num_classes` is 37
     (SUN-RGBD) or 40 (NYUDv2).
 
     Args:
         root: dataset directory (see :class:`RGBDMM`).
-        batch_size: samples per batch (8 in the paper's FCN runs).
+        batch_size: training samples per batch (8 in the paper and CMX).
         num_workers: DataLoader worker processes.
         dataset: ``'sunrgbd'`` or ``'nyudv2'``.
-        image_size: ``(height, width)`` of samples; None: the dataset's default.
-        crop_size: ``(height, width)`` of the training crops; None: ``image_size``.
+        augmentation: ``"cmx"`` (default) or ``"resized_crop"`` (see above).
+        image_size: None (default): samples keep their original size; ``(height, width)``:
+            every sample of every split is first resized (stretched) to it.
+        crop_size: ``(height, width)`` of the training crops; None: CMX's (480 x 480 SUN-RGBD,
+            480 x 640 NYUDv2).
+        scales: scale factors drawn by ``augmentation="cmx"``.
+        normalization: ``"imagenet"`` (default, CMX) or ``"none"`` (inputs in [0, 1]).
+        eval_batch_size: validation/test/predict samples per batch (1: no padding).
         val_fraction: share of the training list held out for validation; 0 validates on test.
         seed: seed of the held-out share.
     """
@@ -272,30 +482,72 @@ class RGBDMMDataModule(NonGeoDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         dataset: DatasetName = "sunrgbd",
+        augmentation: Literal["cmx", "resized_crop"] = "cmx",
         image_size: tuple[int, int] | None = None,
         crop_size: tuple[int, int] | None = None,
+        scales: Sequence[float] = CMX_SCALES,
+        normalization: Literal["imagenet", "none"] = "imagenet",
+        eval_batch_size: int = 1,
         val_fraction: float = 0.0,
         seed: int = 0,
     ) -> None:
+        check_dataset(dataset)
+        if augmentation not in ("cmx", "resized_crop"):
+            raise ValueError(f"augmentation must be 'cmx' or 'resized_crop', got {augmentation!r}")
+        if normalization not in ("imagenet", "none"):
+            raise ValueError(f"normalization must be 'imagenet' or 'none', got {normalization!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, got {eval_batch_size}")
         super().__init__(
             RGBDMM,  # type: ignore[arg-type]
             batch_size,
             num_workers,
             root=root,
             dataset=dataset,
-            image_size=image_size,
+            image_size=_pair(image_size, "image_size") if image_size is not None else "original",
         )
         self.num_classes = RGBDMM.num_classes_of[dataset]
+        self.augmentation = augmentation
+        self.normalization = normalization
         self.val_fraction = val_fraction
         self.seed = seed
-        size = crop_size or image_size or RGBDMM.default_size[dataset]
-        self.train_aug = PairedAugmentation(
-            K.RandomResizedCrop(tuple(size), scale=(0.2, 1.0)),
-            K.RandomHorizontalFlip(p=0.5),
+        self.crop_size = _pair(crop_size or CMX_CROP_SIZE[dataset], "crop_size")
+        train_transform: Callable[[Sample], Sample] = (
+            CMXTrainTransform(self.crop_size, scales)
+            if augmentation == "cmx"
+            else ResizedCropTransform(self.crop_size)
         )
+        if normalization == "imagenet":
+            # Normalised first, so that CMX's padding value 0 is the mean colour, as in CMX.
+            self.train_transform: Callable[[Sample], Sample] = Compose(ImageNetNormalize(), train_transform)
+            self.eval_transform: Callable[[Sample], Sample] | None = ImageNetNormalize()
+        else:
+            self.train_transform, self.eval_transform = train_transform, None
+        self.val_batch_size = self.test_batch_size = self.predict_batch_size = eval_batch_size
+        self.collate_fn = pad_collate
+        # Everything runs per sample in the DataLoader: no batch augmentation on the device.
         self.aug = PairedAugmentation()
+
+    def _dataloader_factory(self, split: str) -> DataLoader[dict[str, Tensor]]:
+        """torchgeo's loaders; evaluation loaders shard without repeats when distributed."""
+        trainer = self.trainer
+        world_size = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if split == "train" or world_size <= 1:
+            return super()._dataloader_factory(split)
+        dataset = self._valid_attribute(f"{split}_dataset", "dataset")
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=False  # type: ignore[union-attr]
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self._valid_attribute(f"{split}_batch_size", "batch_size"),
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def split_indices(self, num_train: int) -> tuple[list[int], list[int]]:
         """Indices of the training list kept for training and held out for validation."""
@@ -307,9 +559,14 @@ class RGBDMMDataModule(NonGeoDataModule):
     def setup(self, stage: str) -> None:
         """Create the training subset, the validation set and the test split."""
         if stage in ("fit", "validate"):
-            train = RGBDMM(split="train", **self.kwargs)
+            train = RGBDMM(split="train", transforms=self.train_transform, **self.kwargs)
             train_indices, val_indices = self.split_indices(len(train))
             self.train_dataset = Subset(train, train_indices)
-            self.val_dataset = Subset(train, val_indices) if val_indices else RGBDMM(split="test", **self.kwargs)
-        if stage == "test":
-            self.test_dataset = RGBDMM(split="test", **self.kwargs)
+            if val_indices:
+                held_out = RGBDMM(split="train", transforms=self.eval_transform, **self.kwargs)
+                self.val_dataset = Subset(held_out, val_indices)
+            else:
+                self.val_dataset = RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs)
+        if stage in ("test", "predict"):
+            self.test_dataset = RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs)
+            self.predict_dataset = self.test_dataset

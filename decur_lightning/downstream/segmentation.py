@@ -82,6 +82,11 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         poly_power: exponent of the poly schedule (0.9).
         warmup_epochs: linear warm-up length (CMX: 10 epochs), before the schedule.
         size_divisor: inputs are padded to a multiple of this (the encoders' output stride).
+        test_scales: scales of the test (and predict) inputs whose class probabilities are
+            averaged at the input size; ``(1.0,)`` (default): single scale. CMX's multi-scale
+            evaluation, behind its "MS & Flip" numbers (the CMX rows of the paper's Table 3):
+            ``(0.75, 1.0, 1.25)`` with ``test_flip=True``. Validation stays single-scale.
+        test_flip: also average the predictions of the left-right mirrored inputs (mirrored back).
 
     Example:
         >>> model = MultimodalSegmentationModule("resnet18", "resnet18", in_channels1=3, in_channels2=1,
@@ -116,6 +121,8 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         poly_power: float = 0.9,
         warmup_epochs: float = 0.0,
         size_divisor: int = 32,
+        test_scales: Sequence[float] = (1.0,),
+        test_flip: bool = False,
     ) -> None:
         super().__init__()
         if head not in ("fcn", "cmx"):
@@ -130,6 +137,8 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             raise ValueError("head='cmx' fuses two modalities: set modality2 (or use head='fcn' for one modality).")
         if num_classes < 2 or size_divisor < 1:
             raise ValueError(f"Need num_classes >= 2 and size_divisor >= 1; got {num_classes}, {size_divisor}.")
+        if not test_scales or min(test_scales) <= 0:
+            raise ValueError(f"test_scales must be non-empty positive factors, e.g. [1.0]; got {test_scales}.")
         self.save_hyperparameters()
         self.configure_encoders(freeze_encoders=mode == "frozen")
         for encoder in self.encoders:
@@ -180,6 +189,33 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             logits = self.head(levels, padded_size)
         return logits[..., :height, :width]
 
+    def test_logits(self, inputs: Sequence[Tensor]) -> Tensor:
+        """Logits for testing: :meth:`forward`, or over ``test_scales`` / ``test_flip`` (CMX's MS & flip).
+
+        With several views, each view's softmax probabilities are resized (bilinear) to the
+        input size and averaged; the log of the average is returned (its argmax is the
+        prediction, and cross-entropy on it is the loss). CMX sums ``exp`` of the logits instead
+        of softmax probabilities (``engine/evaluator.py``).
+        """
+        scales, flip = tuple(self.hparams.test_scales), self.hparams.test_flip
+        if scales == (1.0,) and not flip:
+            return self(inputs)
+        size = tuple(inputs[0].shape[-2:])
+        total: Tensor | None = None
+        for scale in scales:
+            scaled = [
+                x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                for x in inputs
+            ]
+            for mirrored in (False, True) if flip else (False,):
+                view = [x.flip(-1) for x in scaled] if mirrored else scaled
+                logits = self(view)
+                logits = logits.flip(-1) if mirrored else logits
+                probabilities = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(1)
+                total = probabilities if total is None else total + probabilities
+        assert total is not None
+        return (total / (len(scales) * (2 if flip else 1))).clamp_min(1e-12).log()
+
     def get_target(self, batch: dict[str, Any]) -> Tensor:
         """The batch's ``mask`` ``(N, H, W)`` as int64."""
         if "mask" not in batch:
@@ -198,7 +234,7 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             raise ValueError(
                 f"mask {tuple(target.shape)} and images {tuple(inputs[0].shape)} differ in size."
             )
-        logits = self(inputs)
+        logits = self.test_logits(inputs) if stage == "test" else self(inputs)
         loss = self.criterion(logits, target)
         batch_size = target.shape[0]
         self.log(f"{stage}/loss", loss, batch_size=batch_size, on_step=stage == "train", on_epoch=True, prog_bar=True)
@@ -218,8 +254,8 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         return self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Predicted class per pixel ``(N, H, W)``."""
-        return self(self.get_inputs(batch)).argmax(dim=1)
+        """Predicted class per pixel ``(N, H, W)`` (over ``test_scales`` / ``test_flip``)."""
+        return self.test_logits(self.get_inputs(batch)).argmax(dim=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD; constant or poly learning rate after an optional linear warm-up."""
