@@ -17,6 +17,12 @@ class EpochSeededRandomSampler(RandomSampler):
     epoch-end checkpoint visits the data in exactly the order of an uninterrupted run. Under a
     distributed strategy Lightning replaces it by its ``DistributedSampler`` (which is seeded
     per epoch in the same way).
+
+    Epoch-indexed data sets: if ``data_source.epoch_indexed`` is true, the sampler yields
+    ``epoch * len(data_source) + i`` instead of ``i``, so that the data set can draw per-sample
+    randomness (e.g. SSL4EO-S12 seasons) as a pure function of (seed, epoch, index), also in
+    DataLoader worker processes, which never see :meth:`set_epoch`. Such a data set decodes the
+    index with ``divmod(index, len(self))``.
     """
 
     def __init__(self, data_source: Sized, seed: int = 0) -> None:
@@ -30,4 +36,7 @@ class EpochSeededRandomSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        length = len(self.data_source)
+        offset = self.epoch * length if getattr(self.data_source, "epoch_indexed", False) else 0
+        for index in torch.randperm(length, generator=generator).tolist():
+            yield offset + index
