@@ -23,7 +23,7 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchgeo.datamodules import NonGeoDataModule
 
 from .samplers import EpochSeededRandomSampler
@@ -288,13 +288,15 @@ class ReadErrorGuard(torch.utils.data.Dataset):
     The count is kept per process: with ``num_workers > 0`` each DataLoader worker counts the
     samples it read.
 
-    To name the culprit, the wrapped data set may define ``sample_files(index) -> list[str]``;
+    To name the culprit, the wrapped data set (or the data set under a
+    :class:`~torch.utils.data.Subset`) may define ``sample_files(index) -> list[str]``;
     on an error those files are opened and read to find the unreadable ones (only on the error
     path). Errors caught: :class:`OSError` (rasterio's ``RasterioIOError`` is one, so is PIL's)
     and rasterio's ``RasterioError``.
 
-    The wrapper forwards attribute access to the wrapped data set and keeps its
-    ``epoch_indexed`` protocol (see :class:`~decur_lightning.datamodules.samplers.EpochSeededRandomSampler`).
+    The wrapped data set is :attr:`guarded`; other attribute access is forwarded to it (so a
+    guarded :class:`~torch.utils.data.Subset` still has ``indices`` and ``dataset``), and its
+    ``epoch_indexed`` protocol is kept (see :class:`~decur_lightning.datamodules.samplers.EpochSeededRandomSampler`).
 
     Args:
         dataset: the data set to guard.
@@ -312,7 +314,7 @@ class ReadErrorGuard(torch.utils.data.Dataset):
         name: str | None = None,
     ) -> None:
         check_read_error_policy(on_read_error, max_read_errors)
-        self.dataset = dataset
+        self.guarded = dataset
         self.on_read_error = on_read_error
         self.max_read_errors = max_read_errors
         self.name = name or type(dataset).__name__
@@ -320,15 +322,18 @@ class ReadErrorGuard(torch.utils.data.Dataset):
         """Unreadable sample index (within the epoch) -> its unreadable files, in this process."""
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.guarded)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not yet set (e.g. during unpickling): avoid infinite recursion
+        if name == "guarded":  # not yet set (e.g. during unpickling): avoid infinite recursion
             raise AttributeError(name)
-        return getattr(self.dataset, name)
+        return getattr(self.guarded, name)
 
-    def _culprits(self, index: int, error: BaseException) -> list[str]:
-        sample_files = getattr(self.dataset, "sample_files", None)
+    def _culprits(self, index: int) -> list[str]:
+        dataset = self.guarded
+        while isinstance(dataset, Subset):  # look through subsets to the file-backed data set
+            index, dataset = dataset.indices[index], dataset.dataset
+        sample_files = getattr(dataset, "sample_files", None)
         if sample_files is None:
             return []
         try:
@@ -337,15 +342,15 @@ class ReadErrorGuard(torch.utils.data.Dataset):
             return []
 
     def __getitem__(self, index: int) -> Any:
-        length = len(self.dataset)
-        epoch, position = divmod(index, length) if getattr(self.dataset, "epoch_indexed", False) else (0, index)
+        length = len(self.guarded)
+        epoch, position = divmod(index, length) if getattr(self.guarded, "epoch_indexed", False) else (0, index)
         for offset in range(length):
             key = (position + offset) % length
             candidate = epoch * length + key
             try:
-                return self.dataset[candidate]
+                return self.guarded[candidate]
             except (RasterioError, OSError) as error:
-                culprits = self._culprits(candidate, error)
+                culprits = self._culprits(candidate)
                 files = ", ".join(culprits) if culprits else "(file not identified; see the error above)"
                 where = f"sample {key} of {self.name}"
                 if self.on_read_error == "raise":
