@@ -25,7 +25,7 @@ from decur_lightning.datamodules._common import (
     seeded_subset,
     unreadable_files,
 )
-from decur_lightning.datamodules.samplers import EpochSeededRandomSampler
+from decur_lightning.datamodules.samplers import EpochIndex, EpochSeededRandomSampler
 
 
 def test_scale_mean_std_maps_two_std_range_to_unit_interval() -> None:
@@ -165,13 +165,13 @@ class FlakyFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def sample_files(self, index: int) -> list[str]:
-        return [str(self.files[index % len(self)])]
+        return [str(self.files[index])]
 
     def __getitem__(self, index: int) -> int:
         import rasterio
 
-        with rasterio.open(self.files[index % len(self)]) as src:
-            return int(src.read()[0, 0, 0]) + 1000 * (index // len(self))
+        with rasterio.open(self.files[index]) as src:
+            return int(src.read()[0, 0, 0]) + 1000 * getattr(index, "epoch", 0)
 
 
 @pytest.fixture
@@ -223,8 +223,8 @@ def test_guard_keeps_epoch_and_looks_through_subsets(files: list[Path]) -> None:
     epoch_guard = ReadErrorGuard(FlakyFiles(files, epoch_indexed=True), on_read_error="skip")
     assert epoch_guard.epoch_indexed
     with pytest.warns(RuntimeWarning):
-        assert epoch_guard[2 * 5 + 3] == 2000 + 4  # epoch 2, sample 3 -> sample 4 of epoch 2
-        assert epoch_guard[2 * 5 + 4] == 2000 + 4
+        assert epoch_guard[EpochIndex(3, epoch=2)] == 2000 + 4  # sample 3 -> sample 4, same epoch
+        assert epoch_guard[EpochIndex(4, epoch=2)] == 2000 + 4
     subset_guard = ReadErrorGuard(Subset(FlakyFiles(files), [4, 3, 0]), name="Flaky subset")
     assert subset_guard.indices == [4, 3, 0]  # attributes of the wrapped Subset stay reachable
     with pytest.raises(OSError, match=r"sample 1 of Flaky subset: unreadable file\(s\) .*3\.tif"):
@@ -259,4 +259,14 @@ def test_sampler_encodes_the_epoch_only_for_epoch_indexed_data(files: list[Path]
         indexed.set_epoch(epoch)
         order = list(plain)
         assert sorted(order) == list(range(5))
-        assert list(indexed) == [epoch * 5 + i for i in order]
+        drawn = list(indexed)
+        assert drawn == order and all(type(i) is EpochIndex and i.epoch == epoch for i in drawn)
+        assert all(type(i) is int for i in order)
+
+
+def test_epoch_index_is_an_int_that_keeps_its_epoch_through_pickling() -> None:
+    index = EpochIndex(7, epoch=3)
+    assert index == 7 and hash(index) == hash(7) and [10 * i for i in range(9)][index] == 70
+    copy = pickle.loads(pickle.dumps(index))
+    assert type(copy) is EpochIndex and copy == 7 and copy.epoch == 3
+    assert repr(copy) == "EpochIndex(7, epoch=3)"

@@ -11,6 +11,7 @@ from data_factories import SSL4EO_SEASON_DATES, make_ssl4eo_s12, ssl4eo_s1_value
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import SSL4EOS12MM, SSL4EOS12MMDataModule
+from decur_lightning.datamodules.samplers import EpochIndex
 
 LOCATIONS = (0, 1, 2, 7)
 
@@ -69,7 +70,7 @@ def test_seasons_are_drawn_independently_per_modality(root: Path) -> None:
     dataset = SSL4EOS12MM(root, normalize=False)
     draws = []
     for epoch in range(12):
-        sample = dataset[epoch * len(dataset) + 1]
+        sample = dataset[EpochIndex(1, epoch)]
         assert int(sample["location"]) == dataset.locations[1]
         draws.append((decode_s1(sample["image_s1"])[1], decode_s2(sample["image_s2"])[1]))
     s1_seasons, s2_seasons = zip(*draws)
@@ -91,7 +92,7 @@ def test_season_draws_do_not_use_the_global_rngs(root: Path) -> None:
 
 def test_season_per_view_keys_shapes_and_pixels(root: Path) -> None:
     dataset = SSL4EOS12MM(root, normalize=False, season_per_view=True, seed=3)
-    for index in (0, len(dataset) + 1, 5 * len(dataset) + 3):
+    for index in (0, EpochIndex(1, 1), EpochIndex(3, 5)):
         sample = dataset[index]
         epoch, location = dataset.decode_index(index)
         assert set(sample) == {"location", "image_s1", "image_s2", "t_s1", "t_s2", "image2_s1", "image2_s2", "t2_s1", "t2_s2"}
@@ -107,8 +108,10 @@ def test_season_per_view_keys_shapes_and_pixels(root: Path) -> None:
                 decode(sample[f"image_{name}"])[1] == decode(sample[f"image2_{name}"])[1]
             )
     # the first view is the same with and without season_per_view
-    plain = SSL4EOS12MM(root, normalize=False, seed=3)[len(dataset) + 1]
-    assert torch.equal(plain["image_s2"], dataset[len(dataset) + 1]["image_s2"])
+    plain = SSL4EOS12MM(root, normalize=False, seed=3)[EpochIndex(1, 1)]
+    assert torch.equal(plain["image_s2"], dataset[EpochIndex(1, 1)]["image_s2"])
+    with pytest.raises(IndexError, match="out of range"):
+        dataset[len(dataset)]
 
 
 def test_season_draws_cover_all_combinations_independently(root: Path) -> None:
@@ -148,7 +151,8 @@ def test_invalid_seed_rejected(root: Path) -> None:
 
 def test_datamodule_sampler_passes_the_epoch_and_resumes_identically(root: Path) -> None:
     """Seasons depend on (seed, epoch, index) only: a fresh datamodule with the same seed, set to
-    epoch 2, reads what the first one read in epoch 2 (as after a resume); epochs differ."""
+    epoch 2, reads what the first one read in epoch 2 (as after a resume), also in a DataLoader
+    worker; epochs differ."""
 
     def epoch_seasons(datamodule: SSL4EOS12MMDataModule, epoch: int) -> dict[int, tuple[int, ...]]:
         loader = datamodule.train_dataloader()
@@ -168,7 +172,8 @@ def test_datamodule_sampler_passes_the_epoch_and_resumes_identically(root: Path)
     by_epoch = [epoch_seasons(first, epoch) for epoch in range(3)]
     assert len({tuple(sorted(seasons.items())) for seasons in by_epoch}) > 1
     torch.manual_seed(11)
-    resumed = SSL4EOS12MMDataModule(root, batch_size=2, season_per_view=True, normalize=False)
+    # read in a worker process this time: the epoch travels with the index, not the worker's RNG
+    resumed = SSL4EOS12MMDataModule(root, batch_size=2, season_per_view=True, normalize=False, num_workers=1)
     resumed.setup("fit")
     assert resumed.shuffle_seed == first.shuffle_seed
     assert epoch_seasons(resumed, 2) == by_epoch[2]
@@ -209,7 +214,7 @@ def test_unreadable_geotiff_raise_names_the_file_and_skip_replaces_it(tmp_path: 
     with pytest.warns(RuntimeWarning, match=str(bad)):
         sample = dataset[1]
     assert int(sample["location"]) == 2  # the next readable one
-    assert dataset[3 + 1]["location"] == 2  # epoch 1: replaced within the epoch
+    assert dataset[EpochIndex(1, epoch=1)]["location"] == 2  # the replacement keeps the epoch
     assert dataset.skipped == {1: [str(bad)]}
     assert [int(dataset[i]["location"]) for i in (0, 2)] == [0, 2]
 

@@ -26,7 +26,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Subset
 from torchgeo.datamodules import NonGeoDataModule
 
-from .samplers import EpochSeededRandomSampler
+from .samplers import EpochIndex, EpochSeededRandomSampler
 
 MODALITY_KINDS = ("optical", "sar", "dem", "rgb", "hha")
 """Augmentation kinds understood by DeCURModule's per-modality view pipelines (Appendix B.1)."""
@@ -282,8 +282,8 @@ class ReadErrorGuard(torch.utils.data.Dataset):
     ``on_read_error='raise'`` re-raises the reader's error as an :class:`OSError` that names the
     data set, the sample index and the unreadable file(s), and says how to skip them.
     ``on_read_error='skip'`` replaces the sample by the next readable one (index ``i + 1``, ``i + 2``,
-    ... modulo the length, within the same epoch for epoch-indexed data sets), so the replacement
-    is deterministic; it warns once per unreadable sample naming the file(s), counts the distinct
+    ... modulo the length; an :class:`~decur_lightning.datamodules.samplers.EpochIndex` keeps its
+    epoch), so the replacement is deterministic; it warns once per unreadable sample naming the file(s), counts the distinct
     unreadable samples in :attr:`skipped` and raises once more than ``max_read_errors`` were seen.
     The count is kept per process: with ``num_workers > 0`` each DataLoader worker counts the
     samples it read.
@@ -295,8 +295,9 @@ class ReadErrorGuard(torch.utils.data.Dataset):
     and rasterio's ``RasterioError``.
 
     The wrapped data set is :attr:`guarded`; other attribute access is forwarded to it (so a
-    guarded :class:`~torch.utils.data.Subset` still has ``indices`` and ``dataset``), and its
-    ``epoch_indexed`` protocol is kept (see :class:`~decur_lightning.datamodules.samplers.EpochSeededRandomSampler`).
+    guarded :class:`~torch.utils.data.Subset` still has ``indices`` and ``dataset``, and the
+    ``epoch_indexed`` flag of :class:`~decur_lightning.datamodules.samplers.EpochSeededRandomSampler`
+    is seen through the guard).
 
     Args:
         dataset: the data set to guard.
@@ -343,10 +344,10 @@ class ReadErrorGuard(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Any:
         length = len(self.guarded)
-        epoch, position = divmod(index, length) if getattr(self.guarded, "epoch_indexed", False) else (0, index)
+        epoch = getattr(index, "epoch", None)
         for offset in range(length):
-            key = (position + offset) % length
-            candidate = epoch * length + key
+            key = (int(index) + offset) % length
+            candidate = key if epoch is None else EpochIndex(key, epoch)
             try:
                 return self.guarded[candidate]
             except (RasterioError, OSError) as error:

@@ -75,11 +75,11 @@ class SSL4EOS12MM(NonGeoDataset):
     ``numpy.random.default_rng([seed, epoch, location, modality number, view])`` choosing
     ``seasons`` of the location's scene folders (sorted by name, i.e. by date) without
     replacement. They do not depend on Python's or a worker's RNG, so a run resumed mid-epoch
-    reads the same seasons. The epoch comes in through the index (:attr:`epoch_indexed`): the
+    reads the same seasons. The epoch comes in with the index (:attr:`epoch_indexed`): the
     datamodule's :class:`~decur_lightning.datamodules.samplers.EpochSeededRandomSampler` yields
-    ``epoch * len(self) + i``; a plain index ``i < len(self)`` is epoch 0. (Under a distributed
-    strategy Lightning replaces that sampler by its ``DistributedSampler``, whose plain indices
-    make every epoch draw the seasons of epoch 0.)
+    :class:`~decur_lightning.datamodules.samplers.EpochIndex` values carrying it; a plain ``int``
+    index is epoch 0. (Under a distributed strategy Lightning replaces that sampler by its
+    ``DistributedSampler``, whose plain indices make every epoch draw the seasons of epoch 0.)
 
     Season per view (``season_per_view=True``, the authors' released code,
     ``TwoCropsTransform_SSL4EO(season='augment')``, which draws ``np.random.choice([0,1,2,3])``
@@ -133,7 +133,7 @@ class SSL4EOS12MM(NonGeoDataset):
     """Output modality name -> torchgeo ``SSL4EOS12`` split."""
 
     epoch_indexed: ClassVar[bool] = True
-    """Indices may carry the epoch: ``epoch * len(self) + i`` (see the class docstring)."""
+    """Indices may carry the epoch (:class:`~decur_lightning.datamodules.samplers.EpochIndex`)."""
 
     def __init__(
         self,
@@ -205,11 +205,10 @@ class SSL4EOS12MM(NonGeoDataset):
         return len(self.locations)
 
     def decode_index(self, index: int) -> tuple[int, int]:
-        """``(epoch, location index)`` of an index ``epoch * len(self) + i``."""
-        if index < 0:
-            raise IndexError(f"index {index} is negative")
-        epoch, position = divmod(int(index), len(self))
-        return epoch, self.locations[position]
+        """``(epoch, location)`` of an index (an ``EpochIndex`` carries its epoch; an ``int`` is epoch 0)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {int(index)} out of range for {len(self)} locations")
+        return int(getattr(index, "epoch", 0)), self.locations[int(index)]
 
     def scene_folders(self, split: str, location: int) -> list[str]:
         """The scene folders of ``location`` for torchgeo split ``split``, sorted by name (date)."""
@@ -255,7 +254,7 @@ class SSL4EOS12MM(NonGeoDataset):
         """Return S1 and S2 of a location, seasons drawn independently per modality (and view).
 
         Args:
-            index: ``i`` or ``epoch * len(self) + i`` for location ``self.locations[i]``.
+            index: ``i`` (epoch 0) or ``EpochIndex(i, epoch)`` for location ``self.locations[i]``.
         """
         epoch, location = self.decode_index(index)
         sample: dict[str, Tensor] = {"location": torch.tensor(location)}
