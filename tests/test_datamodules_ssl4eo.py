@@ -169,8 +169,8 @@ def test_datamodule_sampler_passes_the_epoch_and_resumes_identically(root: Path)
     torch.manual_seed(11)
     first = SSL4EOS12MMDataModule(root, batch_size=2, season_per_view=True, normalize=False)
     first.setup("fit")
-    by_epoch = [epoch_seasons(first, epoch) for epoch in range(3)]
-    assert len({tuple(sorted(seasons.items())) for seasons in by_epoch}) > 1
+    by_epoch = {epoch: epoch_seasons(first, epoch) for epoch in (0, 2)}
+    assert by_epoch[0] != by_epoch[2]
     torch.manual_seed(11)
     # read in a worker process this time: the epoch travels with the index, not the worker's RNG
     resumed = SSL4EOS12MMDataModule(root, batch_size=2, season_per_view=True, normalize=False, num_workers=1)

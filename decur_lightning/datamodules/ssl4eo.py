@@ -266,11 +266,13 @@ class SSL4EOS12MM(NonGeoDataset):
                     f"{os.path.join(self.root, split, f'{location:07d}')} holds {len(scenes)} scene folder(s), "
                     f"fewer than seasons={self.seasons}"
                 )
+            read: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # a season drawn twice is read once
             for view, (image_key, time_key) in enumerate(views):
-                chosen = self.draw_seasons(epoch, location, modality, view, len(scenes))
-                image, times = self._read_scenes(split, [scenes[i] for i in chosen])
-                if self.normalize:
-                    image = self._normalize(name, image)
+                chosen = tuple(self.draw_seasons(epoch, location, modality, view, len(scenes)))
+                if chosen not in read:
+                    image, times = self._read_scenes(split, [scenes[i] for i in chosen])
+                    read[chosen] = (self._normalize(name, image) if self.normalize else image, times)
+                image, times = read[chosen]
                 sample[f"{image_key}_{name}"] = image
                 sample[f"{time_key}_{name}"] = times
         if self.transforms is not None:
