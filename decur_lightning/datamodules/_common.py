@@ -281,10 +281,11 @@ class ReadErrorGuard(torch.utils.data.Dataset):
 
     ``on_read_error='raise'`` re-raises the reader's error as an :class:`OSError` that names the
     data set, the sample index and the unreadable file(s), and says how to skip them.
-    ``on_read_error='skip'`` replaces the sample by the next readable one (index ``i + 1``, ``i + 2``,
-    ... modulo the length; an :class:`~decur_lightning.datamodules.samplers.EpochIndex` keeps its
-    epoch), so the replacement is deterministic; it warns once per unreadable sample naming the file(s), counts the distinct
-    unreadable samples in :attr:`skipped` and raises once more than ``max_read_errors`` were seen.
+    ``on_read_error='skip'`` replaces the sample by the next readable one (index ``i + 1``,
+    ``i + 2``, ... modulo the length; an :class:`~decur_lightning.datamodules.samplers.EpochIndex`
+    keeps its epoch), so the replacement is deterministic; it warns once per unreadable sample
+    naming the file(s), counts the distinct unreadable samples in :attr:`skipped` and raises once
+    more than ``max_read_errors`` were seen.
     The count is kept per process: with ``num_workers > 0`` each DataLoader worker counts the
     samples it read.
 

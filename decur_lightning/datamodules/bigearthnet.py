@@ -44,7 +44,8 @@ def check_num_classes(num_classes: int) -> None:
     """Refuse a class count BigEarthNet has no label set for (torchgeo only asserts)."""
     if num_classes not in NUM_CLASSES:
         raise ValueError(
-            f"num_classes must be 19 (the paper's nomenclature) or 43 (BigEarthNet's original labels), got {num_classes!r}"
+            "num_classes must be 19 (the paper's nomenclature) or 43 (BigEarthNet's original labels), "
+            f"got {num_classes!r}"
         )
 
 S1_BANDS: tuple[str, ...] = ("VV", "VH")
