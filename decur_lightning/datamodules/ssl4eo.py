@@ -1,9 +1,12 @@
 """SSL4EO-S12 Sentinel-1/Sentinel-2 pairs for SAR-optical DeCUR pretraining (paper Section 4, B.1).
 
 torchgeo 0.8.1's :class:`~torchgeo.datasets.SSL4EOS12` serves one modality per instance. This
-module pairs two of them (``s1`` and ``s2c``) by location index: download, extraction, checksum
-and file reading are torchgeo's; what is added here is the pairing, a length computed from the
-location folders on disk (torchgeo's is hard-coded to 251,079) and the paper's normalisation.
+module pairs two of them (``s1`` and ``s2c``) by location index: download, extraction, checksum,
+band lists and scene-name parsing are torchgeo's; what is added here is the pairing, a length
+computed from the location folders on disk (torchgeo's is hard-coded to 251,079), the paper's
+normalisation and season draws that are a pure function of (seed, epoch, location) (torchgeo draws
+with Python's global ``random``), optionally one per view as in the authors' released code. The
+scenes are read here, the way torchgeo reads them, once the seasons are chosen.
 """
 
 from __future__ import annotations
