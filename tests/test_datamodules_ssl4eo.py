@@ -288,3 +288,17 @@ def test_decur_fit_fast_dev_run(root: Path) -> None:
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.fit(model, SSL4EOS12MMDataModule(root, batch_size=2))
     assert trainer.state.finished
+
+
+def test_scenes_are_read_exactly_as_torchgeo_reads_them(root: Path) -> None:
+    from torchgeo.datasets import SSL4EOS12
+
+    dataset = SSL4EOS12MM(root, normalize=False)
+    for split, decode, bands in (("s1", decode_s1, 2), ("s2c", decode_s2, 13)):
+        reference = SSL4EOS12(root, split=split, seasons=4)[7]  # all four scenes, in random order
+        scenes = dataset.scene_folders(split, 7)
+        for chunk in range(4):
+            image = reference["image"][bands * chunk : bands * (chunk + 1)]
+            season = decode(image)[1]
+            ours, times = dataset._read_scenes(split, [scenes[season]])
+            assert torch.equal(ours, image) and times.tolist() == [reference["t"][chunk].item()]
