@@ -128,3 +128,46 @@ def test_missing_band_file_is_explained(tmp_path: Path) -> None:
     next(Path(data.folders[0]["s2"]).glob("*_B8A.tif")).unlink()
     with pytest.raises(FileNotFoundError, match="B8A"):
         data[0]
+
+
+@pytest.mark.parametrize("num_classes", [10, 0, "19"])
+def test_unknown_class_count_is_refused_at_init(num_classes: object) -> None:
+    with pytest.raises(ValueError, match=r"num_classes must be 19 .* or 43"):
+        BigEarthNetMMDataModule(num_classes=num_classes)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_classes must be 19 .* or 43"):
+        BigEarthNetMM("nowhere", num_classes=num_classes)  # type: ignore[arg-type]
+
+
+def test_43_classes_still_work(bigearthnet: tuple[Path, dict[str, list[int]]]) -> None:
+    assert BigEarthNetMM(bigearthnet[0], split="val", num_classes=43)[0]["label"].shape == (43,)
+
+
+def test_training_fraction_smaller_than_a_batch_fails_at_setup(bigearthnet: tuple[Path, dict[str, list[int]]]) -> None:
+    datamodule = BigEarthNetMMDataModule(bigearthnet[0], batch_size=8, train_fraction=0.25)  # 5 of 20 samples
+    with pytest.raises(ValueError, match=r"BigEarthNet train .* 5 sample\(s\), fewer than batch_size=8.*train_fraction"):
+        datamodule.setup("fit")
+    datamodule.setup("test")  # evaluation needs no full batch
+    BigEarthNetMMDataModule(bigearthnet[0], batch_size=5, train_fraction=0.25).setup("fit")
+
+
+def test_unreadable_band_raise_names_the_file_and_skip_replaces_the_sample(tmp_path: Path) -> None:
+    make_bigearthnet(tmp_path, {"train": 4, "val": 3, "test": 1})
+    plain = BigEarthNetMM(tmp_path, split="val", normalize=False)
+    bad = Path(plain.sample_files(1)[5])  # an S2 band of val sample 1
+    assert bad.exists() and bad.name.endswith("_B04.tif")
+    bad.write_bytes(b"II*\x00" + b"\x00" * 20)  # a corrupt TIFF header
+
+    strict = BigEarthNetMMDataModule(tmp_path, batch_size=2, normalize=False)
+    strict.setup("validate")
+    with pytest.raises(OSError, match="on_read_error='skip'") as info:
+        strict.val_dataset[1]
+    assert str(bad) in str(info.value) and "sample 1 of BigEarthNetMM val" in str(info.value)
+
+    lenient = BigEarthNetMMDataModule(tmp_path, batch_size=2, normalize=False, on_read_error="skip")
+    lenient.setup("validate")
+    with pytest.warns(RuntimeWarning, match=str(bad)):
+        batch = list(lenient.val_dataloader())
+    samples = torch.cat([b["image_s1"][:, 0, 0, 0] for b in batch])
+    expected = [plain[i]["image_s1"][0, 0, 0] for i in (0, 2, 2)]  # sample 1 replaced by sample 2
+    assert samples.tolist() == [float(v) for v in expected]
+    assert lenient.val_dataset.skipped == {1: [str(bad)]}

@@ -1,19 +1,31 @@
-"""Shared datamodule helpers: normalisation, seeded subsets, paired augmentation."""
+"""Shared datamodule helpers: normalisation, seeded subsets, paired augmentation, read errors."""
 
 from __future__ import annotations
 
+import pickle
+import warnings
+from pathlib import Path
+
 import kornia.augmentation as K
+import numpy as np
 import pytest
 import torch
+from data_factories import write_geotiff
+from rasterio.errors import RasterioIOError
+from torch.utils.data import Subset
 
 from decur_lightning.datamodules._common import (
     PairedAugmentation,
+    ReadErrorGuard,
+    check_enough_for_a_batch,
     clip_outliers,
     normalize_sar,
     percentile_min_max,
     scale_mean_std,
     seeded_subset,
+    unreadable_files,
 )
+from decur_lightning.datamodules.samplers import EpochIndex, EpochSeededRandomSampler
 
 
 def test_scale_mean_std_maps_two_std_range_to_unit_interval() -> None:
@@ -140,3 +152,121 @@ def test_paired_augmentation_without_augmentations_is_identity() -> None:
     batch = block_batch(batch=2, size=16, block=4)
     out = PairedAugmentation()(batch)
     assert out is not batch and all(torch.equal(out[key], batch[key]) for key in batch)
+
+
+class FlakyFiles(torch.utils.data.Dataset):
+    """Sample i reads ``files[i]``; a missing or corrupt file raises from rasterio."""
+
+    def __init__(self, files: list[Path], epoch_indexed: bool = False) -> None:
+        self.files = files
+        self.epoch_indexed = epoch_indexed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def sample_files(self, index: int) -> list[str]:
+        return [str(self.files[index])]
+
+    def __getitem__(self, index: int) -> int:
+        import rasterio
+
+        with rasterio.open(self.files[index]) as src:
+            return int(src.read()[0, 0, 0]) + 1000 * getattr(index, "epoch", 0)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i in range(5):
+        write_geotiff(tmp_path / f"{i}.tif", np.full((4, 4), i, dtype=np.uint8))
+        paths.append(tmp_path / f"{i}.tif")
+    paths[1].write_bytes(b"garbage")
+    paths[3].write_bytes(paths[3].read_bytes()[:-20])  # truncated pixel data
+    return paths
+
+
+def test_unreadable_files_finds_corrupt_truncated_and_missing(files: list[Path]) -> None:
+    candidates = [str(f) for f in files] + [str(files[0].parent / "missing.tif")]
+    assert unreadable_files(candidates) == [str(files[1]), str(files[3]), candidates[-1]]
+
+
+def test_guard_raise_names_file_index_and_data_set(files: list[Path]) -> None:
+    guard = ReadErrorGuard(FlakyFiles(files), name="Flaky")
+    assert [guard[i] for i in (0, 2, 4)] == [0, 2, 4]
+    with pytest.raises(OSError, match=r"cannot read sample 3 of Flaky: unreadable file\(s\) .*3\.tif.*on_read_error='skip'") as info:
+        guard[3]
+    assert isinstance(info.value.__cause__, RasterioIOError)
+
+
+def test_guard_skip_replaces_deterministically_warns_once_and_counts(files: list[Path]) -> None:
+    guard = ReadErrorGuard(FlakyFiles(files), on_read_error="skip", max_read_errors=2)
+    with pytest.warns(RuntimeWarning, match="skipping unreadable sample") as record:
+        values = [guard[i] for i in range(5)]
+    assert values == [0, 2, 2, 4, 4]
+    assert guard.skipped == {1: [str(files[1])], 3: [str(files[3])]}
+    assert len(record) == 2 and str(files[1]) in str(record[0].message) and str(files[3]) in str(record[1].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert guard[1] == 2  # the same bad sample again: no new warning, no new count
+    assert len(guard.skipped) == 2
+
+
+def test_guard_skip_fails_past_max_read_errors(files: list[Path]) -> None:
+    guard = ReadErrorGuard(FlakyFiles(files), on_read_error="skip", max_read_errors=1)
+    with pytest.warns(RuntimeWarning):
+        assert guard[1] == 2
+        with pytest.raises(OSError, match=r"2 unreadable samples, more than max_read_errors=1.*3\.tif"):
+            guard[3]
+
+
+def test_guard_keeps_epoch_and_looks_through_subsets(files: list[Path]) -> None:
+    epoch_guard = ReadErrorGuard(FlakyFiles(files, epoch_indexed=True), on_read_error="skip")
+    assert epoch_guard.epoch_indexed
+    with pytest.warns(RuntimeWarning):
+        assert epoch_guard[EpochIndex(3, epoch=2)] == 2000 + 4  # sample 3 -> sample 4, same epoch
+        assert epoch_guard[EpochIndex(4, epoch=2)] == 2000 + 4
+    subset_guard = ReadErrorGuard(Subset(FlakyFiles(files), [4, 3, 0]), name="Flaky subset")
+    assert subset_guard.indices == [4, 3, 0]  # attributes of the wrapped Subset stay reachable
+    with pytest.raises(OSError, match=r"sample 1 of Flaky subset: unreadable file\(s\) .*3\.tif"):
+        subset_guard[1]
+    with pytest.warns(RuntimeWarning):
+        skipping = ReadErrorGuard(Subset(FlakyFiles(files), [4, 3, 0]), on_read_error="skip")
+        assert [skipping[i] for i in range(3)] == [4, 0, 0]  # replaced within the subset
+
+
+def test_guard_pickles_for_worker_processes(files: list[Path]) -> None:
+    guard = pickle.loads(pickle.dumps(ReadErrorGuard(FlakyFiles(files), on_read_error="skip", max_read_errors=7)))
+    assert guard.max_read_errors == 7 and guard[0] == 0 and len(guard) == 5
+
+
+@pytest.mark.parametrize(("policy", "limit"), [("ignore", 1), ("skip", -1), ("skip", 1.5)])
+def test_guard_rejects_bad_policies(files: list[Path], policy: str, limit: int) -> None:
+    with pytest.raises(ValueError, match="on_read_error|max_read_errors"):
+        ReadErrorGuard(FlakyFiles(files), on_read_error=policy, max_read_errors=limit)
+
+
+def test_check_enough_for_a_batch() -> None:
+    check_enough_for_a_batch("x", 4, 4, "")
+    with pytest.raises(ValueError, match=r"the demo split has 3 sample\(s\), fewer than batch_size=4.*at most 3, or raise it"):
+        check_enough_for_a_batch("demo", 3, 4, "raise it")
+
+
+def test_sampler_encodes_the_epoch_only_for_epoch_indexed_data(files: list[Path]) -> None:
+    plain = EpochSeededRandomSampler(FlakyFiles(files), seed=5)
+    indexed = EpochSeededRandomSampler(FlakyFiles(files, epoch_indexed=True), seed=5)
+    for epoch in (0, 3):
+        plain.set_epoch(epoch)
+        indexed.set_epoch(epoch)
+        order = list(plain)
+        assert sorted(order) == list(range(5))
+        drawn = list(indexed)
+        assert drawn == order and all(type(i) is EpochIndex and i.epoch == epoch for i in drawn)
+        assert all(type(i) is int for i in order)
+
+
+def test_epoch_index_is_an_int_that_keeps_its_epoch_through_pickling() -> None:
+    index = EpochIndex(7, epoch=3)
+    assert index == 7 and hash(index) == hash(7) and [10 * i for i in range(9)][index] == 70
+    copy = pickle.loads(pickle.dumps(index))
+    assert type(copy) is EpochIndex and copy == 7 and copy.epoch == 3
+    assert repr(copy) == "EpochIndex(7, epoch=3)"

@@ -198,3 +198,75 @@ def test_decur_fit_fast_dev_run(geonrw: tuple[Path, dict[str, dict[str, np.ndarr
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule)
     assert trainer.state.finished
+
+
+def test_val_fraction_zero_means_no_validation_split(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:
+    datamodule = GeoNRWMMDataModule(geonrw[0], batch_size=4, patch_size=PATCH, tile_size=TILE, val_fraction=0.0)
+    datamodule.setup("fit")
+    assert len(datamodule.train_dataset) == len(TRAIN_CITIES) * (TILE // PATCH) ** 2
+    assert not hasattr(datamodule, "val_dataset") or datamodule.val_dataset is None
+    assert datamodule.val_dataloader() == []
+    assert len(datamodule.train_dataloader()) == len(TRAIN_CITIES) * (TILE // PATCH) ** 2 // 4
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1, 1.5])
+def test_val_fraction_out_of_range_is_refused_at_init(fraction: float) -> None:
+    with pytest.raises(ValueError, match=r"val_fraction must lie in \[0, 1\)"):
+        GeoNRWMMDataModule(val_fraction=fraction)
+
+
+def test_val_fraction_leaving_no_city_names_the_usable_range(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:
+    datamodule = GeoNRWMMDataModule(geonrw[0], batch_size=4, patch_size=PATCH, tile_size=TILE, val_fraction=0.05)
+    with pytest.raises(ValueError, match=r"leaves 0 validation .* between 0.1 and 0.9"):
+        datamodule.setup("fit")
+
+
+def test_training_split_smaller_than_a_batch_fails_at_setup(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:
+    root = geonrw[0]
+    # 4 training cities x 16 patches = 64 patches; 5 % of them is 3 < batch_size 4
+    datamodule = GeoNRWMMDataModule(root, batch_size=4, patch_size=PATCH, tile_size=TILE, train_fraction=0.05)
+    with pytest.raises(ValueError, match=r"GeoNRW train .* 3 sample\(s\), fewer than batch_size=4.*train_fraction"):
+        datamodule.setup("fit")
+    datamodule.setup("validate")  # only training needs a full batch
+    pretrain = GeoNRWMMPretrainDataModule(root, batch_size=81, patch_size=PATCH, tile_size=TILE)
+    with pytest.raises(ValueError, match=r"80 sample\(s\), fewer than batch_size=81"):
+        pretrain.setup("fit")
+
+
+def test_unreadable_tile_raise_names_the_file_and_skip_replaces_its_patches(tmp_path: Path) -> None:
+    make_geonrw(tmp_path, ("aachen", "bergisch", "bielefeld"), ("duesseldorf",), size=TILE)
+    plain = dataset(tmp_path, include_mask=False)
+    bad = Path(plain.sample_files(16)[1])  # the DEM of tile 1
+    assert bad.name.endswith("_dem.tif")
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated: opens, fails to read
+    patches = TILE // PATCH * (TILE // PATCH)
+
+    strict = GeoNRWMMPretrainDataModule(tmp_path, batch_size=4, patch_size=PATCH, tile_size=TILE)
+    strict.setup("fit")
+    with pytest.raises(OSError, match="on_read_error='skip'") as info:
+        strict.train_dataset[17]
+    assert str(bad) in str(info.value) and "sample 17 of GeoNRWMM train" in str(info.value)
+    assert torch.equal(strict.train_dataset[3]["image_dem"], plain[3]["image_dem"])  # good tiles still read
+
+    lenient = GeoNRWMMPretrainDataModule(tmp_path, batch_size=4, patch_size=PATCH, tile_size=TILE, on_read_error="skip")
+    lenient.setup("fit")
+    with pytest.warns(RuntimeWarning, match=str(bad)):
+        sample = lenient.train_dataset[patches]
+    expected = plain[2 * patches]  # first patch of the next, readable tile
+    assert torch.equal(sample["image_rgb"], expected["image_rgb"]) and torch.equal(sample["image_dem"], expected["image_dem"])
+    assert sorted(lenient.train_dataset.skipped) == list(range(patches, 2 * patches))
+    assert all(files == [str(bad)] for files in lenient.train_dataset.skipped.values())
+
+    capped = GeoNRWMMPretrainDataModule(tmp_path, patch_size=PATCH, tile_size=TILE, on_read_error="skip", max_read_errors=3)
+    capped.setup("validate")
+    with pytest.warns(RuntimeWarning), pytest.raises(OSError, match="4 unreadable samples, more than max_read_errors=3"):
+        capped.train_dataset[patches]
+
+    segmentation = GeoNRWMMDataModule(tmp_path, batch_size=4, patch_size=PATCH, tile_size=TILE, val_fraction=0.0)
+    segmentation.setup("fit")
+    with pytest.raises(OSError, match="GeoNRWMM train") as info:
+        for index in range(len(segmentation.train_dataset)):
+            segmentation.train_dataset[index]
+    assert str(bad) in str(info.value)
+    with pytest.raises(ValueError, match="on_read_error must be one of"):
+        GeoNRWMMDataModule(tmp_path, on_read_error="warn")

@@ -11,6 +11,7 @@ from data_factories import SSL4EO_SEASON_DATES, make_ssl4eo_s12, ssl4eo_s1_value
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import SSL4EOS12MM, SSL4EOS12MMDataModule
+from decur_lightning.datamodules.samplers import EpochIndex
 
 LOCATIONS = (0, 1, 2, 7)
 
@@ -66,15 +67,161 @@ def test_pairs_share_location_and_bands_keep_their_order(root: Path) -> None:
 
 
 def test_seasons_are_drawn_independently_per_modality(root: Path) -> None:
-    random.seed(0)
     dataset = SSL4EOS12MM(root, normalize=False)
     draws = []
-    for _ in range(40):
-        sample = dataset[1]
+    for epoch in range(12):
+        sample = dataset[EpochIndex(1, epoch)]
+        assert int(sample["location"]) == dataset.locations[1]
         draws.append((decode_s1(sample["image_s1"])[1], decode_s2(sample["image_s2"])[1]))
     s1_seasons, s2_seasons = zip(*draws)
     assert len(set(s1_seasons)) > 1 and len(set(s2_seasons)) > 1
     assert any(a != b for a, b in draws)
+
+
+def test_season_draws_do_not_use_the_global_rngs(root: Path) -> None:
+    dataset = SSL4EOS12MM(root, normalize=False, season_per_view=True)
+    random.seed(1)
+    torch.manual_seed(1)
+    first = dataset[2]
+    random.seed(2)
+    torch.manual_seed(2)
+    second = dataset[2]
+    for key in ("image_s1", "image2_s1", "image_s2", "image2_s2"):
+        assert torch.equal(first[key], second[key])
+
+
+def test_season_per_view_keys_shapes_and_pixels(root: Path) -> None:
+    dataset = SSL4EOS12MM(root, normalize=False, season_per_view=True, seed=3)
+    for index in (0, EpochIndex(1, 1), EpochIndex(3, 5)):
+        sample = dataset[index]
+        epoch, location = dataset.decode_index(index)
+        assert set(sample) == {"location", "image_s1", "image_s2", "t_s1", "t_s2", "image2_s1", "image2_s2", "t2_s1", "t2_s2"}
+        assert sample["image2_s1"].shape == sample["image_s1"].shape == (2, 264, 264)
+        assert sample["image2_s2"].shape == sample["image_s2"].shape == (13, 264, 264)
+        for modality, (name, decode) in enumerate((("s1", decode_s1), ("s2", decode_s2))):
+            for view, key in enumerate(("image", "image2")):
+                found_location, season, _ = decode(sample[f"{key}_{name}"])
+                assert found_location == location
+                assert [season] == dataset.draw_seasons(epoch, location, modality, view, 4)
+            # the times belong to the drawn scenes
+            assert (sample[f"t_{name}"] == sample[f"t2_{name}"]) == (
+                decode(sample[f"image_{name}"])[1] == decode(sample[f"image2_{name}"])[1]
+            )
+    # the first view is the same with and without season_per_view
+    plain = SSL4EOS12MM(root, normalize=False, seed=3)[EpochIndex(1, 1)]
+    assert torch.equal(plain["image_s2"], dataset[EpochIndex(1, 1)]["image_s2"])
+    with pytest.raises(IndexError, match="out of range"):
+        dataset[len(dataset)]
+
+
+def test_season_draws_cover_all_combinations_independently(root: Path) -> None:
+    """image vs image2 of one modality, and S1 vs S2, are independent uniform draws over 4 seasons."""
+    dataset = SSL4EOS12MM(root, season_per_view=True, seed=0)
+    location = 7
+    pairs: dict[str, list[tuple[int, int]]] = {"s1": [], "s2": [], "s1-s2": [], "s1-s2 view 2": []}
+    for epoch in range(1600):
+        draws = {(m, v): dataset.draw_seasons(epoch, location, m, v, 4)[0] for m in (0, 1) for v in (0, 1)}
+        pairs["s1"].append((draws[0, 0], draws[0, 1]))
+        pairs["s2"].append((draws[1, 0], draws[1, 1]))
+        pairs["s1-s2"].append((draws[0, 0], draws[1, 0]))
+        pairs["s1-s2 view 2"].append((draws[0, 1], draws[1, 1]))
+    for name, values in pairs.items():
+        counts = {combination: values.count(combination) for combination in {(a, b) for a in range(4) for b in range(4)}}
+        # 1600 draws, 100 expected per cell (sd about 10)
+        assert all(60 <= count <= 140 for count in counts.values()), (name, counts)
+    # the same (seed, epoch, index) always gives the same seasons; another seed other ones
+    again = SSL4EOS12MM(root, season_per_view=True, seed=0)
+    other = SSL4EOS12MM(root, season_per_view=True, seed=1)
+    same = [again.draw_seasons(e, location, 1, 1, 4) == dataset.draw_seasons(e, location, 1, 1, 4) for e in range(50)]
+    differ = [other.draw_seasons(e, location, 1, 1, 4) != dataset.draw_seasons(e, location, 1, 1, 4) for e in range(50)]
+    assert all(same) and sum(differ) > 25
+
+
+def test_several_seasons_per_view_are_distinct_scenes(root: Path) -> None:
+    dataset = SSL4EOS12MM(root, seasons=4, season_per_view=True)
+    for epoch in range(5):
+        for view in (0, 1):
+            assert sorted(dataset.draw_seasons(epoch, 1, 1, view, 4)) == [0, 1, 2, 3]
+
+
+def test_invalid_seed_rejected(root: Path) -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        SSL4EOS12MM(root, seed=-1)
+
+
+def test_datamodule_sampler_passes_the_epoch_and_resumes_identically(root: Path) -> None:
+    """Seasons depend on (seed, epoch, index) only: a fresh datamodule with the same seed, set to
+    epoch 2, reads what the first one read in epoch 2 (as after a resume), also in a DataLoader
+    worker; epochs differ."""
+
+    def epoch_seasons(datamodule: SSL4EOS12MMDataModule, epoch: int) -> dict[int, tuple[int, ...]]:
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
+        seasons = {}
+        for batch in loader:
+            for i, location in enumerate(batch["location"].tolist()):
+                seasons[location] = tuple(
+                    decode(batch[key][i])[1]
+                    for key, decode in (("image_s1", decode_s1), ("image2_s1", decode_s1), ("image_s2", decode_s2), ("image2_s2", decode_s2))
+                )
+        return seasons
+
+    torch.manual_seed(11)
+    first = SSL4EOS12MMDataModule(root, batch_size=2, season_per_view=True, normalize=False)
+    first.setup("fit")
+    by_epoch = {epoch: epoch_seasons(first, epoch) for epoch in (0, 2)}
+    assert by_epoch[0] != by_epoch[2]
+    torch.manual_seed(11)
+    # read in a worker process this time: the epoch travels with the index, not the worker's RNG
+    resumed = SSL4EOS12MMDataModule(root, batch_size=2, season_per_view=True, normalize=False, num_workers=1)
+    resumed.setup("fit")
+    assert resumed.shuffle_seed == first.shuffle_seed
+    assert epoch_seasons(resumed, 2) == by_epoch[2]
+
+
+def test_only_l2a_present_says_l1c_is_required(tmp_path: Path) -> None:
+    make_ssl4eo_s12(tmp_path, (0,))
+    (tmp_path / "s2c").rename(tmp_path / "s2a")
+    with pytest.raises(ValueError, match=r"s2a.*L2A.*s2c") as info:
+        SSL4EOS12MM(tmp_path)
+    assert str(tmp_path / "s2a") in str(info.value)
+
+
+def test_fewer_locations_than_a_batch_fail_at_setup(root: Path) -> None:
+    datamodule = SSL4EOS12MMDataModule(root, batch_size=len(LOCATIONS) + 1)
+    with pytest.raises(ValueError, match=rf"{len(LOCATIONS)} sample\(s\), fewer than batch_size={len(LOCATIONS) + 1}"):
+        datamodule.setup("fit")
+    SSL4EOS12MMDataModule(root, batch_size=len(LOCATIONS)).setup("fit")
+
+
+def test_unreadable_geotiff_raise_names_the_file_and_skip_replaces_it(tmp_path: Path) -> None:
+    make_ssl4eo_s12(tmp_path, (0, 1, 2))
+    scene = sorted((tmp_path / "s2c" / "0000001").iterdir())[2]
+    bad = scene / "B4.tif"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match="on_read_error"):
+        SSL4EOS12MMDataModule(tmp_path, on_read_error="ignore")
+
+    strict = SSL4EOS12MMDataModule(tmp_path, batch_size=1, normalize=False, seasons=4)
+    strict.setup("fit")
+    with pytest.raises(OSError, match="on_read_error='skip'") as info:
+        strict.train_dataset[1]
+    assert str(bad) in str(info.value) and "sample 1 of SSL4EOS12MM" in str(info.value)
+
+    lenient = SSL4EOS12MMDataModule(tmp_path, batch_size=1, normalize=False, seasons=4, on_read_error="skip")
+    lenient.setup("fit")
+    dataset = lenient.train_dataset
+    with pytest.warns(RuntimeWarning, match=str(bad)):
+        sample = dataset[1]
+    assert int(sample["location"]) == 2  # the next readable one
+    assert dataset[EpochIndex(1, epoch=1)]["location"] == 2  # the replacement keeps the epoch
+    assert dataset.skipped == {1: [str(bad)]}
+    assert [int(dataset[i]["location"]) for i in (0, 2)] == [0, 2]
+
+    limited = SSL4EOS12MMDataModule(tmp_path, seasons=4, on_read_error="skip", max_read_errors=0)
+    limited.setup("validate")
+    with pytest.warns(RuntimeWarning), pytest.raises(OSError, match="max_read_errors=0"):
+        limited.train_dataset[1]
 
 
 def test_timestamps_match_the_drawn_season(root: Path) -> None:
@@ -141,3 +288,17 @@ def test_decur_fit_fast_dev_run(root: Path) -> None:
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.fit(model, SSL4EOS12MMDataModule(root, batch_size=2))
     assert trainer.state.finished
+
+
+def test_scenes_are_read_exactly_as_torchgeo_reads_them(root: Path) -> None:
+    from torchgeo.datasets import SSL4EOS12
+
+    dataset = SSL4EOS12MM(root, normalize=False)
+    for split, decode, bands in (("s1", decode_s1, 2), ("s2c", decode_s2, 13)):
+        reference = SSL4EOS12(root, split=split, seasons=4)[7]  # all four scenes, in random order
+        scenes = dataset.scene_folders(split, 7)
+        for chunk in range(4):
+            image = reference["image"][bands * chunk : bands * (chunk + 1)]
+            season = decode(image)[1]
+            ours, times = dataset._read_scenes(split, [scenes[season]])
+            assert torch.equal(ours, image) and times.tolist() == [reference["t"][chunk].item()]

@@ -12,18 +12,21 @@ normalisation, the value the authors' cast to uint8 gives them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import kornia.augmentation as K
 import numpy as np
+import rasterio
 import torch
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchgeo.datamodules import NonGeoDataModule
 
-from .samplers import EpochSeededRandomSampler
+from .samplers import EpochIndex, EpochSeededRandomSampler
 
 MODALITY_KINDS = ("optical", "sar", "dem", "rgb", "hha")
 """Augmentation kinds understood by DeCURModule's per-modality view pipelines (Appendix B.1)."""
@@ -210,3 +213,166 @@ class PretrainDataModule(NonGeoDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Return the batch unchanged: views are made by the LightningModule (B.1)."""
         return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Early checks and unreadable files (issue 16 items 1 and 6). Kept apart from PretrainDataModule's
+# DataLoader construction on purpose.
+
+READ_ERROR_POLICIES = ("raise", "skip")
+"""Allowed values of the datamodules' ``on_read_error`` argument."""
+
+DEFAULT_MAX_READ_ERRORS = 100
+"""Default ``max_read_errors``: how many distinct unreadable samples ``on_read_error='skip'``
+tolerates per process before failing. A few corrupt files among SSL4EO-S12's 251k locations or
+BigEarthNet's 590k patches are a nuisance; a hundred mean an incomplete download or extraction,
+which should stop the run rather than silently shrink the data."""
+
+
+def check_read_error_policy(on_read_error: str, max_read_errors: int) -> None:
+    """Reject an unknown ``on_read_error`` policy or a negative ``max_read_errors``."""
+    if on_read_error not in READ_ERROR_POLICIES:
+        raise ValueError(
+            f"on_read_error must be one of {READ_ERROR_POLICIES}, got {on_read_error!r}: 'raise' stops at the "
+            "first unreadable file, 'skip' replaces its sample by the next readable one"
+        )
+    if isinstance(max_read_errors, bool) or not isinstance(max_read_errors, int) or max_read_errors < 0:
+        raise ValueError(f"max_read_errors must be a non-negative int, got {max_read_errors!r}")
+
+
+def check_enough_for_a_batch(split: str, size: int, batch_size: int, hint: str) -> None:
+    """Fail early when a ``drop_last`` training split cannot fill a single batch.
+
+    Lightning would otherwise warn "No training batches", train nothing and exit normally.
+
+    Args:
+        split: name of the split, for the message (e.g. ``'GeoNRW train (cities ...)'``).
+        size: number of samples in the split.
+        batch_size: the training batch size.
+        hint: what the user can change (data set specific), appended to the message.
+
+    Raises:
+        ValueError: if ``size < batch_size``.
+    """
+    if size < batch_size:
+        raise ValueError(
+            f"the {split} split has {size} sample(s), fewer than batch_size={batch_size}: with drop_last "
+            f"it yields no training batch and the run would train nothing. Lower batch_size to at most "
+            f"{size}{', or ' + hint if hint else ''}."
+        )
+
+
+def unreadable_files(paths: Sequence[str]) -> list[str]:
+    """The files among ``paths`` that rasterio cannot open or read completely."""
+    bad = []
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    src.read()
+        except (RasterioError, OSError):
+            bad.append(path)
+    return bad
+
+
+class ReadErrorGuard(torch.utils.data.Dataset):
+    """Wrap a file-backed data set with a policy for unreadable files (corrupt, truncated, missing).
+
+    ``on_read_error='raise'`` re-raises the reader's error as an :class:`OSError` that names the
+    data set, the sample index and the unreadable file(s), and says how to skip them.
+    ``on_read_error='skip'`` replaces the sample by the next readable one (index ``i + 1``,
+    ``i + 2``, ... modulo the length; an :class:`~decur_lightning.datamodules.samplers.EpochIndex`
+    keeps its epoch), so the replacement is deterministic; it warns once per unreadable sample
+    naming the file(s), counts the distinct unreadable samples in :attr:`skipped` and raises once
+    more than ``max_read_errors`` were seen.
+    The count is kept per process: with ``num_workers > 0`` each DataLoader worker counts the
+    samples it read.
+
+    To name the culprit, the wrapped data set (or the data set under a
+    :class:`~torch.utils.data.Subset`) may define ``sample_files(index) -> list[str]``;
+    on an error those files are opened and read to find the unreadable ones (only on the error
+    path). Errors caught: :class:`OSError` (rasterio's ``RasterioIOError`` is one, so is PIL's)
+    and rasterio's ``RasterioError``.
+
+    The wrapped data set is :attr:`guarded`; other attribute access is forwarded to it (so a
+    guarded :class:`~torch.utils.data.Subset` still has ``indices`` and ``dataset``, and the
+    ``epoch_indexed`` flag of :class:`~decur_lightning.datamodules.samplers.EpochSeededRandomSampler`
+    is seen through the guard).
+
+    Args:
+        dataset: the data set to guard.
+        on_read_error: ``'raise'`` (default) or ``'skip'``.
+        max_read_errors: most distinct unreadable samples tolerated by ``'skip'``
+            (:data:`DEFAULT_MAX_READ_ERRORS`).
+        name: data set name for messages (default: the class name).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        on_read_error: str = "raise",
+        max_read_errors: int = DEFAULT_MAX_READ_ERRORS,
+        name: str | None = None,
+    ) -> None:
+        check_read_error_policy(on_read_error, max_read_errors)
+        self.guarded = dataset
+        self.on_read_error = on_read_error
+        self.max_read_errors = max_read_errors
+        self.name = name or type(dataset).__name__
+        self.skipped: dict[int, list[str]] = {}
+        """Unreadable sample index (within the epoch) -> its unreadable files, in this process."""
+
+    def __len__(self) -> int:
+        return len(self.guarded)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "guarded":  # not yet set (e.g. during unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.guarded, name)
+
+    def _culprits(self, index: int) -> list[str]:
+        dataset = self.guarded
+        while isinstance(dataset, Subset):  # look through subsets to the file-backed data set
+            index, dataset = dataset.indices[index], dataset.dataset
+        sample_files = getattr(dataset, "sample_files", None)
+        if sample_files is None:
+            return []
+        try:
+            return unreadable_files(sample_files(index))
+        except Exception:  # naming the file is best effort; the original error is reported anyway
+            return []
+
+    def __getitem__(self, index: int) -> Any:
+        length = len(self.guarded)
+        epoch = getattr(index, "epoch", None)
+        for offset in range(length):
+            key = (int(index) + offset) % length
+            candidate = key if epoch is None else EpochIndex(key, epoch)
+            try:
+                return self.guarded[candidate]
+            except (RasterioError, OSError) as error:
+                culprits = self._culprits(candidate)
+                files = ", ".join(culprits) if culprits else "(file not identified; see the error above)"
+                where = f"sample {key} of {self.name}"
+                if self.on_read_error == "raise":
+                    raise OSError(
+                        f"cannot read {where}: unreadable file(s) {files}: {error}. Replace or delete the "
+                        "file(s), or pass on_read_error='skip' to the datamodule to replace such samples by "
+                        "readable ones (up to max_read_errors of them)."
+                    ) from error
+                if key not in self.skipped:
+                    self.skipped[key] = culprits
+                    warnings.warn(
+                        f"{self.name}: skipping unreadable {where}: {files} ({error}); "
+                        f"{len(self.skipped)} unreadable sample(s) so far (max_read_errors={self.max_read_errors})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                if len(self.skipped) > self.max_read_errors:
+                    raise OSError(
+                        f"{self.name}: {len(self.skipped)} unreadable samples, more than max_read_errors="
+                        f"{self.max_read_errors}; the last one: {where}, file(s) {files}. Check that the data "
+                        "set is completely downloaded and extracted, or raise max_read_errors."
+                    ) from error
+        raise OSError(f"{self.name}: no readable sample at all ({length} tried)")

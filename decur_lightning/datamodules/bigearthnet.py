@@ -24,7 +24,29 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import BigEarthNet
 from torchgeo.datasets.utils import Path
 
-from ._common import PairedAugmentation, normalize_sar, scale_mean_std, seeded_subset
+from ._common import (
+    DEFAULT_MAX_READ_ERRORS,
+    PairedAugmentation,
+    ReadErrorGuard,
+    check_enough_for_a_batch,
+    check_read_error_policy,
+    normalize_sar,
+    scale_mean_std,
+    seeded_subset,
+)
+
+NUM_CLASSES: tuple[int, ...] = (19, 43)
+"""Label sets of BigEarthNet v1: the 19-class nomenclature (the paper's) and the original 43."""
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def check_num_classes(num_classes: int) -> None:
+    """Refuse a class count BigEarthNet has no label set for (torchgeo only asserts)."""
+    if num_classes not in NUM_CLASSES:
+        raise ValueError(
+            "num_classes must be 19 (the paper's nomenclature) or 43 (BigEarthNet's original labels), "
+            f"got {num_classes!r}"
+        )
 
 S1_BANDS: tuple[str, ...] = ("VV", "VH")
 S2_L2A_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -87,6 +109,7 @@ class BigEarthNetMM(BigEarthNet):
         checksum: verify archive checksums.
 
     Raises:
+        ValueError: if ``split`` or ``num_classes`` is not one of the values above.
         DatasetNotFoundError: if the data is missing and ``download`` is False (torchgeo).
         FileNotFoundError: if a patch folder lacks one of the expected band files.
     """
@@ -101,6 +124,9 @@ class BigEarthNetMM(BigEarthNet):
         download: bool = False,
         checksum: bool = False,
     ) -> None:
+        check_num_classes(num_classes)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         super().__init__(
             root,
             split,
@@ -126,6 +152,15 @@ class BigEarthNetMM(BigEarthNet):
         if self.transforms is not None:
             sample = self.transforms(sample)
         return sample
+
+    def sample_files(self, index: int) -> list[str]:
+        """The band files sample ``index`` reads (v1 names: ``<folder>/<folder name>_<band>.tif``)."""
+        folders = self.folders[index]
+        return [
+            os.path.join(folders[key], f"{os.path.basename(os.path.normpath(folders[key]))}_{band}.tif")
+            for key, bands in (("s1", S1_BANDS), ("s2", S2_L2A_BANDS))
+            for band in bands
+        ]
 
     def _read_bands(self, folder: str, bands: tuple[str, ...], dtype: type[np.generic]) -> Tensor:
         """Read ``<folder>/*_<band>.tif`` for each band, resampled to 120 x 120, as float32."""
@@ -170,6 +205,10 @@ class BigEarthNetMMDataModule(NonGeoDataModule):
         normalize: apply the paper's normalisation.
         download: download the data if missing.
         checksum: verify archive checksums.
+        on_read_error: ``'raise'`` (default) stops at an unreadable GeoTIFF naming it; ``'skip'``
+            replaces its sample by the next readable one of the same split and warns (see
+            :class:`~decur_lightning.datamodules._common.ReadErrorGuard`).
+        max_read_errors: most unreadable samples ``'skip'`` tolerates per split and process (100).
     """
 
     def __init__(
@@ -184,9 +223,15 @@ class BigEarthNetMMDataModule(NonGeoDataModule):
         normalize: bool = True,
         download: bool = False,
         checksum: bool = False,
+        on_read_error: str = "raise",
+        max_read_errors: int = DEFAULT_MAX_READ_ERRORS,
     ) -> None:
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"train_fraction must lie in (0, 1], got {train_fraction}")
+        check_num_classes(num_classes)
+        check_read_error_policy(on_read_error, max_read_errors)
+        self.on_read_error = on_read_error
+        self.max_read_errors = max_read_errors
         super().__init__(
             BigEarthNetMM,  # type: ignore[arg-type]
             batch_size,
@@ -207,11 +252,25 @@ class BigEarthNetMMDataModule(NonGeoDataModule):
         self.aug = PairedAugmentation(K.Resize((size, size)))
 
     def setup(self, stage: str) -> None:
-        """Create the (subsampled) training split and the official val/test splits."""
+        """Create the (subsampled) training split and the official val/test splits.
+
+        Raises:
+            ValueError: in the fit stage, if the (subsampled) training split cannot fill a batch.
+        """
         if stage == "fit":
             train = BigEarthNetMM(split="train", **self.kwargs)
-            self.train_dataset = Subset(train, seeded_subset(len(train), self.train_fraction, self.seed))
+            kept = seeded_subset(len(train), self.train_fraction, self.seed)
+            check_enough_for_a_batch(
+                f"BigEarthNet train ({len(train)} samples, train_fraction={self.train_fraction})",
+                len(kept),
+                self.train_batch_size or self.batch_size,
+                "raise train_fraction",
+            )
+            self.train_dataset = self._guard(Subset(train, kept), "train")
         if stage in ("fit", "validate"):
-            self.val_dataset = BigEarthNetMM(split="val", **self.kwargs)
+            self.val_dataset = self._guard(BigEarthNetMM(split="val", **self.kwargs), "val")
         if stage == "test":
-            self.test_dataset = BigEarthNetMM(split="test", **self.kwargs)
+            self.test_dataset = self._guard(BigEarthNetMM(split="test", **self.kwargs), "test")
+
+    def _guard(self, dataset: BigEarthNetMM | Subset[dict[str, Tensor]], split: str) -> ReadErrorGuard:
+        return ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors, f"BigEarthNetMM {split}")

@@ -21,13 +21,22 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 from torch import Tensor
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datamodules.utils import group_shuffle_split
 from torchgeo.datasets import GeoNRW
 from torchgeo.datasets.utils import Path
 
-from ._common import PairedAugmentation, PretrainDataModule, percentile_min_max, seeded_subset
+from ._common import (
+    DEFAULT_MAX_READ_ERRORS,
+    PairedAugmentation,
+    PretrainDataModule,
+    ReadErrorGuard,
+    check_enough_for_a_batch,
+    check_read_error_policy,
+    percentile_min_max,
+    seeded_subset,
+)
 
 
 def read_window(path: str, window: Window, expected_size: int) -> np.ndarray:
@@ -143,6 +152,14 @@ class GeoNRWMM(GeoNRW):
         window = Window(col * self.patch_size, row * self.patch_size, self.patch_size, self.patch_size)
         return self.file_list[tile], window
 
+    def sample_files(self, index: int) -> list[str]:
+        """The files patch ``index`` reads: RGB, DEM and (with ``include_mask``) labels."""
+        rgb_path = self.patch_location(index)[0]
+        utm_coords = os.path.basename(rgb_path).split("_")[:2]
+        tile_dir = os.path.dirname(rgb_path)
+        modalities = ("dem", "seg") if self.include_mask else ("dem",)
+        return [rgb_path] + [os.path.join(tile_dir, self.modality_filenames[m](utm_coords)) for m in modalities]
+
     def patch_city(self, index: int) -> str:
         """City (folder name) of patch ``index``."""
         return os.path.basename(os.path.dirname(self.patch_location(index)[0]))
@@ -199,6 +216,10 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
         dem_channels: 1, or 3 to repeat the DEM for a standard ResNet-50 (the paper's choice).
         download: download the data if missing.
         checksum: verify the archive checksum.
+        on_read_error: ``'raise'`` (default) stops at an unreadable file naming it; ``'skip'``
+            replaces its patch by the next readable one and warns (see
+            :class:`~decur_lightning.datamodules._common.ReadErrorGuard`).
+        max_read_errors: most unreadable patches ``'skip'`` tolerates per process (default 100).
     """
 
     modality_kinds: ClassVar[dict[str, str]] = {"rgb": "rgb", "dem": "dem"}
@@ -213,7 +234,12 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
         dem_channels: int = 1,
         download: bool = False,
         checksum: bool = False,
+        on_read_error: str = "raise",
+        max_read_errors: int = DEFAULT_MAX_READ_ERRORS,
     ) -> None:
+        check_read_error_policy(on_read_error, max_read_errors)
+        self.on_read_error = on_read_error
+        self.max_read_errors = max_read_errors
         super().__init__(
             GeoNRWMM,
             batch_size,
@@ -227,8 +253,17 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
         )
 
     def setup(self, stage: str) -> None:
-        """Create the training dataset (train split, no mask)."""
-        self.train_dataset = GeoNRWMM(split="train", include_mask=False, **self.kwargs)
+        """Create the training dataset (train split, no mask).
+
+        Raises:
+            ValueError: in the fit stage, if there are fewer patches than ``batch_size``.
+        """
+        dataset = GeoNRWMM(split="train", include_mask=False, **self.kwargs)
+        if stage == "fit":
+            check_enough_for_a_batch(
+                "GeoNRW pretraining (train)", len(dataset), self.train_batch_size or self.batch_size, "lower patch_size"
+            )
+        self.train_dataset = ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors, "GeoNRWMM train")
 
 
 class GeoNRWMMDataModule(NonGeoDataModule):
@@ -237,7 +272,9 @@ class GeoNRWMMDataModule(NonGeoDataModule):
     Splits: the test split's cities (Duesseldorf, Herne, Neuss) for testing; the 40 training
     cities are divided into train and validation *by city* (no patch of a validation city is
     trained on) with torchgeo's ``group_shuffle_split(test_size=val_fraction,
-    random_state=seed)``, so a seed fixes the split. Training batches are augmented on the device
+    random_state=seed)``, so a seed fixes the split. ``val_fraction=0`` means no validation
+    split: every training city is trained on and ``val_dataloader`` returns no loader (Lightning
+    then skips validation). Training batches are augmented on the device
     with RandomResizedCrop(``crop_size``, scale 0.2-1) and a random horizontal flip (B.2), applied
     with identical parameters to ``image_rgb``, ``image_dem`` and ``mask`` (nearest for the mask).
     Validation and test patches are not augmented.
@@ -249,7 +286,7 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         root: dataset directory.
         batch_size: samples per batch (256 in the paper).
         num_workers: DataLoader worker processes.
-        val_fraction: share of training cities held out for validation.
+        val_fraction: share of training cities held out for validation, in ``[0, 1)``; 0: none.
         seed: seed of the city split and of the label fraction.
         train_fraction: share of the training patches used (the paper's 1 % setting: 0.01),
             drawn reproducibly from ``seed`` after the city split; validation is not reduced.
@@ -259,6 +296,10 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         dem_channels: 1, or 3 to repeat the DEM.
         download: download the data if missing.
         checksum: verify the archive checksum.
+        on_read_error: ``'raise'`` (default) or ``'skip'`` (see
+            :class:`~decur_lightning.datamodules._common.ReadErrorGuard`); a skipped patch is
+            replaced by the next readable one of the same split.
+        max_read_errors: most unreadable patches ``'skip'`` tolerates per split and process (100).
     """
 
     num_classes: ClassVar[int] = GeoNRWMM.num_classes
@@ -278,6 +319,8 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         dem_channels: int = 1,
         download: bool = False,
         checksum: bool = False,
+        on_read_error: str = "raise",
+        max_read_errors: int = DEFAULT_MAX_READ_ERRORS,
     ) -> None:
         super().__init__(
             GeoNRWMM,
@@ -292,6 +335,14 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         )
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"train_fraction must lie in (0, 1] (0.01 for the paper's 1 % labels), got {train_fraction}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(
+                f"val_fraction must lie in [0, 1) (share of training cities held out for validation; 0 for no "
+                f"validation split), got {val_fraction}"
+            )
+        check_read_error_policy(on_read_error, max_read_errors)
+        self.on_read_error = on_read_error
+        self.max_read_errors = max_read_errors
         self.val_fraction = val_fraction
         self.seed = seed
         self.train_fraction = train_fraction
@@ -302,17 +353,53 @@ class GeoNRWMMDataModule(NonGeoDataModule):
         self.aug = PairedAugmentation()
 
     def split_indices(self, dataset: GeoNRWMM) -> tuple[list[int], list[int]]:
-        """Train and validation patch indices of the training split, grouped by city."""
+        """Train and validation patch indices of the training split, grouped by city.
+
+        Raises:
+            ValueError: if ``val_fraction`` leaves no training or no validation city.
+        """
+        if self.val_fraction == 0.0:
+            return list(range(len(dataset))), []
         cities = [dataset.patch_city(index) for index in range(len(dataset))]
+        num_cities = len(set(cities))
+        num_val = round(num_cities * self.val_fraction)
+        if not 0 < num_val < num_cities:
+            raise ValueError(
+                f"val_fraction={self.val_fraction} of {num_cities} GeoNRW training cities with data leaves "
+                f"{num_val} validation and {num_cities - num_val} training cities: choose val_fraction between "
+                f"{0.5 / num_cities:.3g} and {1 - 0.5 / num_cities:.3g} (exclusive), or 0 for no validation split"
+            )
         return group_shuffle_split(cities, test_size=self.val_fraction, random_state=self.seed)
 
     def setup(self, stage: str) -> None:
-        """Create the city-wise train/val subsets and the test split."""
+        """Create the city-wise train/val subsets and the test split.
+
+        Raises:
+            ValueError: in the fit stage, if the training subset cannot fill one batch.
+        """
         if stage in ("fit", "validate"):
             dataset = GeoNRWMM(split="train", **self.kwargs)
             train_indices, val_indices = self.split_indices(dataset)
             kept = seeded_subset(len(train_indices), self.train_fraction, self.seed)
-            self.train_dataset = Subset(dataset, [train_indices[i] for i in kept])
-            self.val_dataset = Subset(dataset, val_indices)
+            if stage == "fit":
+                check_enough_for_a_batch(
+                    f"GeoNRW train ({len(train_indices)} patches of the training cities, train_fraction="
+                    f"{self.train_fraction})",
+                    len(kept),
+                    self.train_batch_size or self.batch_size,
+                    "raise train_fraction or lower val_fraction",
+                )
+            self.train_dataset = self._guard(Subset(dataset, [train_indices[i] for i in kept]), "train")
+            if val_indices:
+                self.val_dataset = self._guard(Subset(dataset, val_indices), "val")
         if stage == "test":
-            self.test_dataset = GeoNRWMM(split="test", **self.kwargs)
+            self.test_dataset = self._guard(GeoNRWMM(split="test", **self.kwargs), "test")
+
+    def _guard(self, dataset: GeoNRWMM | Subset[dict[str, Tensor]], split: str) -> ReadErrorGuard:
+        return ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors, f"GeoNRWMM {split}")
+
+    def val_dataloader(self) -> DataLoader[dict[str, Tensor]] | list[DataLoader[dict[str, Tensor]]]:
+        """The validation loader; none (an empty list) with ``val_fraction=0``."""
+        if self.val_fraction == 0.0:
+            return []
+        return super().val_dataloader()

@@ -7,7 +7,30 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import RandomSampler
 
-__all__ = ["EpochSeededRandomSampler"]
+__all__ = ["EpochIndex", "EpochSeededRandomSampler"]
+
+
+class EpochIndex(int):
+    """A sample index that also carries the epoch it is drawn in (``EpochIndex(5, epoch=2) == 5``).
+
+    It behaves as the plain ``int`` everywhere (comparison, hashing, list indexing), so code that
+    only wants the index is unaffected; an *epoch-indexed* data set reads ``index.epoch`` to draw
+    per-sample randomness as a pure function of (seed, epoch, index). It survives the DataLoader's
+    trip to worker processes (pickling keeps the epoch).
+    """
+
+    epoch: int
+
+    def __new__(cls, value: int, epoch: int = 0) -> EpochIndex:
+        index = super().__new__(cls, value)
+        index.epoch = epoch
+        return index
+
+    def __reduce__(self) -> tuple[type[EpochIndex], tuple[int, int]]:
+        return type(self), (int(self), self.epoch)
+
+    def __repr__(self) -> str:
+        return f"EpochIndex({int(self)}, epoch={self.epoch})"
 
 
 class EpochSeededRandomSampler(RandomSampler):
@@ -17,6 +40,12 @@ class EpochSeededRandomSampler(RandomSampler):
     epoch-end checkpoint visits the data in exactly the order of an uninterrupted run. Under a
     distributed strategy Lightning replaces it by its ``DistributedSampler`` (which is seeded
     per epoch in the same way).
+
+    Epoch-indexed data sets: if ``data_source.epoch_indexed`` is true, the sampler yields
+    :class:`EpochIndex` values (``int`` subclass, equal to the plain index) carrying the epoch, so
+    that the data set can draw per-sample randomness (e.g. SSL4EO-S12 seasons) as a pure function
+    of (seed, epoch, index), also in DataLoader worker processes, which never see
+    :meth:`set_epoch`.
     """
 
     def __init__(self, data_source: Sized, seed: int = 0) -> None:
@@ -30,4 +59,8 @@ class EpochSeededRandomSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        if getattr(self.data_source, "epoch_indexed", False):
+            yield from (EpochIndex(index, self.epoch) for index in order)
+        else:
+            yield from order

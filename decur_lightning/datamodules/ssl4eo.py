@@ -1,25 +1,39 @@
 """SSL4EO-S12 Sentinel-1/Sentinel-2 pairs for SAR-optical DeCUR pretraining (paper Section 4, B.1).
 
 torchgeo 0.8.1's :class:`~torchgeo.datasets.SSL4EOS12` serves one modality per instance. This
-module pairs two of them (``s1`` and ``s2c``) by location index: download, extraction, checksum
-and file reading are torchgeo's; what is added here is the pairing, a length computed from the
-location folders on disk (torchgeo's is hard-coded to 251,079) and the paper's normalisation.
+module pairs two of them (``s1`` and ``s2c``) by location index: download, extraction, checksum,
+band lists and scene-name parsing are torchgeo's; what is added here is the pairing, a length
+computed from the location folders on disk (torchgeo's is hard-coded to 251,079), the paper's
+normalisation and season draws that are a pure function of (seed, epoch, location) (torchgeo draws
+with Python's global ``random``), optionally one per view as in the authors' released code. The
+scenes are read here, the way torchgeo reads them, once the seasons are chosen.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import warnings
 from collections.abc import Callable
 from typing import ClassVar
 
+import numpy as np
+import rasterio
 import torch
 from torch import Tensor
-from torchgeo.datasets import NonGeoDataset, SSL4EOS12
-from torchgeo.datasets.utils import Path
+from torchgeo.datasets import NonGeoDataset, Sentinel1, Sentinel2, SSL4EOS12
+from torchgeo.datasets.utils import Path, disambiguate_timestamp
 
-from ._common import PretrainDataModule, normalize_sar, scale_mean_std
+from ._common import (
+    DEFAULT_MAX_READ_ERRORS,
+    PretrainDataModule,
+    ReadErrorGuard,
+    check_enough_for_a_batch,
+    check_read_error_policy,
+    normalize_sar,
+    scale_mean_std,
+)
 
 # Sentinel-1 GRD (VV, VH) in dB, as stored in SSL4EO-S12's s1 GeoTIFFs (Earth Engine's
 # COPERNICUS/S1_GRD is log-scaled). The rounded SSL4EO-S12 statistics that the project's
@@ -58,8 +72,25 @@ class SSL4EOS12MM(NonGeoDataset):
     Each location folder holds four seasonal scenes per modality. Following the paper (Section 4:
     "One random season is selected for each image and modality"), every ``__getitem__`` draws the
     season(s) of S1 and of S2 independently, so the two images of a pair share the location but
-    usually not the date. The draw uses Python's ``random`` (torchgeo's), which PyTorch seeds
-    per DataLoader worker.
+    usually not the date.
+
+    Season draws are a pure function of ``(seed, epoch, location, modality, view)``: each comes from
+    ``numpy.random.default_rng([seed, epoch, location, modality number, view])`` choosing
+    ``seasons`` of the location's scene folders (sorted by name, i.e. by date) without
+    replacement. They do not depend on Python's or a worker's RNG, so a run resumed mid-epoch
+    reads the same seasons. The epoch comes in with the index (:attr:`epoch_indexed`): the
+    datamodule's :class:`~decur_lightning.datamodules.samplers.EpochSeededRandomSampler` yields
+    :class:`~decur_lightning.datamodules.samplers.EpochIndex` values carrying it; a plain ``int``
+    index is epoch 0. (Under a distributed strategy Lightning replaces that sampler by its
+    ``DistributedSampler``, whose plain indices make every epoch draw the seasons of epoch 0.)
+
+    Season per view (``season_per_view=True``, the authors' released code,
+    ``TwoCropsTransform_SSL4EO(season='augment')``, which draws ``np.random.choice([0,1,2,3])``
+    once per view, so both views may share a season): each modality also gets a second,
+    independently drawn season under ``image2_<name>``, from which the LightningModule makes that
+    modality's second view; the intra-modal terms then see seasonal change too. With
+    ``season_per_view=False`` (default) both views of a modality are cropped from ``image_<name>``.
+    ``image_<name>`` is the same in both settings.
 
     Sample keys:
 
@@ -68,6 +99,8 @@ class SSL4EOS12MM(NonGeoDataset):
     * ``location``: int64 scalar, the location index (folder name)
     * ``t_s1``, ``t_s2``: float32 ``(seasons,)``, acquisition times (POSIX seconds) of the drawn
       scenes
+    * with ``season_per_view=True`` also ``image2_s1``, ``image2_s2`` (same shapes as ``image_s1``,
+      ``image_s2``) and ``t2_s1``, ``t2_s2``: the second view's independently drawn season(s)
 
     torchgeo's per-modality ``x``/``y`` (scene centre), ``wavelength`` and ``res`` (10 m) entries
     are not returned: they are constant per modality or implied by ``location``.
@@ -86,15 +119,24 @@ class SSL4EOS12MM(NonGeoDataset):
         transforms: callable applied to the finished sample dict (torchgeo convention).
         download: download the ``s1`` and ``s2c`` archives if missing (about 1.5 TB compressed).
         checksum: verify the MD5 of downloaded archives.
+        season_per_view: also return a second, independently drawn season per modality
+            (``image2_<name>``, ``t2_<name>``), as the authors' released code does (see above).
+        seed: non-negative seed of the season draws.
 
     Raises:
         DatasetNotFoundError: if ``root`` holds neither the extracted files nor the archives and
             ``download`` is False (raised by torchgeo, with instructions).
-        ValueError: if no location holds both modalities.
+        ValueError: if no location holds both modalities, or if only Sentinel-2 L2A (``s2a/``)
+            is present where L1C (``s2c/``) is required.
+        FileNotFoundError: from ``__getitem__``, if a location has fewer scene folders than
+            ``seasons`` or a scene lacks a band file.
     """
 
     modalities: ClassVar[dict[str, str]] = {"s1": "s1", "s2": "s2c"}
     """Output modality name -> torchgeo ``SSL4EOS12`` split."""
+
+    epoch_indexed: ClassVar[bool] = True
+    """Indices may carry the epoch (:class:`~decur_lightning.datamodules.samplers.EpochIndex`)."""
 
     def __init__(
         self,
@@ -104,18 +146,41 @@ class SSL4EOS12MM(NonGeoDataset):
         transforms: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
         download: bool = False,
         checksum: bool = False,
+        season_per_view: bool = False,
+        seed: int = 0,
     ) -> None:
         if seasons not in (1, 2, 3, 4):
             raise ValueError(f"seasons must be 1, 2, 3 or 4 (SSL4EO-S12 has 4 per location), got {seasons}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.root = root
         self.seasons = seasons
         self.normalize = normalize
         self.transforms = transforms
+        self.season_per_view = season_per_view
+        self.seed = seed
+        if not download:
+            self._check_l1c_present()
         self.datasets = {
             name: SSL4EOS12(root, split=split, seasons=seasons, download=download, checksum=checksum)  # type: ignore[arg-type]
             for name, split in self.modalities.items()
         }
         self.locations = self._paired_locations()
+
+    def _check_l1c_present(self) -> None:
+        """Say that L1C (``s2c/``) is required when only L2A (``s2a/``) is on disk."""
+        split = self.modalities["s2"]
+        has_files = glob.glob(os.path.join(self.root, split, "00000*", "*", "*.tif"))
+        has_archives = glob.glob(os.path.join(self.root, f"{SSL4EOS12.filenames[split]}.tar.gz.part*"))
+        if has_files or has_archives:
+            return
+        found = [name for name in ("s2a", "s2c") if os.path.isdir(os.path.join(self.root, name))]
+        if "s2a" in found:
+            raise ValueError(
+                f"SSL4EO-S12: found {os.path.join(self.root, 's2a')} (Sentinel-2 L2A) but no L1C data in "
+                f"{os.path.join(self.root, split)}: DeCUR pretrains on the 13-band Sentinel-2 L1C product "
+                "(s2c/, paper Section 4). Download or extract s2c/ next to s1/ (or pass download=True)."
+            )
 
     def _paired_locations(self) -> list[int]:
         """Location indices whose folder exists for every modality, sorted."""
@@ -142,17 +207,77 @@ class SSL4EOS12MM(NonGeoDataset):
         """Number of locations present for both modalities."""
         return len(self.locations)
 
+    def decode_index(self, index: int) -> tuple[int, int]:
+        """``(epoch, location)`` of an index (an ``EpochIndex`` carries its epoch; an ``int`` is epoch 0)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {int(index)} out of range for {len(self)} locations")
+        return int(getattr(index, "epoch", 0)), self.locations[int(index)]
+
+    def scene_folders(self, split: str, location: int) -> list[str]:
+        """The scene folders of ``location`` for torchgeo split ``split``, sorted by name (date)."""
+        directory = os.path.join(self.root, split, f"{location:07d}")
+        regex = SSL4EOS12.metadata[split]["filename_regex"]
+        return sorted(
+            os.path.join(directory, name) for name in os.listdir(directory) if re.match(regex, name)
+        )
+
+    def draw_seasons(self, epoch: int, location: int, modality: int, view: int, available: int) -> list[int]:
+        """Which of ``available`` scenes to read: a pure function of its arguments and the seed."""
+        rng = np.random.default_rng([self.seed, epoch, location, modality, view])
+        return [int(i) for i in rng.choice(available, size=self.seasons, replace=False)]
+
+    def _read_scenes(self, split: str, scenes: list[str]) -> tuple[Tensor, Tensor]:
+        """Read the bands of ``scenes`` like torchgeo's SSL4EOS12: ``(image, t)``."""
+        dataset = self.datasets[next(name for name, s in self.modalities.items() if s == split)]
+        date_format = Sentinel1.date_format if split == "s1" else Sentinel2.date_format
+        regex = SSL4EOS12.metadata[split]["filename_regex"]
+        images, times = [], []
+        for scene in scenes:
+            match = re.match(regex, os.path.basename(scene))
+            assert match is not None  # scene_folders keeps matching names only
+            mint, maxt = disambiguate_timestamp(match.group("date"), date_format)
+            for band in dataset.bands:
+                with rasterio.open(os.path.join(scene, f"{band}.tif")) as src:
+                    image = src.read(out_shape=(1, dataset.size, dataset.size))
+                images.append(torch.from_numpy(image.astype(np.float32)))
+            times.append((mint.timestamp() + maxt.timestamp()) / 2)
+        return torch.cat(images), torch.tensor(times)
+
+    def sample_files(self, index: int) -> list[str]:
+        """Every band file of every scene of the sample's location (for error reports)."""
+        location = self.decode_index(index)[1]
+        return [
+            os.path.join(scene, f"{band}.tif")
+            for name, split in self.modalities.items()
+            for scene in self.scene_folders(split, location)
+            for band in self.datasets[name].bands
+        ]
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        """Return S1 and S2 of location ``self.locations[index]``, seasons drawn independently."""
-        location = self.locations[index]
+        """Return S1 and S2 of a location, seasons drawn independently per modality (and view).
+
+        Args:
+            index: ``i`` (epoch 0) or ``EpochIndex(i, epoch)`` for location ``self.locations[i]``.
+        """
+        epoch, location = self.decode_index(index)
         sample: dict[str, Tensor] = {"location": torch.tensor(location)}
-        for name, dataset in self.datasets.items():
-            modality_sample = dataset[location]
-            image = modality_sample["image"]
-            if self.normalize:
-                image = self._normalize(name, image)
-            sample[f"image_{name}"] = image
-            sample[f"t_{name}"] = modality_sample["t"]
+        views = (("image", "t"), ("image2", "t2")) if self.season_per_view else (("image", "t"),)
+        for modality, (name, split) in enumerate(self.modalities.items()):
+            scenes = self.scene_folders(split, location)
+            if len(scenes) < self.seasons:
+                raise FileNotFoundError(
+                    f"{os.path.join(self.root, split, f'{location:07d}')} holds {len(scenes)} scene folder(s), "
+                    f"fewer than seasons={self.seasons}"
+                )
+            read: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # a season drawn twice is read once
+            for view, (image_key, time_key) in enumerate(views):
+                chosen = tuple(self.draw_seasons(epoch, location, modality, view, len(scenes)))
+                if chosen not in read:
+                    image, times = self._read_scenes(split, [scenes[i] for i in chosen])
+                    read[chosen] = (self._normalize(name, image) if self.normalize else image, times)
+                image, times = read[chosen]
+                sample[f"{image_key}_{name}"] = image
+                sample[f"{time_key}_{name}"] = times
         if self.transforms is not None:
             sample = self.transforms(sample)
         return sample
@@ -174,6 +299,9 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
     judged on downstream tasks). Batches are dicts with ``image_s1`` ``(B, 2, 264, 264)`` and
     ``image_s2`` ``(B, 13, 264, 264)`` in [0, 1]; no augmentation runs here: DeCURModule makes the
     views on the device and reads :attr:`modality_kinds` to choose each modality's pipeline.
+    With ``season_per_view=True`` batches also hold ``image2_s1``/``image2_s2``, the second views'
+    independently drawn seasons (the authors' released code; see :class:`SSL4EOS12MM`). Season
+    draws are seeded by the datamodule's :attr:`shuffle_seed` and the epoch.
 
     Args:
         root: dataset directory (see :class:`SSL4EOS12MM`).
@@ -183,6 +311,11 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
         normalize: apply the paper's normalisation.
         download: download the data if missing.
         checksum: verify archive checksums.
+        season_per_view: draw a season per view, not per modality (released code).
+        on_read_error: ``'raise'`` (default) stops at an unreadable GeoTIFF naming it; ``'skip'``
+            replaces its sample by the next readable one and warns (see
+            :class:`~decur_lightning.datamodules._common.ReadErrorGuard`).
+        max_read_errors: most unreadable samples ``'skip'`` tolerates per process (default 100).
 
     Example YAML (LightningCLI)::
 
@@ -202,7 +335,11 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
         normalize: bool = True,
         download: bool = False,
         checksum: bool = False,
+        season_per_view: bool = False,
+        on_read_error: str = "raise",
+        max_read_errors: int = DEFAULT_MAX_READ_ERRORS,
     ) -> None:
+        check_read_error_policy(on_read_error, max_read_errors)
         super().__init__(
             SSL4EOS12MM,  # type: ignore[arg-type]
             batch_size,
@@ -212,8 +349,24 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
             normalize=normalize,
             download=download,
             checksum=checksum,
+            season_per_view=season_per_view,
         )
+        self.on_read_error = on_read_error
+        self.max_read_errors = max_read_errors
 
     def setup(self, stage: str) -> None:
-        """Create the training dataset (every stage uses the same pairs)."""
-        self.train_dataset = SSL4EOS12MM(**self.kwargs)
+        """Create the training dataset (every stage uses the same pairs).
+
+        Raises:
+            ValueError: in the fit stage, if there are fewer locations than ``batch_size``
+                (no training batch with ``drop_last``).
+        """
+        dataset = SSL4EOS12MM(**self.kwargs, seed=self.shuffle_seed)
+        if stage == "fit":
+            check_enough_for_a_batch(
+                f"SSL4EO-S12 training ({dataset.root})",
+                len(dataset),
+                self.train_batch_size or self.batch_size,
+                "extract more locations (both s1/ and s2c/)",
+            )
+        self.train_dataset = ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors)
