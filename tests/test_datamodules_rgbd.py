@@ -354,3 +354,34 @@ def test_decur_fit_fast_dev_run(sunrgbd: tuple[Path, dict[str, list[str]]]) -> N
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule)
     assert trainer.state.finished
+
+
+def test_unreadable_image_raise_names_the_file_and_skip_replaces_it(tmp_path: Path) -> None:
+    root = tmp_path / "SUNRGBD"
+    names = make_rgbd(root, num_classes=37, train=4, test=2)
+    broken = root / "RGB" / f"{names['train'][1]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated JPEG
+    strict = RGBDMMPretrainDataModule(root, batch_size=2, image_size=SIZE)
+    strict.setup("fit")
+    with pytest.raises(OSError, match=rf"{broken.name}.*on_read_error='skip'") as info:
+        strict.train_dataset[1]
+    assert str(broken) in str(info.value)
+    lenient = RGBDMMPretrainDataModule(root, batch_size=2, image_size=SIZE, on_read_error="skip")
+    lenient.setup("fit")
+    with pytest.warns(RuntimeWarning, match=broken.name):
+        replaced = lenient.train_dataset[1]
+    torch.testing.assert_close(replaced["image_rgb"], lenient.train_dataset[2]["image_rgb"])
+    assert list(lenient.train_dataset.skipped) == [1]
+    segmentation = RGBDMMDataModule(root, batch_size=2, on_read_error="skip", crop_size=(16, 16))
+    segmentation.setup("fit")
+    with pytest.warns(RuntimeWarning, match=broken.name):
+        assert segmentation.train_dataset[1]["image_rgb"].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="on_read_error"):
+        RGBDMMDataModule(root, on_read_error="ignore")
+
+
+def test_fewer_pairs_than_a_batch_fail_at_setup(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
+    with pytest.raises(ValueError, match=r"RGB-D pretraining \(train\) split has 8 sample\(s\), fewer than batch_size=16"):
+        RGBDMMPretrainDataModule(sunrgbd[0], batch_size=16, image_size=SIZE).setup("fit")
+    with pytest.raises(ValueError, match=r"RGB-D train split has 8 sample\(s\), fewer than batch_size=9"):
+        RGBDMMDataModule(sunrgbd[0], batch_size=9).setup("fit")

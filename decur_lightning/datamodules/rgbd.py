@@ -23,7 +23,16 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import DatasetNotFoundError, NonGeoDataset
 from torchgeo.datasets.utils import Path
 
-from ._common import PairedAugmentation, PretrainDataModule, is_data_key, seeded_subset
+from ._common import (
+    DEFAULT_MAX_READ_ERRORS,
+    PairedAugmentation,
+    PretrainDataModule,
+    ReadErrorGuard,
+    check_enough_for_a_batch,
+    check_read_error_policy,
+    is_data_key,
+    seeded_subset,
+)
 
 DatasetName = Literal["sunrgbd", "nyudv2"]
 SplitName = Literal["train", "test", "all"]
@@ -296,6 +305,11 @@ class RGBDMM(NonGeoDataset):
         self.names = self._load_names()
         self.files = [self._sample_files(name) for name in self.names]
 
+    def sample_files(self, index: int) -> list[str]:
+        """The files sample ``index`` is read from (RGB, HHA and, with masks, the label)."""
+        files = self.files[index]
+        return [path for key, path in files.items() if key != "mask" or self.include_mask]
+
     def _verify(self) -> None:
         """Raise DatasetNotFoundError, with instructions, when the layout is incomplete."""
         needed = ["RGB", "HHA", *(["Label"] if self.include_mask else [])]
@@ -389,6 +403,10 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
         dataset: ``'sunrgbd'`` or ``'nyudv2'``.
         split: ``'train'``, ``'test'`` or ``'all'``.
         image_size: ``(height, width)``; None: the dataset's default.
+        on_read_error: ``'raise'`` (default) stops at an unreadable file naming it; ``'skip'``
+            replaces the sample by the next readable one, warns and counts (see
+            :class:`~decur_lightning.datamodules._common.ReadErrorGuard`).
+        max_read_errors: most unreadable samples ``'skip'`` tolerates per process (default 100).
     """
 
     modality_kinds: ClassVar[dict[str, str]] = {"rgb": "rgb", "hha": "hha"}
@@ -401,8 +419,13 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
         dataset: DatasetName = "sunrgbd",
         split: SplitName = "train",
         image_size: tuple[int, int] | None = None,
+        on_read_error: str = "raise",
+        max_read_errors: int = DEFAULT_MAX_READ_ERRORS,
     ) -> None:
         check_dataset(dataset)
+        check_read_error_policy(on_read_error, max_read_errors)
+        self.on_read_error = on_read_error
+        self.max_read_errors = max_read_errors
         super().__init__(
             RGBDMM,  # type: ignore[arg-type]
             batch_size,
@@ -414,8 +437,17 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
         self.split = split
 
     def setup(self, stage: str) -> None:
-        """Create the training dataset (no mask)."""
-        self.train_dataset = RGBDMM(split=self.split, include_mask=False, **self.kwargs)
+        """Create the training dataset (no mask).
+
+        Raises:
+            ValueError: in the fit stage, if the split has fewer pairs than ``batch_size``.
+        """
+        dataset = RGBDMM(split=self.split, include_mask=False, **self.kwargs)
+        if stage == "fit":
+            check_enough_for_a_batch(
+                f"RGB-D pretraining ({self.split})", len(dataset), self.train_batch_size or self.batch_size, ""
+            )
+        self.train_dataset = ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors, f"RGBDMM {self.split}")
 
 
 class RGBDMMDataModule(NonGeoDataModule):
@@ -472,6 +504,9 @@ class RGBDMMDataModule(NonGeoDataModule):
         eval_batch_size: validation/test/predict samples per batch (1: no padding).
         val_fraction: share of the training list held out for validation; 0 validates on test.
         seed: seed of the held-out share.
+        on_read_error: ``'raise'`` (default) or ``'skip'`` (see
+            :class:`~decur_lightning.datamodules._common.ReadErrorGuard`).
+        max_read_errors: most unreadable samples ``'skip'`` tolerates per split and process (100).
     """
 
     ignore_index: ClassVar[int] = RGBDMM.ignore_index
@@ -490,8 +525,13 @@ class RGBDMMDataModule(NonGeoDataModule):
         eval_batch_size: int = 1,
         val_fraction: float = 0.0,
         seed: int = 0,
+        on_read_error: str = "raise",
+        max_read_errors: int = DEFAULT_MAX_READ_ERRORS,
     ) -> None:
         check_dataset(dataset)
+        check_read_error_policy(on_read_error, max_read_errors)
+        self.on_read_error = on_read_error
+        self.max_read_errors = max_read_errors
         if augmentation not in ("cmx", "resized_crop"):
             raise ValueError(f"augmentation must be 'cmx' or 'resized_crop', got {augmentation!r}")
         if normalization not in ("imagenet", "none"):
@@ -561,12 +601,19 @@ class RGBDMMDataModule(NonGeoDataModule):
         if stage in ("fit", "validate"):
             train = RGBDMM(split="train", transforms=self.train_transform, **self.kwargs)
             train_indices, val_indices = self.split_indices(len(train))
-            self.train_dataset = Subset(train, train_indices)
+            if stage == "fit":
+                check_enough_for_a_batch(
+                    "RGB-D train", len(train_indices), self.batch_size, "lower val_fraction" if val_indices else ""
+                )
+            self.train_dataset = self._guard(Subset(train, train_indices), "train")
             if val_indices:
                 held_out = RGBDMM(split="train", transforms=self.eval_transform, **self.kwargs)
-                self.val_dataset = Subset(held_out, val_indices)
+                self.val_dataset = self._guard(Subset(held_out, val_indices), "val")
             else:
-                self.val_dataset = RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs)
+                self.val_dataset = self._guard(RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs), "test")
         if stage in ("test", "predict"):
-            self.test_dataset = RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs)
+            self.test_dataset = self._guard(RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs), "test")
             self.predict_dataset = self.test_dataset
+
+    def _guard(self, dataset: RGBDMM | Subset[dict[str, Tensor]], split: str) -> ReadErrorGuard:
+        return ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors, f"RGBDMM {split}")
