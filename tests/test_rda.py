@@ -45,11 +45,42 @@ def test_keeps_shape_at_any_size(settings, fmap, size):
     assert not torch.allclose(y, x)
 
 
-def test_identity_at_init():
+def test_starts_close_to_identity_with_no_zero_norm_weight():
+    """proj_out is 0.1x PyTorch's default: a small branch, but every tensor has a norm for LARS."""
     block = make_block()
     x = torch.randn(2, 64, 14, 14)
-    assert torch.equal(block(x), x)
-    assert torch.count_nonzero(block.proj_out.weight) == 0
+    branch, _ = block.attention(x)
+    assert 0 < branch.norm() / x.norm() < 0.1
+    torch.testing.assert_close(block(x), x + branch)
+    for name, param in block.named_parameters():
+        if param.ndim > 1:  # the weights LARS adapts (biases and norms are excluded from it)
+            assert param.norm() > 0, name
+    torch.manual_seed(0)
+    default = nn.Conv2d(64, 64, kernel_size=1)
+    authors = ResidualDeformableAttention(64, fmap_size=14, init_gain=1.0, **LAYER3)
+    # Same layer-shape statistics as PyTorch's default (kaiming-uniform bound 1/sqrt(fan_in)).
+    assert authors.proj_out.weight.abs().max() <= 1 / 64**0.5
+    assert block.proj_out.weight.abs().max() <= 0.1 / 64**0.5
+    assert float(authors.proj_out.weight.detach().std()) == pytest.approx(float(default.weight.std()), rel=0.1)
+
+
+def test_without_residual_returns_the_attention_alone():
+    """residual=False: the "DA" ablation of Tables 4 and 7."""
+    block = activate(make_block(LAYER4, fmap=7))
+    plain = ResidualDeformableAttention(64, fmap_size=7, residual=False, **LAYER4)
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(2, 64, 7, 7)
+    branch, _ = block.attention(x)
+    torch.testing.assert_close(plain(x), branch)
+    torch.testing.assert_close(block(x), x + branch)
+    assert not torch.allclose(plain(x), block(x))
+    assert "residual=False" in repr(plain)
+
+
+@pytest.mark.parametrize("gain", [0.0, -1.0, float("nan"), True])
+def test_non_positive_init_gain_raises(gain):
+    with pytest.raises(ValueError, match="init_gain must be a positive number"):
+        ResidualDeformableAttention(64, init_gain=gain, **LAYER3)
 
 
 def test_output_is_input_plus_attention():
@@ -70,12 +101,12 @@ def test_gradients_reach_every_parameter_and_the_input():
     assert x.grad.abs().sum() > 0
 
 
-def test_at_init_only_proj_out_learns_first():
-    """Zero-initialised proj_out: the first step moves proj_out only (as zero_init_residual)."""
+def test_at_init_every_parameter_learns_from_the_first_step():
+    """No zero proj_out: queries, keys, values and offsets get gradients from step 1."""
     block = make_block()
     block(torch.randn(2, 64, 14, 14)).square().mean().backward()
-    assert block.proj_out.weight.grad.abs().sum() > 0
-    assert block.proj_q.weight.grad.abs().sum() == 0
+    for name, param in block.named_parameters():
+        assert param.grad.abs().sum() > 0, name
 
 
 def test_parameter_names_and_shapes_follow_dat():
@@ -93,6 +124,7 @@ def test_parameter_names_and_shapes_follow_dat():
         "conv_offset.1.norm.weight": (group_channels,),
         "conv_offset.1.norm.bias": (group_channels,),
         "conv_offset.3.weight": (2, group_channels, 1, 1),
+        "_extra_state": (),  # the reference grid mode
     }
 
 
