@@ -346,7 +346,7 @@ def test_lars_trains_the_attention_sanely_from_the_first_step():
     projector = build_projector(encoder.num_features, (128, 128))
     optimizer = build_optimizer([encoder, projector])  # the paper's LARS, lr 0.2
     ratios = []
-    encoder.da_l3.register_forward_hook(lambda m, i, o: ratios.append(float((o - i[0]).norm() / i[0].norm())))
+    encoder.da_l3.register_forward_hook(lambda m, i, o: ratios.append(float((o - i[0]).detach().norm() / i[0].detach().norm())))
     blocks = (encoder.da_l3, encoder.da_l4)
     start_norms = [float(block.proj_out.weight.norm()) for block in blocks]
     x = torch.rand(4, 3, 64, 64)
