@@ -211,7 +211,7 @@ def rda_feature_points_figure(
             image_ax.imshow(image, cmap=cmap, extent=extent)
             pc_ax.imshow(result.principal_component[row].numpy(), cmap="viridis", extent=extent)
             for ax in (image_ax, pc_ax):
-                ax.scatter(xs, ys, s=6, c="red", marker="o", linewidths=0)
+                ax.scatter(xs, ys, s=10, c="red", marker="o", edgecolors="white", linewidths=0.4)
                 ax.set_xlim(extent[0], extent[1])
                 ax.set_ylim(extent[2], extent[3])
                 ax.set_xticks([])
