@@ -72,10 +72,10 @@ def lars_trace(init_gain: float, args: argparse.Namespace) -> list[tuple[int, fl
         if step == args.steps:  # the state after the last update
             with torch.no_grad():
                 encoders[0](views[0][0])
-            trace.append((step, float(block.proj_out.weight.norm()), ratios[-1]))
+            trace.append((step, float(block.proj_out.weight.detach().norm()), ratios[-1]))
             break
         z = [[p(e(v)) for v in pair] for e, p, pair in zip(encoders, projectors, views)]
-        trace.append((step, float(block.proj_out.weight.norm()), ratios[-1]))
+        trace.append((step, float(block.proj_out.weight.detach().norm()), ratios[-1]))
         loss = decur_loss(z[0][0], z[0][1], z[1][0], z[1][1], common_dims=int(0.875 * width)).total
         optimizer.zero_grad()
         loss.backward()
