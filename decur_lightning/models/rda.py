@@ -87,7 +87,7 @@ class ResidualDeformableAttention(nn.Module):
     zero-initialised: LARS (lightly's, Appendix B.1) skips the trust ratio for a weight of norm
     0, so a zero ``proj_out`` gets a raw SGD step at the full learning rate (0.2) and the branch
     blows up to many times its input within ten steps (``benchmarks/rda.py --lars``).
-    ``init_gain=1.0`` is DAT's and the authors' initialisation (branch about 25 % of the input).
+    ``init_gain=1.0`` is DAT's and the authors' initialisation (branch about 20 % of the input).
 
     Paper settings (Appendix B.1, ResNet-50 at 224 px): after layer3, a 14x14 map, 8 heads x
     128 channels, 4 groups, stride 2, kernel 5; after layer4, 7x7, 16 heads x 128 channels,
