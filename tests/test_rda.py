@@ -71,7 +71,7 @@ def test_starts_close_to_identity_with_no_zero_norm_weight():
     # Same layer-shape statistics as PyTorch's default (kaiming-uniform bound 1/sqrt(fan_in)).
     assert authors.proj_out.weight.abs().max() <= 1 / 64**0.5
     assert block.proj_out.weight.abs().max() <= 0.1 / 64**0.5
-    assert float(authors.proj_out.weight.detach().std()) == pytest.approx(float(default.weight.std()), rel=0.1)
+    assert float(authors.proj_out.weight.detach().std()) == pytest.approx(float(default.weight.detach().std()), rel=0.1)
 
 
 def test_without_residual_returns_the_attention_alone():
