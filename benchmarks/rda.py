@@ -1,13 +1,21 @@
-"""Cost of residual deformable attention: ResNet-50 vs ResNet-50 + RDA (paper Section 3.2).
+"""Residual deformable attention (paper Section 3.2): cost, and behaviour under LARS.
 
-Times one forward + backward pass of each encoder (training mode) at the paper's 224 px crops
-and prints the median over repeats and the RDA overhead ratio. The two encoders alternate
-within each repeat, so a load change on a shared machine hits both alike; the ratio column is
-the median of the per-repeat ratios. Not part of the test suite.
+Default mode: times one forward + backward pass of ResNet-50 and ResNet-50 + RDA (training
+mode) at the paper's 224 px crops and prints the median over repeats and the RDA overhead
+ratio. The two encoders alternate within each repeat, so a load change on a shared machine
+hits both alike; the ratio column is the median of the per-repeat ratios.
+
+``--lars``: ten DeCUR steps (two resnet18_rda encoders, 3-layer projectors of width K, the
+DeCUR loss, the paper's LARS: lr 0.2, lr_bias 0.0048, wd 1e-6, momentum 0.9) on synthetic
+two-view data, once per ``proj_out`` initialisation (``--init-gains``; ``0`` is the old zero
+initialisation, set after construction), printing per step ``||proj_out||`` of the layer3
+block and the norm ratio of its attention branch to its input (measured in the training
+forward of each step; the last row after the last update). Not part of the test suite.
 
 Usage:
     python benchmarks/rda.py                      # CPU, batch 8, 224 px, 13 bands
     python benchmarks/rda.py --device cuda --batch-size 64 --amp
+    python benchmarks/rda.py --lars               # 64 px, K=2048, N=16, gains 0 0.1 1
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ from contextlib import nullcontext
 
 import torch
 
+from decur_lightning.losses import decur_loss
 from decur_lightning.models import create_encoder
+from decur_lightning.ssl.base import build_projector
+from decur_lightning.ssl.optim import build_optimizer
 
 
 def time_step(encoder: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:
@@ -37,16 +48,71 @@ def time_step(encoder: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:
     return time.perf_counter() - start
 
 
+def lars_trace(init_gain: float, args: argparse.Namespace) -> list[tuple[int, float, float]]:
+    """``(step, ||proj_out|| of da_l3, ||DA(x)|| / ||x|| at da_l3)`` over ``args.steps`` LARS steps."""
+    torch.manual_seed(0)
+    channels = (2, 13)
+    encoders = [create_encoder("resnet18_rda", in_channels=c, rda_init_gain=1.0) for c in channels]
+    for encoder in encoders:
+        for block in (encoder.da_l3, encoder.da_l4):
+            with torch.no_grad():  # rescale PyTorch's default init (gain 0: the old zero init)
+                block.proj_out.weight.mul_(init_gain)
+                block.proj_out.bias.mul_(init_gain)
+    width = args.embedding_dim
+    projectors = [build_projector(e.num_features, (width, width, width)) for e in encoders]
+    optimizer = build_optimizer([*encoders, *projectors])
+    ratios: list[float] = []
+    block = encoders[0].da_l3
+    block.register_forward_hook(lambda m, i, o: ratios.append(float((o - i[0]).detach().norm() / i[0].detach().norm())))
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(args.batch_size, c, args.size, args.size, generator=generator) for c in channels]
+    trace = []
+    for step in range(args.steps + 1):
+        views = [[x + 0.05 * torch.randn(x.shape, generator=generator) for _ in range(2)] for x in images]
+        if step == args.steps:  # the state after the last update
+            with torch.no_grad():
+                encoders[0](views[0][0])
+            trace.append((step, float(block.proj_out.weight.detach().norm()), ratios[-1]))
+            break
+        z = [[p(e(v)) for v in pair] for e, p, pair in zip(encoders, projectors, views)]
+        trace.append((step, float(block.proj_out.weight.detach().norm()), ratios[-1]))
+        loss = decur_loss(z[0][0], z[0][1], z[1][0], z[1][1], common_dims=int(0.875 * width)).total
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return trace
+
+
+def main_lars(args: argparse.Namespace) -> None:
+    print(
+        f"resnet18_rda x2 (2 and 13 bands), {args.size} px, N={args.batch_size}, K={args.embedding_dim}, "
+        f"LARS lr 0.2 / lr_bias 0.0048 / wd 1e-6 / momentum 0.9, torch threads {torch.get_num_threads()}"
+    )
+    print("step: ||proj_out|| of da_l3 / ||DA(x)||/||x|| at da_l3 (before the step's update)")
+    for gain in args.init_gains:
+        trace = lars_trace(gain, args)
+        print(f"init gain {gain:g}: " + "  ".join(f"{s}: {n:.3g}/{r:.3g}" for s, n, r in trace))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (16 with --lars)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels; default 224 (64 with --lars)")
     parser.add_argument("--channels", type=int, default=13, help="input bands (13: Sentinel-2 L1C)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--lars", action="store_true", help="trace proj_out and the branch ratio under LARS")
+    parser.add_argument("--init-gains", type=float, nargs="+", default=[0.0, 0.1, 1.0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--embedding-dim", type=int, default=2048, help="projector width K (--lars)")
     args = parser.parse_args()
+    if args.lars:
+        args.size, args.batch_size = args.size or 64, args.batch_size or 16
+        main_lars(args)
+        return
+    args.size, args.batch_size = args.size or 224, args.batch_size or 8
 
     device = torch.device(args.device)
     torch.manual_seed(0)

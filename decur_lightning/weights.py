@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .models.mit import MiTEncoder
+from .models.rda import reference_points_state
 from .models.resnet_rda import ResNetRDA
 
 __all__ = [
@@ -198,6 +199,11 @@ def load_encoder_state_dict(
       * an RDA backbone file: ``backbone.*`` plus ``da1_l3/l4.*`` and/or ``da2_l3/l4.*``,
         mapped to the trunk and ``da_l3.*`` / ``da_l4.*``.
 
+      The authors' attention blocks were trained with DAT's reference grid: the returned state
+      dict sets ``da_l3._extra_state`` / ``da_l4._extra_state`` to ``"dat"`` (a warning says
+      so), so the loaded encoder uses ``rda_reference_points="dat"``, also after it is saved and
+      reloaded.
+
     Files are read with ``torch.load(weights_only=True)``; a checkpoint holding other Python
     objects (a Lightning checkpoint's hyper-parameters may) is then unpickled in full: load only
     files you trust.
@@ -261,8 +267,8 @@ def load_state_dict_strictly(
     stay at their initialisation:
 
     - a ``*_rda`` encoder (:class:`~decur_lightning.models.ResNetRDA`) given plain ResNet
-      weights (no ``da_*`` keys): the trunk is loaded, the attention blocks keep their identity
-      initialisation;
+      weights (no ``da_*`` keys): the trunk is loaded, the attention blocks keep their
+      initialisation (close to the identity);
     - a MiT encoder (:class:`~decur_lightning.models.MiTEncoder`) given trunk-only MiT weights
       (the authors' MiT files drop the head; the head only serves the pooled ``forward``, not
       the segmentation feature maps) or ImageNet weights with a 1000-class ``head``: the head
@@ -275,7 +281,7 @@ def load_state_dict_strictly(
         optional = ("da_l3.", "da_l4.")
         warnings.warn(
             f"{source} holds a plain ResNet (no da_l3/da_l4 attention blocks): loading the trunk; the "
-            "residual deformable attention blocks keep their identity initialisation.",
+            "residual deformable attention blocks keep their initialisation (close to the identity).",
             stacklevel=2,
         )
     if isinstance(encoder, MiTEncoder):
@@ -289,7 +295,11 @@ def load_state_dict_strictly(
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
         if not any(k.startswith("head.") for k in state_dict):
             optional = ("head.",)
-    missing = [k for k in expected if k not in state_dict and not k.startswith(optional)]
+    # '<block>._extra_state' (an RDA block's reference grid) is optional: without it the block
+    # keeps the grid it was built with (state dicts from before the switch, plain trunks).
+    missing = [
+        k for k in expected if k not in state_dict and not k.startswith(optional) and not k.endswith("._extra_state")
+    ]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
         (k, tuple(v.shape), tuple(expected[k].shape))
@@ -486,6 +496,14 @@ def _rda_blocks(
         blocks.update({f"da_{level}.{k[len(prefix):]}": v for k, v in state_dict.items() if k.startswith(prefix)})
     if not blocks:
         raise ValueError(f"{where} has no 'da{source_index}_l3.*' / 'da{source_index}_l4.*' attention blocks.")
+    for level in _RDA_LEVELS:
+        if any(k.startswith(f"da_{level}.") for k in blocks):
+            blocks[f"da_{level}._extra_state"] = reference_points_state("dat")
+    warnings.warn(
+        f"The attention blocks of {where} were trained with DAT's reference grid ((i + 0.5) / (H_G - 1)): "
+        "the encoder switches to rda_reference_points='dat' (saved with its state dict).",
+        stacklevel=3,
+    )
     if source_index == 2:
         warnings.warn(
             f"Loading the da2_* attention blocks of {where}: the authors' pretraining code ran modality 2 "

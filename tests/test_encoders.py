@@ -81,14 +81,16 @@ def test_resnet18_rda_uses_head_dim_channels_over_heads():
     assert (encoder.da_l4.channels, encoder.da_l4.num_heads, encoder.da_l4.head_dim) == (512, 16, 32)
 
 
-def test_resnet_rda_is_its_trunk_at_init_and_exports_plain_timm_keys():
+def test_resnet_rda_is_close_to_its_trunk_at_init_and_exports_plain_timm_keys():
+    """proj_out at 0.1x the default init: near the trunk's function, but not exactly (LARS needs norms)."""
     torch.manual_seed(0)
     encoder = create_encoder("resnet18_rda", in_channels=2).eval()
     plain = timm.create_model("resnet18", in_chans=2, num_classes=0).eval()
     plain.load_state_dict(encoder.trunk_state_dict(), strict=True)
     x = torch.randn(2, 2, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(encoder(x), plain(x))
+        difference = (encoder(x) - plain(x)).norm() / plain(x).norm()
+    assert 0 < difference < 0.1
     keys = encoder.state_dict().keys()
     assert "conv1.weight" in keys and "layer4.1.bn2.weight" in keys
     assert {k.split(".")[0] for k in keys if k.startswith("da_")} == {"da_l3", "da_l4"}
@@ -117,7 +119,7 @@ def test_resnet_rda_loads_plain_resnet_weights_into_its_trunk(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
     encoder = create_encoder("resnet18_rda", in_channels=2)
-    with pytest.warns(UserWarning, match="identity initialisation"):
+    with pytest.warns(UserWarning, match="keep their initialisation"):
         load_encoder_weights(encoder, path)
     torch.testing.assert_close(encoder.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
 

@@ -148,22 +148,29 @@ def test_authors_joint_checkpoint_resnet(tmp_path):
         load_encoder_state_dict(path, "s1")
 
 
+def tensors_only(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (no RDA '_extra_state'): what the authors' files hold."""
+    return {k: v for k, v in encoder.state_dict().items() if not k.endswith("_extra_state")}
+
+
 def test_authors_joint_checkpoint_with_rda_blocks(tmp_path):
     sar, optical = randomized(create_encoder("resnet18_rda", 2)), randomized(create_encoder("resnet18_rda", 3))
     blocks = {}
     for index, encoder in ((1, sar), (2, optical)):
-        blocks.update({f"module.da{index}_{k[3:]}": v for k, v in encoder.state_dict().items() if k.startswith("da_")})
+        blocks.update({f"module.da{index}_{k[3:]}": v for k, v in tensors_only(encoder).items() if k.startswith("da_")})
     trunks = {1: _Trunk(sar), 2: _Trunk(optical)}
     torch.save(_authors_joint(trunks, blocks), tmp_path / "rda.pth")
 
     encoder = create_encoder("resnet18_rda", 2)
-    load_pretrained_encoder(encoder, tmp_path / "rda.pth", 1)
-    assert_same_weights(encoder, sar.state_dict())
+    with pytest.warns(UserWarning, match="DAT's reference grid"):
+        load_pretrained_encoder(encoder, tmp_path / "rda.pth", 1)
+    assert_same_weights(encoder, tensors_only(sar))
+    assert encoder.da_l3.reference_points == encoder.da_l4.reference_points == "dat"
 
     encoder = create_encoder("resnet18_rda", 3)
     with pytest.warns(UserWarning, match="never trained da2_"):
         load_pretrained_encoder(encoder, tmp_path / "rda.pth", 2)
-    assert_same_weights(encoder, optical.state_dict())
+    assert_same_weights(encoder, tensors_only(optical))
 
     shared = load_encoder_state_dict(tmp_path / "rda.pth", 2, rda_blocks=1)
     torch.testing.assert_close(shared["da_l3.proj_q.weight"], sar.da_l3.proj_q.weight)
@@ -195,23 +202,26 @@ def test_authors_backbone_only_resnet_file(tmp_path):
                                        torch.full((1, 2, 64, 64), 0.5)).flatten(1))
 
     rda = create_encoder("resnet18_rda", 2)
-    with pytest.warns(UserWarning, match="keep their identity initialisation"):
+    assert rda.da_l3.reference_points == "centre"
+    with pytest.warns(UserWarning, match="keep their initialisation"):
         load_pretrained_encoder(rda, tmp_path / "B2_rn18_decur_sar.pth")
     assert_same_weights(rda, released)
+    assert rda.da_l3.reference_points == "centre"  # a plain trunk says nothing about the grid
 
 
 def test_authors_rda_backbone_file(tmp_path):
     reference = randomized(create_encoder("resnet18_rda", 13))
     trunk = {f"backbone.{k}": v for k, v in _Trunk(reference).state_dict().items()}
-    da2 = {f"da2_{k[3:]}": v for k, v in reference.state_dict().items() if k.startswith("da_")}
+    da2 = {f"da2_{k[3:]}": v for k, v in tensors_only(reference).items() if k.startswith("da_")}
     torch.save({**trunk, **da2}, tmp_path / "rda_s2.pth")
     encoder = create_encoder("resnet18_rda", 13)
-    with pytest.warns(UserWarning, match="never trained da2_"):
+    with pytest.warns(UserWarning, match="never trained da2_"), pytest.warns(UserWarning, match="DAT's reference grid"):
         load_pretrained_encoder(encoder, tmp_path / "rda_s2.pth")
-    assert_same_weights(encoder, reference.state_dict())
+    assert_same_weights(encoder, tensors_only(reference))
+    assert encoder.da_l3.reference_points == encoder.da_l4.reference_points == "dat"
 
     other = randomized(create_encoder("resnet18_rda", 13))
-    da1 = {f"da1_{k[3:]}": v for k, v in other.state_dict().items() if k.startswith("da_")}
+    da1 = {f"da1_{k[3:]}": v for k, v in tensors_only(other).items() if k.startswith("da_")}
     torch.save({**trunk, **da1, **da2}, tmp_path / "rda_both.pth")
     with pytest.raises(ValueError, match="pass modality=1 or 2"):
         load_encoder_state_dict(tmp_path / "rda_both.pth")

@@ -5,6 +5,8 @@
 - GradCAM and Integrated Gradients saliency of the common and unique outputs
   (:mod:`.saliency`, Fig. 6; needs ``pip install decur-lightning[analysis]``);
 - linear probes of known factors on the synthetic data (:mod:`.decoupling`);
+- the first principal component of RDA feature maps with the deformable sampling points
+  (:mod:`.rda`, Fig. 5b);
 - :func:`analyze`: all of them on a checkpoint, with figures and ``statistics.json``; on the
   command line ``python -m decur_lightning.analysis --help``.
 """
@@ -20,6 +22,15 @@ from .alignment import (
 )
 from .decoupling import extract_features, probe_factors, ridge_r2
 from .plotting import figure_to_array, save_figure
+from .rda import (
+    RDAFeaturePoints,
+    first_principal_component,
+    is_rda_encoder,
+    rda_feature_points,
+    rda_feature_points_figure,
+    rda_feature_points_for_module,
+    rda_figure_for_checkpoint,
+)
 from .report import analyze, load_ssl_module
 from .saliency import (
     COMMON,
@@ -43,6 +54,7 @@ __all__ = [
     "UNIQUE",
     "CommonUniqueOutput",
     "DimensionTSNE",
+    "RDAFeaturePoints",
     "SaliencyResult",
     "alignment_for_model",
     "alignment_histogram_figure",
@@ -57,12 +69,18 @@ __all__ = [
     "dimension_tsne_figure",
     "extract_features",
     "figure_to_array",
+    "first_principal_component",
     "gradcam",
     "integrated_gradients",
+    "is_rda_encoder",
     "load_ssl_module",
     "overlap_histogram_figure",
     "plot_alignment_histogram",
     "probe_factors",
+    "rda_feature_points",
+    "rda_feature_points_figure",
+    "rda_feature_points_for_module",
+    "rda_figure_for_checkpoint",
     "ridge_r2",
     "saliency_analysis",
     "saliency_examples_figure",

@@ -22,6 +22,7 @@ from lightning import LightningDataModule
 
 import decur_lightning.datamodules  # noqa: F401  (datamodules usable by class name)
 
+from .rda import rda_figure_for_checkpoint
 from .report import analyze
 
 __all__ = ["build_parser", "main"]
@@ -36,7 +37,8 @@ def build_parser() -> ArgumentParser:
         prog="python -m decur_lightning.analysis",
         description=(
             "Explainability analyses of a DeCUR checkpoint (paper Section 7): alignment histogram (eq. 7), "
-            "t-SNE of embedding dimensions, GradCAM overlap and Integrated Gradients band importance. "
+            "t-SNE of embedding dimensions, GradCAM overlap and Integrated Gradients band importance, and for RDA "
+            "encoders the first principal component of the feature map with the deformable points (Fig. 5b). "
             "Writes PNG figures, statistics.json and analysis.npz into --out."
         ),
     )
@@ -58,6 +60,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tsne_perplexity", type=float, default=30.0)
     parser.add_argument("--tsne_threads", type=int | None, default=None)
     parser.add_argument("--band_names", type=dict[str, list[str]] | None, default=None)
+    parser.add_argument(
+        "--rda_samples", type=int, default=4,
+        help="Images in rda_feature_points.png (Fig. 5b; RDA encoders only; 0 skips it).",
+    )
+    parser.add_argument(
+        "--rda_layer", type=Literal["l3", "l4"], default="l3",
+        help="Attention block for the RDA figure: after ResNet layer3 (l3) or layer4 (l4).",
+    )
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     for section in _FIT_SECTIONS:
@@ -73,7 +83,10 @@ def main(args: list[str] | None = None) -> None:
 def run(args: list[str] | None = None) -> dict[str, Any]:
     """Parse ``args`` (default ``sys.argv[1:]``), run :func:`analyze`, print where the outputs are.
 
-    Returns the statistics that :func:`analyze` returns.
+    For checkpoints with RDA encoders it also writes ``rda_feature_points.png``
+    (:func:`~decur_lightning.analysis.rda.rda_figure_for_checkpoint`, Fig. 5b).
+
+    Returns the statistics that :func:`analyze` returns (``figures`` including the RDA figure).
     """
     parser = build_parser()
     config = parser.parse_args(args)
@@ -98,6 +111,15 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         device=config.device,
         seed=config.seed,
     )
+    if config.rda_samples > 0:
+        path = rda_figure_for_checkpoint(
+            config.checkpoint, datamodule, config.out, split=config.split, samples=config.rda_samples,
+            layer=config.rda_layer, device=config.device,
+        )
+        if path is None:
+            print("No encoder of the checkpoint has residual deformable attention: rda_feature_points.png is skipped.")
+        else:
+            statistics["figures"]["rda_feature_points"] = str(path)
     summary = {key: statistics[key] for key in ("alignment", "figures")}
     print(json.dumps(summary, indent=2))
     print(f"Wrote {config.out}/statistics.json and analysis.npz")

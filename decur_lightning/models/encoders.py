@@ -169,7 +169,7 @@ def load_encoder_weights(encoder: nn.Module, weights: str | Path | Any) -> None:
     ``RuntimeError``) listing the missing, unexpected and mis-shaped keys; a classifier
     (``fc.*``) is left out with a warning.
 
-    :class:`ResNetRDA` also takes a plain ResNet state dict (attention blocks stay identity),
+    :class:`ResNetRDA` also takes a plain ResNet state dict (attention blocks keep their initialisation),
     :class:`MiTEncoder` also takes official MiT weights (``head.*`` ignored).
     """
     from ..weights import load_pretrained_encoder  # weights.py imports this package

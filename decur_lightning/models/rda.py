@@ -13,11 +13,37 @@ Parameter names equal DAT's (``proj_q``, ``proj_k``, ``proj_v``, ``proj_out``,
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ResidualDeformableAttention"]
+__all__ = ["DEFAULT_INIT_GAIN", "REFERENCE_POINTS", "ReferencePoints", "ResidualDeformableAttention", "reference_points_state"]
+
+#: Reference grid layouts: ``"centre"`` (cell centres, this package's default) and ``"dat"``
+#: (DAT's and the authors' ``(i + 0.5) / (H_G - 1)``).
+ReferencePoints = Literal["centre", "dat"]
+REFERENCE_POINTS: tuple[str, ...] = ("centre", "dat")
+#: Default scale of ``proj_out``'s PyTorch initialisation (see :class:`ResidualDeformableAttention`).
+DEFAULT_INIT_GAIN = 0.1
+
+
+def reference_points_state(mode: ReferencePoints) -> torch.Tensor:
+    """The state-dict entry (``<block>._extra_state``) that records a block's reference grid.
+
+    A 0-d integer tensor (the index of ``mode`` in :data:`REFERENCE_POINTS`), so state dicts
+    stay all-tensor and load with ``torch.load(weights_only=True)``.
+    """
+    _check_reference_points(mode)
+    return torch.tensor(REFERENCE_POINTS.index(mode))
+
+
+def _check_reference_points(mode: Any) -> None:
+    if mode not in REFERENCE_POINTS:
+        raise ValueError(
+            f"reference_points must be 'centre' (cell centres) or 'dat' (DAT's and the authors' grid), got {mode!r}."
+        )
 
 
 class ChannelLayerNorm(nn.Module):
@@ -50,8 +76,18 @@ class ResidualDeformableAttention(nn.Module):
     ``(heads, 2 H_0 - 1, 2 W_0 - 1)`` sampled bilinearly at the query-minus-sample
     displacement, in coordinates normalised to the map, so any map size works (``H_0 x W_0``,
     ``fmap_size``, is only the size the table is laid out for). Section 3.2 adds the input back
-    (residual) to keep the attention's influence small early in training; here ``proj_out`` is
-    also zero-initialised, so the block is exactly the identity at initialisation.
+    (residual) "to restrict unexpected influences of the attention module ... especially
+    helpful in early training"; ``residual=False`` gives the plain deformable attention ``DA(x)``
+    of the ablations (Tables 4 and 7, "DA").
+
+    Initialisation: every layer has PyTorch's default initialisation (as DAT and the authors'
+    code), except that ``proj_out`` (weight and bias) is scaled by ``init_gain`` (0.1): the
+    attention branch starts at about 2 % of its input's norm (ResNet-18, 64 px), so the block
+    starts close to, but not exactly, the identity. ``proj_out`` is deliberately *not*
+    zero-initialised: LARS (lightly's, Appendix B.1) skips the trust ratio for a weight of norm
+    0, so a zero ``proj_out`` gets a raw SGD step at the full learning rate (0.2) and the branch
+    blows up to many times its input within ten steps (``benchmarks/rda.py --lars``).
+    ``init_gain=1.0`` is DAT's and the authors' initialisation (branch about 20 % of the input).
 
     Paper settings (Appendix B.1, ResNet-50 at 224 px): after layer3, a 14x14 map, 8 heads x
     128 channels, 4 groups, stride 2, kernel 5; after layer4, 7x7, 16 heads x 128 channels,
@@ -61,7 +97,11 @@ class ResidualDeformableAttention(nn.Module):
     ``align_corners=True`` frame of ``grid_sample`` (-1 and +1 are the centres of the first
     and last pixel), so they lie inside ``[-1, 1]`` for every map size. (DAT's code places
     them at ``(i + 0.5) / (H_G - 1)``, which runs past +1 at the last row and column and is
-    undefined for ``H_G = 1``.)
+    undefined for ``H_G = 1``.) ``reference_points="dat"`` uses DAT's grid: weights trained
+    with it (the authors' RDA checkpoints) expect it. The mode is part of the state dict
+    (``<block>._extra_state``, see :func:`reference_points_state`), so a saved block reloads
+    with the grid it was trained with; a state dict without that entry (written before the
+    switch existed, or a trunk-only file) leaves the block's mode as constructed.
 
     Args:
         channels: input and output channels ``C``; the attention width (heads x head_dim).
@@ -76,6 +116,12 @@ class ResidualDeformableAttention(nn.Module):
         fmap_size: ``(H_0, W_0)`` (or one int) the bias table is laid out for.
         feature_stride: stride of the input map relative to the image, if known; only used to
             tell the user which image size is needed when the map is too small.
+        reference_points: ``"centre"`` (cell centres, default) or ``"dat"`` (DAT's
+            ``(i + 0.5) / (H_G - 1)`` mapped to ``[-1, 1]``; needs ``H_G, W_G >= 2``).
+        residual: return ``x + DA(x)`` (RDA, the paper's module) or ``DA(x)`` alone (the "DA"
+            rows of Tables 4 and 7).
+        init_gain: scale of ``proj_out``'s default initialisation; positive (``1.0``: DAT's
+            and the authors' initialisation).
 
     Example:
         >>> block = ResidualDeformableAttention(256, num_heads=8, num_groups=4,
@@ -93,8 +139,18 @@ class ResidualDeformableAttention(nn.Module):
         offset_kernel_size: int,
         fmap_size: int | tuple[int, int] = 14,
         feature_stride: int | None = None,
+        reference_points: ReferencePoints = "centre",
+        residual: bool = True,
+        init_gain: float = DEFAULT_INIT_GAIN,
     ) -> None:
         super().__init__()
+        _check_reference_points(reference_points)
+        if not isinstance(init_gain, (int, float)) or isinstance(init_gain, bool) or not init_gain > 0:
+            raise ValueError(
+                f"init_gain must be a positive number (0.1 by default, 1.0 for DAT's initialisation), got "
+                f"{init_gain!r}. A zero proj_out is not allowed: LARS skips the trust ratio for zero-norm "
+                "weights and the first step then blows the attention branch up."
+            )
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
         if num_heads % num_groups:
@@ -108,6 +164,8 @@ class ResidualDeformableAttention(nn.Module):
         self.head_dim = channels // num_heads
         self.group_channels = channels // num_groups
         self.feature_stride = feature_stride
+        self.reference_points: ReferencePoints = reference_points
+        self.residual = bool(residual)
 
         self.proj_q = nn.Conv2d(channels, channels, kernel_size=1)
         self.proj_k = nn.Conv2d(channels, channels, kernel_size=1)
@@ -129,12 +187,47 @@ class ResidualDeformableAttention(nn.Module):
         )
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * fmap_h - 1, 2 * fmap_w - 1))
         nn.init.trunc_normal_(self.rpe_table, std=0.01)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        with torch.no_grad():
+            self.proj_out.weight.mul_(init_gain)
+            self.proj_out.bias.mul_(init_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x + DA(x)``, same shape as ``x`` ``(N, C, H, W)``, ``H, W >= 2``."""
-        return x + self.attention(x)[0]
+        """Return ``x + DA(x)`` (``DA(x)`` with ``residual=False``), the shape of ``x`` ``(N, C, H, W)``, ``H, W >= 2``."""
+        branch = self.attention(x)[0]
+        return x + branch if self.residual else branch
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reference_points={self.reference_points!r}, residual={self.residual}"
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The reference grid mode, saved as ``<prefix>_extra_state`` (:func:`reference_points_state`)."""
+        return reference_points_state(self.reference_points)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the reference grid mode from a state dict (a 0-d index tensor, or the name)."""
+        if isinstance(state, torch.Tensor) and state.numel() == 1 and 0 <= int(state) < len(REFERENCE_POINTS):
+            state = REFERENCE_POINTS[int(state)]
+        _check_reference_points(state)
+        self.reference_points = state
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Like BatchNorm's num_batches_tracked: state dicts written before the reference-grid
+        # switch existed have no '_extra_state'; they load strictly and keep the mode as built.
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
 
     def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention branch alone (no residual) and its sampling points.
@@ -152,7 +245,7 @@ class ResidualDeformableAttention(nn.Module):
         offset = self.conv_offset(query.reshape(batch * groups, self.group_channels, height, width))
         key_h, key_w = offset.shape[-2:]
         # Positions in float32 even under autocast: bf16 would move them by up to half a pixel.
-        reference = self._reference_points(height, width, key_h, key_w, offset.device)
+        reference = self._reference_points(height, width, key_h, key_w, offset.device, self.reference_points)
         points = (reference + offset.float().permute(0, 2, 3, 1)).clamp(-1.0, 1.0)  # (B*G, Hg, Wg, 2): y, x
 
         sampled = F.grid_sample(
@@ -193,11 +286,25 @@ class ResidualDeformableAttention(nn.Module):
             )
 
     @staticmethod
-    def _reference_points(height: int, width: int, key_h: int, key_w: int, device: torch.device) -> torch.Tensor:
-        """Centres of a ``key_h x key_w`` tiling of the map, normalised to ``[-1, 1]``, ``(y, x)``."""
+    def _reference_points(
+        height: int, width: int, key_h: int, key_w: int, device: torch.device, mode: ReferencePoints = "centre"
+    ) -> torch.Tensor:
+        """The ``key_h x key_w`` reference grid as ``(y, x)`` in the ``[-1, 1]`` frame of the map.
+
+        ``"centre"``: centres of a ``key_h x key_w`` tiling of the map. ``"dat"``: DAT's
+        ``(i + 0.5) / (H_G - 1) * 2 - 1`` (the last row and column lie past +1).
+        """
+        if mode == "dat" and min(key_h, key_w) < 2:
+            raise ValueError(
+                f"DAT's reference grid (i + 0.5) / (H_G - 1) needs at least 2x2 reference points, got "
+                f"{key_h}x{key_w}: use larger inputs or reference_points='centre'."
+            )
 
         def centres(size: int, cells: int) -> torch.Tensor:
-            pixel = (torch.arange(cells, dtype=torch.float32, device=device) + 0.5) * (size / cells) - 0.5
+            index = torch.arange(cells, dtype=torch.float32, device=device) + 0.5
+            if mode == "dat":
+                return index / (cells - 1) * 2.0 - 1.0
+            pixel = index * (size / cells) - 0.5
             return pixel / (size - 1) * 2.0 - 1.0
 
         ref_y, ref_x = torch.meshgrid(centres(height, key_h), centres(width, key_w), indexing="ij")

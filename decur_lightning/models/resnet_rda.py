@@ -16,7 +16,7 @@ import torch
 from timm.models import ResNet
 from torch import nn
 
-from .rda import ResidualDeformableAttention
+from .rda import DEFAULT_INIT_GAIN, ReferencePoints, ResidualDeformableAttention
 
 __all__ = ["ResNetRDA", "RDA_LAYER3", "RDA_LAYER4"]
 
@@ -36,8 +36,15 @@ class ResNetRDA(nn.Module):
     (256 / 512 channels) 32 per head. Each encoder owns its blocks (the authors' code ran
     modality 2 through modality 1's blocks; this one does not).
 
-    Both blocks start as the identity (zero-initialised ``proj_out``), so a fresh ``ResNetRDA``
-    computes exactly its trunk's function, also after loading trunk-only weights.
+    Both blocks start close to the identity (``proj_out`` at ``rda_init_gain`` = 0.1 times
+    PyTorch's default initialisation: the attention branch starts at about 2 % of its input), so
+    a fresh ``ResNetRDA`` computes nearly its trunk's function, also after loading trunk-only
+    weights, while every block weight has a non-zero norm for LARS's trust ratio (see
+    :class:`ResidualDeformableAttention`).
+
+    The ``rda_*`` arguments (names that cannot collide with timm's) set both blocks; the
+    reference grid is saved in the state dict, and loading the authors' RDA files through
+    :mod:`decur_lightning.weights` switches it to ``"dat"``.
 
     Args:
         trunk: timm ResNet name (``"resnet50"``, ``"resnet18"``, ``"resnet50d"``, ...).
@@ -45,6 +52,12 @@ class ResNetRDA(nn.Module):
         img_size: training image size; lays out the relative position bias tables for the
             ``img_size/16`` and ``img_size/32`` maps (14 and 7 at 224 px). Other input sizes
             work (the tables are sampled); inputs need at least 64x64 pixels (2x2 at layer4).
+        rda_reference_points: ``"centre"`` (cell centres, default) or ``"dat"`` (DAT's and
+            the authors' grid ``(i + 0.5) / (H_G - 1)``).
+        rda_residual: ``True``: ``x + DA(x)`` (RDA, the paper's module); ``False``: ``DA(x)``
+            alone (the "DA" ablation of Tables 4 and 7).
+        rda_init_gain: scale of ``proj_out``'s default initialisation (``1.0``: DAT's and the
+            authors').
         **timm_kwargs: passed to ``timm.create_model`` for the trunk.
 
     Example:
@@ -53,7 +66,17 @@ class ResNetRDA(nn.Module):
         torch.Size([2, 512])
     """
 
-    def __init__(self, trunk: str = "resnet50", in_channels: int = 3, img_size: int = 224, **timm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        trunk: str = "resnet50",
+        in_channels: int = 3,
+        img_size: int = 224,
+        *,
+        rda_reference_points: ReferencePoints = "centre",
+        rda_residual: bool = True,
+        rda_init_gain: float = DEFAULT_INIT_GAIN,
+        **timm_kwargs: Any,
+    ) -> None:
         super().__init__()
         model = timm.create_model(trunk, pretrained=False, in_chans=in_channels, num_classes=0, **timm_kwargs)
         if not isinstance(model, ResNet):
@@ -68,11 +91,16 @@ class ResNetRDA(nn.Module):
         self.num_features: int = model.num_features
         self.feature_channels: list[int] = [channels["layer2"], channels["layer3"], channels["layer4"]]
         self.feature_strides: list[int] = [8, 16, 32]
+        block_kwargs: dict[str, Any] = {
+            "reference_points": rda_reference_points,
+            "residual": rda_residual,
+            "init_gain": rda_init_gain,
+        }
         self.da_l3 = ResidualDeformableAttention(
-            channels["layer3"], fmap_size=max(img_size // 16, 2), feature_stride=16, **RDA_LAYER3
+            channels["layer3"], fmap_size=max(img_size // 16, 2), feature_stride=16, **RDA_LAYER3, **block_kwargs
         )
         self.da_l4 = ResidualDeformableAttention(
-            channels["layer4"], fmap_size=max(img_size // 32, 2), feature_stride=32, **RDA_LAYER4
+            channels["layer4"], fmap_size=max(img_size // 32, 2), feature_stride=32, **RDA_LAYER4, **block_kwargs
         )
 
     def forward_feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -101,7 +129,8 @@ class ResNetRDA(nn.Module):
 
         A dict without ``da_l3.*`` / ``da_l4.*`` keys is a plain torchvision/timm ResNet (its
         ``fc.*`` classifier is dropped): it is loaded into the trunk, and the attention blocks
-        keep their identity initialisation (a warning says so). Any other mismatch raises a
+        keep their initialisation (a warning says so). A state dict without the blocks'
+        ``_extra_state`` (reference grid) leaves their grid as constructed. Any other mismatch raises a
         ``RuntimeError`` listing the missing and unexpected keys.
         """
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
@@ -118,7 +147,7 @@ class ResNetRDA(nn.Module):
         if not has_attention:
             warnings.warn(
                 f"Loaded trunk-only {self.trunk_name} weights into '{self.trunk_name}_rda'; the "
-                "deformable attention blocks keep their identity initialisation.",
+                "deformable attention blocks keep their initialisation (close to the identity).",
                 stacklevel=2,
             )
 
