@@ -44,3 +44,15 @@ def test_rda_config_trains_healthily_under_lars() -> None:
 @pytest.mark.parametrize("config", pretrain_configs(), ids=lambda path: Path(path).stem)
 def test_every_pretraining_config_trains_healthily(config: Path) -> None:
     assert_healthy(run_health_check(config, steps=20))
+
+
+@pytest.mark.parametrize("config", pretrain_configs(), ids=lambda path: Path(path).stem)
+def test_every_pretraining_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every argument of the paper configs exists with the right type (LightningCLI checks them)."""
+    from decur_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: decur_lightning.DeCURModule" in printed or "DeCURModule" in printed
