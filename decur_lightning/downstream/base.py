@@ -87,7 +87,8 @@ class MultimodalDownstreamModule(LightningModule):
         if freeze_encoders:
             for encoder in self.encoders:
                 encoder.requires_grad_(False)
-            self._set_frozen_modes(training=False)
+            # Lightning keeps the modes it finds at the start of fit (it does not call train()).
+            self._set_frozen_modes(training=self.training)
 
     def _make_encoder(self, index: int) -> nn.Module:
         hp = self.hparams
