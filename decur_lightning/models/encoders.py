@@ -119,8 +119,9 @@ def create_encoder(
     from 3 bands to ``in_channels`` as ``timm.models.adapt_input_conv`` does: one band gets the
     sum of the RGB filters; ``C`` bands get the RGB filters repeated in order (R, G, B, R, G,
     ...) and cut to ``C``, times ``3 / C`` (a 2-band encoder: ``1.5 * [R, G]``; 13 bands:
-    ``3/13 * [R, G, B, R, ..., R]``), so a constant image gives the same first-layer response
-    as the RGB model. Everything else loads unchanged (strictly: a missing or unexpected key
+    ``3/13 * [R, G, B, R, ..., R]``): the scale keeps the first layer's output in the RGB
+    model's range (a constant image gets exactly the RGB response when ``C`` is a multiple of
+    3). Everything else loads unchanged (strictly: a missing or unexpected key
     raises :class:`ImageNetWeightsError`); the pooled encoders have no classifier, MiT's
     2048-wide ``head`` stays randomly initialised.
 
