@@ -31,7 +31,8 @@ class Pairs(Dataset):
         return len(self.label)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"image_sar": self.sar[i], "image_optical": self.optical[i], "label": self.label[i], "mask": self.mask[i]}
+        return {"image_sar": self.sar[i], "image_optical": self.optical[i], "label": self.label[i],
+                "mask": self.mask[i]}
 
 
 class Data(L.LightningDataModule):

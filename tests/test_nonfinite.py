@@ -37,11 +37,13 @@ class FakeModule:
 def test_raise_names_stage_step_batch_and_every_bad_item():
     guard = NonFiniteGuard()
     assert guard.check(None, "train", 0, [("the input image_a", finite_flag(OK))])
-    flags = [("the input image_a", finite_flag(NAN)), ("the input image_b", finite_flag(OK)), ("the loss", finite_flag(NAN))]
+    flags = [("the input image_a", finite_flag(NAN)), ("the input image_b", finite_flag(OK)),
+             ("the loss", finite_flag(NAN))]
     with pytest.raises(FloatingPointError) as info:
         guard.check(None, "train", 5, flags)
     message = str(info.value)
-    assert message.startswith("Non-finite values (NaN or Inf) at train step 0 (batch 5) in the input image_a, the loss.")
+    assert message.startswith("Non-finite values (NaN or Inf) at train step 0 (batch 5) in the input image_a, "
+                              "the loss.")
     assert "image_b" not in message and "nan_policy='skip'" in message and "lower the learning rate" in message
     module = FakeModule(FakeStrategy(torch.ones(2)), global_step=7)
     with pytest.raises(FloatingPointError, match=r"at val step 7 \(batch 2\) in the logits\..*always raise"):
@@ -55,7 +57,8 @@ def test_skip_counts_and_logs_in_training_and_raises_elsewhere():
     assert guard.check(module, "train", 0, [("the loss", finite_flag(OK))])
     assert not guard.check(module, "train", 1, [("the loss", finite_flag(NAN))])
     assert not guard.check(module, "train", 2, [("the loss", finite_flag(NAN))])
-    assert guard.skipped_batches == 2 and module.logged == [("train/skipped_batches", 1.0), ("train/skipped_batches", 2.0)]
+    assert guard.skipped_batches == 2
+    assert module.logged == [("train/skipped_batches", 1.0), ("train/skipped_batches", 2.0)]
     assert strategy.calls == ["min"] * 3
     with pytest.raises(FloatingPointError, match="test step"):
         guard.check(module, "test", 0, [("the loss", finite_flag(NAN))])
@@ -66,7 +69,8 @@ def test_skip_follows_the_other_ranks():
     """A rank whose batch is finite skips too when another rank's is not (DDP must not stall)."""
     guard = NonFiniteGuard("skip")
     module = FakeModule(FakeStrategy(torch.tensor([1.0, 0.0])))
-    assert not guard.check(module, "train", 0, [("the input image_a", finite_flag(OK)), ("the loss", finite_flag(OK))])
+    flags = [("the input image_a", finite_flag(OK)), ("the loss", finite_flag(OK))]
+    assert not guard.check(module, "train", 0, flags)
     assert guard.skipped_batches == 1
 
 

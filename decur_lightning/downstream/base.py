@@ -76,8 +76,9 @@ class MultimodalDownstreamModule(LightningModule):
         frozen_batch_norm = hp.get("frozen_batch_norm", "eval")
         if frozen_batch_norm not in ("eval", "train"):
             raise ValueError(
-                f"frozen_batch_norm must be 'eval' (running statistics fixed, the standard protocol) or 'train' "
-                f"(statistics adapt to the downstream data, as the authors' released scripts); got {frozen_batch_norm!r}."
+                "frozen_batch_norm must be 'eval' (running statistics fixed, the standard protocol) or 'train' "
+                "(statistics adapt to the downstream data, as the authors' released scripts); "
+                f"got {frozen_batch_norm!r}."
             )
         self.frozen_batch_norm: FrozenBatchNorm = frozen_batch_norm
         self.nonfinite = NonFiniteGuard(hp.get("nan_policy", "raise"))

@@ -60,8 +60,8 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
 
     Loss: cross-entropy ignoring ``ignore_index`` (GeoNRW's background, SUN-RGBD/NYUDv2's
     unlabelled pixels: 255), averaged over the batch's labelled pixels; a batch without any
-    labelled pixel has loss 0 (plain ``CrossEntropyLoss`` would give NaN: 0 / 0). Metrics (torchmetrics, validation and test, pixels with
-    ``ignore_index`` excluded): ``miou`` (``MulticlassJaccardIndex``, mean over classes that
+    labelled pixel has loss 0 (plain ``CrossEntropyLoss`` would give NaN: 0 / 0). Metrics
+    (torchmetrics, validation and test, pixels with ``ignore_index`` excluded): ``miou`` (``MulticlassJaccardIndex``, mean over classes that
     occur) and ``oa`` (overall pixel accuracy). Logged as ``val/miou`` etc.
 
     Optimisation: paper B.2 (GeoNRW FCN): AdamW, lr 1e-4, weight decay 0.01, constant rate;
@@ -157,7 +157,9 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             assert self.encoder2 is not None
             self.head = CMXFusion.for_branches(self.encoder1, self.encoder2, num_classes, decoder_channels)
         # Summed, then divided by the labelled pixels (compute_loss): a batch without any is 0, not NaN.
-        self.criterion = nn.CrossEntropyLoss(ignore_index=-100 if ignore_index is None else ignore_index, reduction="sum")
+        self.criterion = nn.CrossEntropyLoss(
+            ignore_index=-100 if ignore_index is None else ignore_index, reduction="sum"
+        )
         metrics = MetricCollection({
             "miou": MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro"),
             "oa": MulticlassAccuracy(num_classes=num_classes, ignore_index=ignore_index, average="micro"),
