@@ -61,8 +61,9 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
     Loss: cross-entropy ignoring ``ignore_index`` (GeoNRW's background, SUN-RGBD/NYUDv2's
     unlabelled pixels: 255), averaged over the batch's labelled pixels; a batch without any
     labelled pixel has loss 0 (plain ``CrossEntropyLoss`` would give NaN: 0 / 0). Metrics
-    (torchmetrics, validation and test, pixels with ``ignore_index`` excluded): ``miou`` (``MulticlassJaccardIndex``, mean over classes that
-    occur) and ``oa`` (overall pixel accuracy). Logged as ``val/miou`` etc.
+    (torchmetrics, validation and test, pixels with ``ignore_index`` excluded): ``miou``
+    (``MulticlassJaccardIndex``, mean over classes that occur) and ``oa`` (overall pixel
+    accuracy). Logged as ``val/miou`` etc.
 
     Optimisation: paper B.2 (GeoNRW FCN): AdamW, lr 1e-4, weight decay 0.01, constant rate;
     SUN-RGBD FCN: SGD lr 0.01, weight decay 1e-5, polynomial decay; CMX (its published
