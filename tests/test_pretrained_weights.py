@@ -1,14 +1,20 @@
-"""Pretrained encoder weights from a path, a torchgeo weight enum, or its name (no network)."""
+"""Pretrained encoder weights from a path, a torchgeo weight enum, its name, or ImageNet (no network)."""
 
 from __future__ import annotations
 
+import huggingface_hub
 import pytest
 import timm
 import torch
+from timm.models import adapt_input_conv
 from torchgeo.models import ResNet50_Weights
 
 from decur_lightning import DeCURModule
-from decur_lightning.models import create_encoder
+from decur_lightning.downstream import MultimodalClassificationModule
+from decur_lightning.models import MiTEncoder, create_encoder
+from decur_lightning.models.encoders import ImageNetWeightsError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_weights_from_a_state_dict_file(tmp_path):
@@ -46,3 +52,81 @@ def test_torchgeo_decur_weights_by_enum_and_by_name(monkeypatch):
                             modality2="rgb", projector_dims=(32,), weights1=weights)
         torch.testing.assert_close(model.encoder1.conv1.weight, reference.conv1.weight)
     assert calls == ["SENTINEL1_ALL_DECUR", "SENTINEL1_ALL_DECUR"]
+
+
+# ------------------------------------------------------------------ ImageNet initialisation
+def test_adapt_input_conv_semantics_on_a_known_tensor():
+    """timm's rule, which weights='imagenet' uses: sum for 1 band, else repeat R,G,B,... and scale by 3/C."""
+    rgb = torch.tensor([1.0, 2.0, 4.0]).reshape(1, 3, 1, 1)
+    assert adapt_input_conv(1, rgb).flatten().tolist() == [7.0]
+    assert adapt_input_conv(2, rgb).flatten().tolist() == [1.5, 3.0]
+    assert adapt_input_conv(3, rgb).flatten().tolist() == [1.0, 2.0, 4.0]
+    torch.testing.assert_close(adapt_input_conv(4, rgb).flatten(), torch.tensor([1.0, 2.0, 4.0, 1.0]) * 0.75)
+    thirteen = adapt_input_conv(13, rgb).flatten()
+    torch.testing.assert_close(thirteen, torch.tensor([1.0, 2.0, 4.0] * 4 + [1.0]) * 3 / 13)
+    # a constant image keeps the RGB model's first-layer response when the band count is a multiple of 3
+    assert adapt_input_conv(6, rgb).sum() == pytest.approx(rgb.sum().item())
+
+
+def _imagenet_file(name: str, tmp_path) -> tuple[str, dict[str, torch.Tensor], str]:
+    """A 3-band 'ImageNet' state dict as the libraries publish it (with its 1000-class classifier)."""
+    if name == "mit_b0":
+        state = dict(MiTEncoder("mit_b0", in_channels=3).trunk_state_dict())
+        state["head.weight"], state["head.bias"] = torch.randn(1000, 256), torch.randn(1000)
+        stem = "patch_embed1.proj.weight"
+    else:
+        state = timm.create_model(name.removesuffix("_rda"), in_chans=3, num_classes=1000).state_dict()
+        stem = "conv1.weight"
+    state = {k: v + torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / f"{name}_imagenet.pth"
+    torch.save(state, path)
+    return str(path), state, stem
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_rda", "mit_b0"])
+def test_imagenet_weights_load_with_the_first_convolution_adapted(name, tmp_path):
+    path, imagenet, stem = _imagenet_file(name, tmp_path)
+    for bands in (2, 13):
+        encoder = create_encoder(name, bands, weights=f"imagenet:{path}")
+        loaded = encoder.state_dict()
+        torch.testing.assert_close(loaded[stem], adapt_input_conv(bands, imagenet[stem]), rtol=0, atol=0)
+        assert loaded[stem].shape[1] == bands
+        compared = 0
+        for key, value in imagenet.items():
+            if key.startswith(("fc.", "head.")) or key == stem:
+                continue
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+            compared += 1
+        assert compared == len([k for k in loaded if not k.startswith(("da_l3.", "da_l4.", "head."))]) - 1
+    if name.endswith("_rda"):  # the attention blocks keep their identity initialisation
+        assert not encoder.da_l3.proj_out.weight.any() and not encoder.da_l4.proj_out.weight.any()
+
+
+def test_imagenet_weights_in_modules(tmp_path):
+    path, imagenet, _ = _imagenet_file("resnet18", tmp_path)
+    model = MultimodalClassificationModule("resnet18", "resnet18", in_channels1=2, in_channels2=13,
+                                           weights1=f"imagenet:{path}", num_classes=4)
+    torch.testing.assert_close(model.encoder1.conv1.weight, adapt_input_conv(2, imagenet["conv1.weight"]))
+    torch.testing.assert_close(model.encoder1.layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])
+    assert not torch.equal(model.encoder2.layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])  # random
+    ssl = DeCURModule("resnet18", "resnet18", in_channels1=2, in_channels2=3, modality1="s1", modality2="rgb",
+                      projector_dims=(32,), weights2=f"imagenet:{path}")
+    torch.testing.assert_close(ssl.encoder2.conv1.weight, imagenet["conv1.weight"])
+
+
+def test_imagenet_weights_without_network_say_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for name, tried in (("resnet18", "'timm/resnet18.a1_in1k'"), ("mit_b0", "'smp-hub/mit_b0.imagenet'")):
+        with pytest.raises(ImageNetWeightsError, match=rf"(?s)of '{name}': tried .*{tried}.*weights='imagenet:/path"):
+            create_encoder(name, 2, weights="imagenet")
+    with pytest.raises(FileNotFoundError, match="is not a file.*'imagenet:/path/to/file'"):
+        create_encoder("resnet18", 2, weights=f"imagenet:{tmp_path / 'missing.pth'}")
+
+
+def test_imagenet_weights_of_another_architecture_are_refused(tmp_path):
+    path, _, _ = _imagenet_file("resnet18", tmp_path)
+    with pytest.raises(ImageNetWeightsError, match=r"do not fit the timm model 'resnet34': Missing keys \(layer1.2"):
+        create_encoder("resnet34", 2, weights=f"imagenet:{path}")
+    with pytest.raises(ImageNetWeightsError, match="(?s)Could not load.*mit_b0"):
+        create_encoder("mit_b0", 2, weights=f"imagenet:{path}")

@@ -7,15 +7,22 @@ Paper Section 5 evaluates pretrained encoders with frozen weights ("linear probi
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from ..models.encoders import create_encoder
+from ..models.encoders import create_encoder, is_imagenet_source
+from ..nonfinite import NonFiniteGuard, finite_flag
 from ..weights import ModalitySelector, load_pretrained_encoder
 
-__all__ = ["MultimodalDownstreamModule", "total_training_steps"]
+__all__ = ["FrozenBatchNorm", "MultimodalDownstreamModule", "total_training_steps"]
+
+#: Batch-norm behaviour of frozen encoders during training: ``"eval"`` (running statistics
+#: fixed, the standard protocol) or ``"train"`` (statistics adapt to the downstream data, as
+#: the authors' linear-probe and frozen-FCN scripts do with ``net.train()``).
+FrozenBatchNorm = Literal["eval", "train"]
 
 
 class MultimodalDownstreamModule(LightningModule):
@@ -30,9 +37,22 @@ class MultimodalDownstreamModule(LightningModule):
     downstream module is itself a weight source for
     :func:`decur_lightning.weights.load_encoder_state_dict`.
 
-    Frozen encoders (``freeze_encoders=True``) have ``requires_grad=False`` and stay in eval
-    mode during training too (:meth:`train` is overridden): their weights and their batch-norm
-    running statistics never change.
+    Frozen encoders (``freeze_encoders=True``) have ``requires_grad=False`` and no gradient
+    flows into them. ``hparams.frozen_batch_norm`` decides their mode during training
+    (:meth:`train` is overridden):
+
+    - ``"eval"`` (default, the standard linear-probing protocol): the whole encoder stays in
+      eval mode, so its batch-norm running statistics never change;
+    - ``"train"`` (the authors' released linear-probe and frozen-FCN scripts, which freeze the
+      weights but call ``net.train()``): the encoders' batch-norm layers are in training mode
+      in training steps, so they normalise with batch statistics and their running statistics
+      adapt to the downstream data; every other layer (dropout, drop-path) stays in eval mode,
+      which for ResNets is exactly the released behaviour. At validation and test everything is
+      in eval mode. Has no effect on encoders that are not frozen.
+
+    ``hparams.nan_policy`` (``"raise"``, ``"skip"``, ``"off"``) is checked by a
+    :class:`~decur_lightning.nonfinite.NonFiniteGuard`: inputs and labels before the forward
+    pass, logits and loss after it (see :meth:`inputs_are_finite`, :meth:`outputs_are_finite`).
     """
 
     encoder1: nn.Module
@@ -53,18 +73,30 @@ class MultimodalDownstreamModule(LightningModule):
             )
         self.modalities: list[str] = [hp.modality1] + ([hp.modality2] if hp.modality2 is not None else [])
         self.in_channels: list[int] = [hp.in_channels1, hp.in_channels2][: len(self.modalities)]
+        frozen_batch_norm = hp.get("frozen_batch_norm", "eval")
+        if frozen_batch_norm not in ("eval", "train"):
+            raise ValueError(
+                "frozen_batch_norm must be 'eval' (running statistics fixed, the standard protocol) or 'train' "
+                "(statistics adapt to the downstream data, as the authors' released scripts); "
+                f"got {frozen_batch_norm!r}."
+            )
+        self.frozen_batch_norm: FrozenBatchNorm = frozen_batch_norm
+        self.nonfinite = NonFiniteGuard(hp.get("nan_policy", "raise"))
         self.freeze_encoders = freeze_encoders
         self.encoder1 = self._make_encoder(1)
         self.encoder2 = self._make_encoder(2) if hp.modality2 is not None else None
         if freeze_encoders:
             for encoder in self.encoders:
                 encoder.requires_grad_(False)
-                encoder.eval()
+            # Lightning keeps the modes it finds at the start of fit (it does not call train()).
+            self._set_frozen_modes(training=self.training)
 
     def _make_encoder(self, index: int) -> nn.Module:
         hp = self.hparams
-        encoder = create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"])
         weights = hp[f"weights{index}"]
+        if is_imagenet_source(weights):
+            return create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"], weights=weights)
+        encoder = create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"])
         if weights is not None:
             selector: ModalitySelector = hp[f"weights_modality{index}"]
             if selector is None:
@@ -78,12 +110,54 @@ class MultimodalDownstreamModule(LightningModule):
         return [self.encoder1] if self.encoder2 is None else [self.encoder1, self.encoder2]
 
     def train(self, mode: bool = True) -> MultimodalDownstreamModule:
-        """Set training mode, keeping frozen encoders in eval mode (batch norm statistics fixed)."""
+        """Set training mode; frozen encoders follow ``frozen_batch_norm`` (see the class docstring)."""
         super().train(mode)
         if getattr(self, "freeze_encoders", False):
-            for encoder in self.encoders:
-                encoder.eval()
+            self._set_frozen_modes(training=mode)
         return self
+
+    def _set_frozen_modes(self, training: bool) -> None:
+        for encoder in self.encoders:
+            encoder.eval()
+            if training and self.frozen_batch_norm == "train":
+                for layer in encoder.modules():
+                    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                        layer.train()
+
+    # ------------------------------------------------------------------ non-finite checks
+    @property
+    def skipped_batches(self) -> int:
+        """Training batches skipped under ``nan_policy="skip"``."""
+        return self.nonfinite.skipped_batches
+
+    def inputs_are_finite(
+        self, stage: str, batch_idx: int, batch: dict[str, Any], inputs: Sequence[Tensor], target_key: str
+    ) -> bool:
+        """Check the modality inputs and a floating-point target before the forward pass.
+
+        ``False`` means: skip this training batch (``nan_policy="skip"``); otherwise a
+        non-finite value raises :class:`FloatingPointError` naming it.
+        """
+        if not self.nonfinite.enabled:
+            return True
+        flags = [(f"the input {key}", finite_flag(x)) for key, x in zip(self._keys(), inputs)]
+        target = batch.get(target_key)
+        if isinstance(target, Tensor) and target.is_floating_point():
+            flags.append((f"the {target_key}", finite_flag(target)))
+        return self.nonfinite.check(self, stage, batch_idx, flags)
+
+    def outputs_are_finite(self, stage: str, batch_idx: int, logits: Tensor, loss: Tensor) -> bool:
+        """Check the logits and the loss after the forward pass (as :meth:`inputs_are_finite`)."""
+        if not self.nonfinite.enabled:
+            return True
+        flags = [("the logits", finite_flag(logits)), ("the loss", finite_flag(loss))]
+        return self.nonfinite.check(self, stage, batch_idx, flags)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_guard"] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_guard", {}))
 
     def get_inputs(self, batch: dict[str, Any]) -> list[Tensor]:
         """The modality tensors of a batch, in modality order, checked against the encoders."""

@@ -16,7 +16,8 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from .base import MultimodalDownstreamModule, total_training_steps
+from ..nonfinite import NanPolicy
+from .base import FrozenBatchNorm, MultimodalDownstreamModule, total_training_steps
 
 __all__ = ["MultimodalClassificationModule"]
 
@@ -36,8 +37,11 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
     by one classification layer"). With ``modality2=None`` it is the modality-missing setting of
     Table 1 (middle): one encoder, e.g. SAR only.
 
-    - ``mode="linear"``: the encoders are frozen and kept in eval mode, also during training
-      (their weights and batch-norm statistics never change); only the linear layer trains.
+    - ``mode="linear"``: the encoders are frozen (no gradient, weights never change); only the
+      linear layer trains. With ``frozen_batch_norm="eval"`` (default) they stay in eval mode
+      during training, so their batch-norm statistics never change either; ``"train"`` lets
+      the batch-norm running statistics adapt to the downstream data, as the authors' released
+      linear-probe script does (``net.train()`` on a frozen network).
     - ``mode="finetune"``: everything trains.
 
     (With frozen encoders Lightning warns that modules are in eval mode at the start of
@@ -76,6 +80,15 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
         lr_milestones: fractions of the total training steps at which the learning rate is
             multiplied by ``lr_gamma`` (paper: epochs 60 and 80 of 100).
         lr_gamma: the factor (0.1).
+        frozen_batch_norm: batch norm of frozen encoders (``mode="linear"``) in training steps:
+            ``"eval"`` (default: running statistics fixed, the standard protocol) or ``"train"``
+            (statistics adapt to the downstream data; the authors' released code, used by the
+            configs that reproduce Table 1). No effect with ``mode="finetune"``.
+        nan_policy: non-finite inputs, labels, logits or loss: ``"raise"`` (default, a
+            ``FloatingPointError`` naming the stage, step, batch and item), ``"skip"`` (training
+            batches only: no optimiser step, on every rank; counted in ``skipped_batches`` and
+            logged as ``train/skipped_batches``; validation and test still raise) or ``"off"``
+            (see :mod:`decur_lightning.nonfinite`).
 
     Reloading a trained module with ``load_from_checkpoint`` re-reads ``weights1/2`` before the
     checkpoint's own weights replace them; pass ``weights1=None, weights2=None`` if those files
@@ -109,6 +122,8 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
         weight_decay: float = 0.0,
         lr_milestones: Sequence[float] = (0.6, 0.8),
         lr_gamma: float = 0.1,
+        frozen_batch_norm: FrozenBatchNorm = "eval",
+        nan_policy: NanPolicy = "raise",
     ) -> None:
         super().__init__()
         if task not in ("multilabel", "multiclass"):
@@ -169,10 +184,15 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
             raise ValueError(f"task='multiclass' expects class indices (N,); got {tuple(target.shape)}.")
         return target
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        logits = self(self.get_inputs(batch))
+    def _shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> Tensor | None:
+        inputs = self.get_inputs(batch)
         target = self.get_target(batch)
+        if not self.inputs_are_finite(stage, batch_idx, batch, inputs, "label"):
+            return None
+        logits = self(inputs)
         loss = self.criterion(logits, target.float() if self.hparams.task == "multilabel" else target)
+        if not self.outputs_are_finite(stage, batch_idx, logits, loss):
+            return None
         batch_size = target.shape[0]
         self.log(f"{stage}/loss", loss, batch_size=batch_size, on_step=stage == "train", on_epoch=True, prog_bar=True)
         if stage != "train":
@@ -181,14 +201,14 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
             self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True)
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "train", batch_idx)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "val", batch_idx)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Class probabilities of a batch."""

@@ -14,8 +14,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from ..models.encoders import encoder_feature_channels, encoder_feature_maps, encoder_feature_strides
 from ..models.mit import MiTEncoder
+from ..nonfinite import NanPolicy
 from ..ssl.optim import build_optimizer
-from .base import MultimodalDownstreamModule, total_training_steps
+from .base import FrozenBatchNorm, MultimodalDownstreamModule, total_training_steps
 from .cmx import CMXFusion
 from .heads import FCNHead
 
@@ -45,9 +46,12 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
       stage, SegFormer MLP decoder with ``decoder_channels`` = 512), each branch initialised
       from a DeCUR-pretrained MiT of its modality.
 
-    ``mode="frozen"``: the encoders are frozen and kept in eval mode during training (weights
-    and batch-norm statistics fixed; Lightning's warning about modules in eval mode at the start
-    of training is expected), only the head trains; ``mode="finetune"``: everything.
+    ``mode="frozen"``: the encoders are frozen (weights fixed, no gradient), only the head
+    trains; with ``frozen_batch_norm="eval"`` (default) they stay in eval mode during training,
+    so their batch-norm statistics are fixed too (Lightning's warning about modules in eval mode
+    at the start of training is expected); ``"train"`` lets the batch-norm running statistics
+    adapt to the downstream data, as the authors' released frozen-FCN script (``net.train()``).
+    ``mode="finetune"``: everything trains.
 
     Any input size: images are zero-padded on the bottom and right to a multiple of
     ``size_divisor`` (32, the encoders' output stride), and the logits are cropped back, so the
@@ -55,9 +59,11 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
     become 256 px inside the network).
 
     Loss: cross-entropy ignoring ``ignore_index`` (GeoNRW's background, SUN-RGBD/NYUDv2's
-    unlabelled pixels: 255). Metrics (torchmetrics, validation and test, pixels with
-    ``ignore_index`` excluded): ``miou`` (``MulticlassJaccardIndex``, mean over classes that
-    occur) and ``oa`` (overall pixel accuracy). Logged as ``val/miou`` etc.
+    unlabelled pixels: 255), averaged over the batch's labelled pixels; a batch without any
+    labelled pixel has loss 0 (plain ``CrossEntropyLoss`` would give NaN: 0 / 0). Metrics
+    (torchmetrics, validation and test, pixels with ``ignore_index`` excluded): ``miou``
+    (``MulticlassJaccardIndex``, mean over classes that occur) and ``oa`` (overall pixel
+    accuracy). Logged as ``val/miou`` etc.
 
     Optimisation: paper B.2 (GeoNRW FCN): AdamW, lr 1e-4, weight decay 0.01, constant rate;
     SUN-RGBD FCN: SGD lr 0.01, weight decay 1e-5, polynomial decay; CMX (its published
@@ -87,6 +93,13 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             evaluation, behind its "MS & Flip" numbers (the CMX rows of the paper's Table 3):
             ``(0.75, 1.0, 1.25)`` with ``test_flip=True``. Validation stays single-scale.
         test_flip: also average the predictions of the left-right mirrored inputs (mirrored back).
+        frozen_batch_norm: batch norm of frozen encoders (``mode="frozen"``) in training steps:
+            ``"eval"`` (default: running statistics fixed, the standard protocol) or ``"train"``
+            (statistics adapt to the downstream data; the authors' released code, used by the
+            configs that reproduce Table 2). No effect with ``mode="finetune"``.
+        nan_policy: ``"raise"``, ``"skip"`` or ``"off"``, as in
+            :class:`~decur_lightning.downstream.MultimodalClassificationModule` (inputs, logits
+            and loss are checked).
 
     Example:
         >>> model = MultimodalSegmentationModule("resnet18", "resnet18", in_channels1=3, in_channels2=1,
@@ -123,6 +136,8 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         size_divisor: int = 32,
         test_scales: Sequence[float] = (1.0,),
         test_flip: bool = False,
+        frozen_batch_norm: FrozenBatchNorm = "eval",
+        nan_policy: NanPolicy = "raise",
     ) -> None:
         super().__init__()
         if head not in ("fcn", "cmx"):
@@ -151,7 +166,10 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         else:
             assert self.encoder2 is not None
             self.head = CMXFusion.for_branches(self.encoder1, self.encoder2, num_classes, decoder_channels)
-        self.criterion = nn.CrossEntropyLoss(ignore_index=-100 if ignore_index is None else ignore_index)
+        # Summed, then divided by the labelled pixels (compute_loss): a batch without any is 0, not NaN.
+        self.criterion = nn.CrossEntropyLoss(
+            ignore_index=-100 if ignore_index is None else ignore_index, reduction="sum"
+        )
         metrics = MetricCollection({
             "miou": MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro"),
             "oa": MulticlassAccuracy(num_classes=num_classes, ignore_index=ignore_index, average="micro"),
@@ -227,15 +245,24 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             raise ValueError(f"mask must have shape (N, H, W); got {tuple(batch['mask'].shape)}.")
         return mask.long()
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy averaged over the labelled pixels (0 when there are none)."""
+        labelled = (target != self.criterion.ignore_index).sum()
+        return self.criterion(logits, target) / labelled.clamp(min=1)
+
+    def _shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> Tensor | None:
         inputs = self.get_inputs(batch)
         target = self.get_target(batch)
         if tuple(target.shape[-2:]) != tuple(inputs[0].shape[-2:]):
             raise ValueError(
                 f"mask {tuple(target.shape)} and images {tuple(inputs[0].shape)} differ in size."
             )
+        if not self.inputs_are_finite(stage, batch_idx, batch, inputs, "mask"):
+            return None
         logits = self.test_logits(inputs) if stage == "test" else self(inputs)
-        loss = self.criterion(logits, target)
+        loss = self.compute_loss(logits, target)
+        if not self.outputs_are_finite(stage, batch_idx, logits, loss):
+            return None
         batch_size = target.shape[0]
         self.log(f"{stage}/loss", loss, batch_size=batch_size, on_step=stage == "train", on_epoch=True, prog_bar=True)
         if stage != "train":
@@ -244,14 +271,14 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True)
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "train", batch_idx)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "val", batch_idx)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Predicted class per pixel ``(N, H, W)`` (over ``test_scales`` / ``test_flip``)."""

@@ -21,10 +21,18 @@ Names (paper, Section 4 and Appendix B.1):
   16 px; ``global_pool="token"``, ``dynamic_img_size=True``; Appendix C, Table 6);
 - ``mit_b0`` ... ``mit_b5``: :class:`MiTEncoder`, smp MiT with a 2048-wide linear head
   (RGB-depth, Appendix B.1; train with AdamW, lr 1e-4).
+
+Every encoder starts from random weights unless ``weights`` says otherwise; ``weights="imagenet"``
+is the ImageNet initialisation of the authors' released pretraining runs (the paper does not
+mention it): see :func:`create_encoder`.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +40,15 @@ import timm
 import torch
 from torch import nn
 
-from .mit import MIT_NAMES, MiTEncoder
+from .mit import MIT_NAMES, MiTEncoder, mit_imagenet_source
 from .resnet_rda import ResNetRDA
 
 __all__ = [
+    "IMAGENET",
+    "ImageNetWeightsError",
     "SPECIAL_ENCODER_NAMES",
     "create_encoder",
+    "is_imagenet_source",
     "encoder_feature_channels",
     "encoder_feature_maps",
     "encoder_feature_strides",
@@ -50,6 +61,17 @@ SPECIAL_ENCODER_NAMES: tuple[str, ...] = ("resnet18_rda", "resnet50_rda", "vit_s
 _RDA_SUFFIX = "_rda"
 #: Number of feature levels :func:`encoder_feature_maps` returns for plain timm models.
 _TIMM_FEATURE_LEVELS = 3
+#: ``weights`` value for ImageNet initialisation; ``"imagenet:<file>"`` reads a local file instead.
+IMAGENET = "imagenet"
+
+
+class ImageNetWeightsError(RuntimeError):
+    """ImageNet weights could not be fetched or do not fit; the message says what was tried."""
+
+
+def is_imagenet_source(weights: Any) -> bool:
+    """Whether ``weights`` asks for ImageNet initialisation (``"imagenet"`` or ``"imagenet:<file>"``)."""
+    return isinstance(weights, str) and (weights == IMAGENET or weights.startswith(IMAGENET + ":"))
 
 
 def create_encoder(
@@ -67,13 +89,41 @@ def create_encoder(
         in_channels: number of input bands of this modality (2 for Sentinel-1 VV/VH,
             13 for Sentinel-2 L1C, 3 for RGB, ...).
         weights: optional pretrained weights: a path to a state dict, a torchgeo
-            ``WeightsEnum`` member, or its name (``"ResNet50_Weights.SENTINEL1_ALL_DECUR"``).
+            ``WeightsEnum`` member, or its name (``"ResNet50_Weights.SENTINEL1_ALL_DECUR"``);
+            or ``"imagenet"`` / ``"imagenet:<file>"`` (below).
         **kwargs: passed to ``timm.create_model`` (plain timm names), to :class:`ResNetRDA`
             (``img_size`` and timm arguments) or to :class:`MiTEncoder` (``num_features``).
             ViTs default to ``global_pool="token"`` and ``dynamic_img_size=True``.
 
     Returns:
         The encoder, with ``num_features`` and pooled ``forward``.
+
+    ImageNet initialisation (the authors' released pretraining runs all start from it; the paper
+    does not say so; default: random weights):
+
+    - ``weights="imagenet"`` downloads through the libraries' own mechanisms: plain timm names
+      with ``timm.create_model(name, pretrained=True)`` (timm's default tag of the name, from
+      the Hugging Face hub, e.g. ``timm/resnet50.a1_in1k``; name a tag to choose others:
+      ``"resnet50.tv_in1k"`` is the torchvision ResNet-50 the authors started from);
+      ``*_rda``: the same for the ResNet trunk, the attention blocks keep their identity
+      initialisation; ``mit_b*``: the official ImageNet MiT weights from smp's hub repository
+      (``smp-hub/mit_b2.imagenet``, the SegFormer ``mit_b2.pth`` weights). Files are cached
+      (``HF_HOME``); with ``HF_HUB_OFFLINE=1`` only the cache is read.
+    - ``weights="imagenet:<file>"`` reads the same weights from a local file instead (no
+      network): a timm/torchvision state dict of the 3-band model (``.pth``, ``.bin`` or
+      ``.safetensors``; its classifier is dropped), passed to timm as
+      ``pretrained_cfg_overlay=dict(file=...)``; for ``mit_b*`` the official ``mit_b*.pth`` or
+      smp's ``model.safetensors`` (``head.*`` ignored).
+
+    The first convolution (``conv1``, ``patch_embed.proj``, ``patch_embed1.proj``) is adapted
+    from 3 bands to ``in_channels`` as ``timm.models.adapt_input_conv`` does: one band gets the
+    sum of the RGB filters; ``C`` bands get the RGB filters repeated in order (R, G, B, R, G,
+    ...) and cut to ``C``, times ``3 / C`` (a 2-band encoder: ``1.5 * [R, G]``; 13 bands:
+    ``3/13 * [R, G, B, R, ..., R]``): the scale keeps the first layer's output in the RGB
+    model's range (a constant image gets exactly the RGB response when ``C`` is a multiple of
+    3). Everything else loads unchanged (strictly: a missing or unexpected key
+    raises :class:`ImageNetWeightsError`); the pooled encoders have no classifier, MiT's
+    2048-wide ``head`` stays randomly initialised.
 
     Example:
         >>> enc = create_encoder("resnet18", in_channels=2)
@@ -82,6 +132,8 @@ def create_encoder(
     """
     if in_channels < 1:
         raise ValueError(f"in_channels must be a positive band count, got {in_channels}.")
+    if is_imagenet_source(weights):
+        return _create_imagenet_encoder(name, in_channels, _imagenet_file(weights), **kwargs)
     if name.endswith(_RDA_SUFFIX):
         if not timm.is_model(name[: -len(_RDA_SUFFIX)]):
             raise _unknown_encoder(name)
@@ -103,6 +155,109 @@ def _create_timm_encoder(name: str, in_channels: int, **kwargs: Any) -> nn.Modul
         return timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError('Unknown model (...)')
         raise _unknown_encoder(name) from err
+
+
+def _imagenet_file(weights: str) -> Path | None:
+    if weights == IMAGENET:
+        return None
+    path = Path(weights[len(IMAGENET) + 1 :]).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights={weights!r}: {path} is not a file. Give the ImageNet weights of the 3-band model as "
+            "'imagenet:/path/to/file' (a .pth, .bin or .safetensors state dict), or 'imagenet' to download them."
+        )
+    return path
+
+
+def _create_imagenet_encoder(name: str, in_channels: int, file: Path | None, **kwargs: Any) -> nn.Module:
+    if name in MIT_NAMES:
+        model = MiTEncoder(name, in_channels=in_channels, **kwargs)
+        source = str(file) if file is not None else mit_imagenet_source(name)
+        try:
+            model.load_imagenet(file)
+        except Exception as err:  # download, hub and format errors of several libraries
+            raise ImageNetWeightsError(_imagenet_failure(name, source, file, err)) from err
+        return model
+    if name.endswith(_RDA_SUFFIX):
+        trunk_name = name[: -len(_RDA_SUFFIX)]
+        if not timm.is_model(trunk_name):
+            raise _unknown_encoder(name)
+        model = ResNetRDA(trunk_name, in_channels=in_channels, **kwargs)
+        timm_kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+        trunk = _timm_imagenet(trunk_name, in_channels, file, **timm_kwargs)
+        with warnings.catch_warnings():  # "trunk-only weights: attention blocks stay identity" is intended here
+            warnings.simplefilter("ignore")
+            model.load_pretrained_state_dict(trunk.state_dict())
+        return model
+    if name.startswith("vit_"):
+        kwargs.setdefault("global_pool", "token")
+        kwargs.setdefault("dynamic_img_size", True)
+    return _timm_imagenet(name, in_channels, file, **kwargs)
+
+
+def _timm_imagenet(name: str, in_channels: int, file: Path | None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(pretrained=True)`` (from ``file`` if given), loaded strictly."""
+    if not timm.is_model(name):
+        raise _unknown_encoder(name)
+    overlay = {"file": str(file)} if file is not None else None
+    source = str(file) if file is not None else _timm_source(name)
+    try:
+        with _timm_load_problems() as problems:
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=overlay, in_chans=in_channels, num_classes=0, **kwargs
+            )
+    except Exception as err:  # download, hub and format errors of several libraries
+        raise ImageNetWeightsError(_imagenet_failure(name, source, file, err)) from err
+    if problems:
+        raise ImageNetWeightsError(
+            f"The ImageNet weights from {source} do not fit the timm model {name!r}: " + "; ".join(problems)
+            + ". Give the weights of this very architecture (a state dict of timm.create_model(name) or its "
+            "torchvision equivalent)."
+        )
+    return model
+
+
+def _timm_source(name: str) -> str:
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return f"timm's pretrained weights of {name!r} (none are registered)"
+    if cfg.hf_hub_id:
+        return f"the Hugging Face hub repository {cfg.hf_hub_id!r} (timm's pretrained weights)"
+    return cfg.url or f"timm's pretrained weights of {name!r}"
+
+
+def _imagenet_failure(name: str, source: str, file: Path | None, err: Exception) -> str:
+    if file is not None:
+        return f"Could not load the ImageNet weights of {name!r} from {source}: {err}"
+    return (
+        f"Could not get the ImageNet weights of {name!r}: tried {source} (cache: HF_HOME, offline with "
+        f"HF_HUB_OFFLINE=1): {type(err).__name__}: {err}\nWithout network, download the file on a machine "
+        "that has it (e.g. `huggingface-cli download <repository>`, then copy the Hugging Face cache), or give "
+        "the file: weights='imagenet:/path/to/weights.pth' (a state dict of the 3-band ImageNet model)."
+    )
+
+
+@contextmanager
+def _timm_load_problems() -> Iterator[list[str]]:
+    """Collect the missing / unexpected keys timm reports (it loads non-strictly once it drops the
+    classifier), so that a file of another architecture is an error, not a silent partial load."""
+    problems: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith(("Missing keys", "Unexpected keys", "Unable to convert")):
+                problems.append(message)
+
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = _Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield problems
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _unknown_encoder(name: str) -> ValueError:
@@ -171,8 +326,17 @@ def load_encoder_weights(encoder: nn.Module, weights: str | Path | Any) -> None:
 
     :class:`ResNetRDA` also takes a plain ResNet state dict (attention blocks keep their initialisation),
     :class:`MiTEncoder` also takes official MiT weights (``head.*`` ignored).
+
+    ImageNet weights (``"imagenet"``) need the encoder's construction (the first convolution
+    is adapted to the band count): use ``create_encoder(name, in_channels, weights="imagenet")``.
     """
     from ..weights import load_pretrained_encoder  # weights.py imports this package
+
+    if is_imagenet_source(weights):
+        raise ValueError(
+            f"weights={weights!r} is applied when an encoder is built: use "
+            "create_encoder(name, in_channels, weights='imagenet'), or weights1/weights2='imagenet' in a module."
+        )
 
     load_pretrained_encoder(encoder, weights)
 

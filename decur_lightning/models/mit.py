@@ -9,13 +9,16 @@ authors' ``mit_b2(num_classes=2048)`` backbones.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from segmentation_models_pytorch.encoders import encoders as smp_encoders
 from segmentation_models_pytorch.encoders import get_encoder
+from timm.models import adapt_input_conv
 from torch import nn
 
-__all__ = ["MiTEncoder", "MIT_NAMES"]
+__all__ = ["MiTEncoder", "MIT_NAMES", "mit_imagenet_source"]
 
 MIT_NAMES: tuple[str, ...] = tuple(f"mit_b{i}" for i in range(6))
 
@@ -96,6 +99,22 @@ class MiTEncoder(nn.Module):
                 f"check the variant, in_channels and any key prefix (e.g. 'module.backbone_1.').\n{err}"
             ) from err
 
+    def load_imagenet(self, file: str | Path | None = None) -> None:
+        """Load the official ImageNet MiT weights into the trunk (the head stays as it is).
+
+        ``file``: the SegFormer ``mit_b*.pth`` or smp's ``model.safetensors`` of this variant;
+        ``None`` downloads smp's copy (:func:`mit_imagenet_source`, cached by Hugging Face).
+        The 3-band ``patch_embed1.proj`` is adapted to ``in_channels`` with
+        ``timm.models.adapt_input_conv`` (see :func:`decur_lightning.models.create_encoder`).
+        """
+        path = _download_mit_imagenet(self.variant) if file is None else Path(file)
+        state_dict = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("head.")}
+        stem = "patch_embed1.proj.weight"
+        if stem in state_dict:
+            in_channels = self.patch_embed1.proj.in_channels
+            state_dict[stem] = adapt_input_conv(in_channels, state_dict[stem], base_chans=3)
+        self.load_mit_state_dict(state_dict)
+
     def load_pretrained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights strictly: a full ``MiTEncoder`` state dict when its ``head.weight`` has
         this encoder's shape, otherwise official MiT weights via :meth:`load_mit_state_dict`."""
@@ -104,6 +123,31 @@ class MiTEncoder(nn.Module):
             self.load_state_dict(state_dict, strict=True)
         else:
             self.load_mit_state_dict(state_dict)
+
+
+def mit_imagenet_source(variant: str) -> str:
+    """Where ``"imagenet"`` weights of a MiT variant come from: smp's Hugging Face repository."""
+    settings = smp_encoders[variant]["pretrained_settings"]["imagenet"]
+    return f"the Hugging Face hub repository {settings['repo_id']!r} (model.safetensors, smp's ImageNet MiT weights)"
+
+
+def _download_mit_imagenet(variant: str) -> Path:
+    """smp's own download of the official ImageNet MiT weights (``get_encoder(weights="imagenet")``)."""
+    from huggingface_hub import hf_hub_download
+
+    settings = smp_encoders[variant]["pretrained_settings"]["imagenet"]
+    return Path(hf_hub_download(settings["repo_id"], filename="model.safetensors", revision=settings["revision"]))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    return state_dict
 
 
 class _Trunk(nn.Module):
