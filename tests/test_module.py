@@ -210,3 +210,20 @@ def test_compiled_encoders_give_the_same_loss():
     batch = tiny_batch(n=8)
     losses = [m.compute_loss(*(m.embed(v, i) for v, i in zip(m.make_views(batch, seed=1), (1, 1, 2, 2))))["loss"] for m in (reference, compiled)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-3)
+
+
+def test_encoder_kwargs_reach_every_encoder_in_pretraining_and_downstream():
+    """The RDA switches (Tables 4/7 "DA" ablation, DAT's grid) are set from a config."""
+    from decur_lightning.downstream import MultimodalClassificationModule
+
+    kwargs = {"rda_residual": False, "rda_reference_points": "dat"}
+    model = tiny_decur(encoder1="resnet18_rda", encoder2="resnet18_rda", encoder_kwargs=kwargs)
+    blocks = [enc.da_l3 for enc in model.encoders] + [enc.da_l4 for enc in model.encoders]
+    assert all(not block.residual and block.reference_points == "dat" for block in blocks)
+    downstream = MultimodalClassificationModule(
+        "resnet18_rda", "resnet18_rda", in_channels1=2, in_channels2=4, modality1="sar", modality2="optical",
+        num_classes=3, encoder_kwargs={"rda_residual": False},
+    )
+    assert all(not enc.da_l3.residual and enc.da_l3.reference_points == "centre" for enc in downstream.encoders)
+    with pytest.raises(TypeError):
+        tiny_decur(encoder_kwargs={"no_such_argument": 1})

@@ -94,9 +94,10 @@ class MultimodalDownstreamModule(LightningModule):
     def _make_encoder(self, index: int) -> nn.Module:
         hp = self.hparams
         weights = hp[f"weights{index}"]
+        extra = dict(hp.get("encoder_kwargs") or {})
         if is_imagenet_source(weights):
-            return create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"], weights=weights)
-        encoder = create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"])
+            return create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"], weights=weights, **extra)
+        encoder = create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"], **extra)
         if weights is not None:
             selector: ModalitySelector = hp[f"weights_modality{index}"]
             if selector is None:

@@ -89,6 +89,9 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
             batches only: no optimiser step, on every rank; counted in ``skipped_batches`` and
             logged as ``train/skipped_batches``; validation and test still raise) or ``"off"``
             (see :mod:`decur_lightning.nonfinite`).
+        encoder_kwargs: extra keyword arguments for both encoders
+            (:func:`~decur_lightning.models.create_encoder`), e.g. ``{"rda_residual": false}`` to load
+            encoders pretrained with the "DA" ablation (Tables 4 and 7).
 
     Reloading a trained module with ``load_from_checkpoint`` re-reads ``weights1/2`` before the
     checkpoint's own weights replace them; pass ``weights1=None, weights2=None`` if those files
@@ -124,6 +127,7 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
         lr_gamma: float = 0.1,
         frozen_batch_norm: FrozenBatchNorm = "eval",
         nan_policy: NanPolicy = "raise",
+        encoder_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if task not in ("multilabel", "multiclass"):

@@ -100,6 +100,9 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         nan_policy: ``"raise"``, ``"skip"`` or ``"off"``, as in
             :class:`~decur_lightning.downstream.MultimodalClassificationModule` (inputs, logits
             and loss are checked).
+        encoder_kwargs: extra keyword arguments for both encoders
+            (:func:`~decur_lightning.models.create_encoder`), e.g. ``{"rda_residual": false}`` to load
+            encoders pretrained with the "DA" ablation (Tables 4 and 7).
 
     Example:
         >>> model = MultimodalSegmentationModule("resnet18", "resnet18", in_channels1=3, in_channels2=1,
@@ -138,6 +141,7 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         test_flip: bool = False,
         frozen_batch_norm: FrozenBatchNorm = "eval",
         nan_policy: NanPolicy = "raise",
+        encoder_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if head not in ("fcn", "cmx"):
