@@ -299,8 +299,8 @@ class RandomResizedCropFlip(nn.Module):
 
     The crop boxes are torchvision's (``RandomResizedCrop.get_params``: area ``scale`` and
     aspect ``ratio``, ten tries, then a centre crop); each crop is flipped (flips commute with
-    every other view operation) and resized bilinearly with antialiasing to ``size``, straight
-    into the output batch.
+    every other view operation) and resized bilinearly to ``size`` (antialiased when it shrinks,
+    as torchvision's ``antialias=True``), straight into the output batch.
 
     Args:
         size: side of the square output.
@@ -347,8 +347,10 @@ class RandomResizedCropFlip(nn.Module):
             if (ch, cw) == (self.size, self.size):
                 out[i] = crop[0]
             else:
+                # antialiasing only changes a downscale (upscales agree to ~1e-5) but costs 2x
+                antialias = ch > self.size or cw > self.size
                 out[i] = F.interpolate(
-                    crop, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+                    crop, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=antialias
                 )[0]
         return out
 

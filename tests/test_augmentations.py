@@ -192,6 +192,19 @@ def test_crop_flip_full_scale():
     assert float(y.min()) >= float(x.min()) - 1e-6 and float(y.max()) <= float(x.max()) + 1e-6
 
 
+@pytest.mark.parametrize("box", [(3, 5, 9, 11), (0, 1, 30, 28)])  # upscale, downscale
+def test_crop_equals_torchvision_resized_crop(monkeypatch, box):
+    from torchvision.transforms import RandomResizedCrop
+
+    from decur_lightning.augmentations import RandomResizedCropFlip
+
+    monkeypatch.setattr(RandomResizedCrop, "get_params", staticmethod(lambda img, scale, ratio: box))
+    x = torch.rand(3, 4, 32, 32)
+    ours = RandomResizedCropFlip(20, hflip=0.0, vflip=0.0)(x)
+    expected = TF.resized_crop(x, *box, size=[20, 20], antialias=True)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------ kinds and asymmetry
 def _probs(pipeline, name: str) -> float:
     ops = [op for op in pipeline if type(op).__name__ == name]
