@@ -124,16 +124,20 @@ def _check_batch(x: Tensor, name: str) -> None:
 
 
 def _selected(n: int, p: float, device: torch.device) -> Tensor:
-    """Indices of the images an operation with probability ``p`` applies to."""
+    """Indices of the images an operation with probability ``p`` applies to.
+
+    Random draws are made on the CPU generator (as kornia's), then moved: a seed gives the
+    same views on every device, and ``torch.random.fork_rng(devices=[])`` covers them.
+    """
     if p >= 1.0:
         return torch.arange(n, device=device)
     if p <= 0.0:
         return torch.empty(0, dtype=torch.long, device=device)
-    return torch.nonzero(torch.rand(n, device=device) < p).flatten()
+    return torch.nonzero(torch.rand(n) < p).flatten().to(device)
 
 
 def _uniform(n: int, bounds: tuple[float, float], like: Tensor) -> Tensor:
-    return torch.empty(n, device=like.device, dtype=like.dtype).uniform_(*bounds)
+    return torch.empty(n).uniform_(*bounds).to(device=like.device, dtype=like.dtype)
 
 
 class _SubsetOp(nn.Module):
@@ -198,7 +202,7 @@ class RandomBrightnessContrast(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_batch(x, "RandomBrightnessContrast")
         n = x.shape[0]
-        apply = torch.rand(n, device=x.device) < self.p
+        apply = (torch.rand(n) < self.p).to(x.device)
         f = torch.where(apply, _uniform(n, self.brightness, x), 1.0)
         c = torch.where(apply, _uniform(n, self.contrast, x), 1.0)
         mean = x.mean(dim=(1, 2, 3))

@@ -254,3 +254,17 @@ def test_per_dataset_rgb_kinds():
 def test_rgb_kinds_need_three_bands(kind):
     with pytest.raises(ValueError, match="needs 3 bands"):
         make_view_pair(kind, 16)(torch.rand(2, 13, 20, 20))
+
+
+def test_views_are_reproducible_under_a_seed():
+    x = torch.rand(6, 13, 32, 32)
+    pair = make_view_pair("optical", 16, asymmetry="symmetric")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        first = pair(x)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        second = pair(x)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])
