@@ -57,7 +57,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
 
 import kornia.augmentation as K
@@ -68,6 +67,8 @@ from torch import Tensor, nn
 from torchvision.transforms import RandomResizedCrop as _TVRandomResizedCrop
 
 __all__ = [
+    "ASYMMETRIES",
+    "RGB_KINDS",
     "VIEW_KINDS",
     "RandomBrightnessContrast",
     "RandomGaussianBlur",
@@ -99,7 +100,7 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 def _blur_kernel(size: int) -> int:
     """BYOL uses a 23 px kernel at 224 px: about 10 % of the crop, odd, at least 3."""
-    kernel = max(3, int(round(0.1 * size)))
+    kernel = max(3, round(0.1 * size))
     return kernel if kernel % 2 == 1 else kernel + 1
 
 

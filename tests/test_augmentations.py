@@ -11,7 +11,11 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from decur_lightning.augmentations import VIEW_KINDS, make_view_augmentation, make_view_pair
+from decur_lightning.augmentations import (
+    VIEW_KINDS,
+    make_view_augmentation,
+    make_view_pair,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
