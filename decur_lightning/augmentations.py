@@ -185,6 +185,7 @@ class RandomBrightnessContrast(nn.Module):
         brightness: range of the brightness factor (BYOL: strength 0.4, i.e. (0.6, 1.4)).
         contrast: range of the contrast factor (BYOL: (0.6, 1.4)).
         p: probability per image.
+        inplace: overwrite the input batch (the view pipelines do, after the crop).
     """
 
     def __init__(
@@ -209,9 +210,7 @@ class RandomBrightnessContrast(nn.Module):
         mean = x.mean(dim=(1, 2, 3))
         a = (f * c).view(n, 1, 1, 1)
         b = (f * mean * (1.0 - c)).view(n, 1, 1, 1)
-        if self.inplace:
-            return x.mul_(a).add_(b).clamp_(0.0, 1.0)
-        return torch.addcmul(b, x, a).clamp_(0.0, 1.0)
+        return torch.addcmul(b, x, a, out=x if self.inplace else None).clamp_(0.0, 1.0)
 
     def extra_repr(self) -> str:
         return f"brightness={self.brightness}, contrast={self.contrast}, p={self.p}"
@@ -224,6 +223,7 @@ class RandomGrayscale(_SubsetOp):
         p: probability per image (BYOL: 0.2).
         weights: per-band weights of the grey value; ``None`` is the plain band mean (any band
             count, as the released code's ``ToGray``); RGB kinds use torchvision's luma weights.
+        inplace: overwrite the input batch (see :class:`_SubsetOp`).
     """
 
     def __init__(self, p: float = 0.2, weights: tuple[float, ...] | None = None, inplace: bool = False) -> None:
@@ -248,7 +248,11 @@ class RandomGrayscale(_SubsetOp):
 
 
 class RandomSolarize(_SubsetOp):
-    """BYOL's solarize: pixels at or above ``threshold`` become ``1 - x``, with probability ``p``."""
+    """BYOL's solarize: pixels at or above ``threshold`` become ``1 - x``, with probability ``p``.
+
+    The released code's ``Solarize(0.5)`` runs on uint8 images and so inverts only zeros (0 ->
+    255); this is BYOL's (and torchvision's) solarize on [0, 1] data.
+    """
 
     def __init__(self, p: float = 0.2, threshold: float = 0.5, inplace: bool = False) -> None:
         super().__init__(p, inplace)
@@ -272,6 +276,7 @@ class RandomGaussianBlur(_SubsetOp):
         kernel_size: odd kernel side (BYOL: 23 px at 224 px).
         sigma: range of the per-image sigma (BYOL: (0.1, 2.0)).
         p: probability per image.
+        inplace: overwrite the input batch (see :class:`_SubsetOp`).
     """
 
     def __init__(
