@@ -168,7 +168,7 @@ def test_segmentation_batch_from_loader(geonrw: tuple[Path, dict[str, dict[str, 
 
 def test_pretrain_datamodule_batch(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:
     datamodule = GeoNRWMMPretrainDataModule(geonrw[0], batch_size=4, patch_size=PATCH, tile_size=TILE)
-    assert datamodule.modality_kinds == {"rgb": "rgb", "dem": "dem"}
+    assert datamodule.modality_kinds == {"rgb": "aerial_rgb", "dem": "dem"}
     datamodule.setup("fit")
     assert len(datamodule.train_dataset) == len(TRAIN_CITIES) * (TILE // PATCH) ** 2
     batch = next(iter(datamodule.train_dataloader()))

@@ -327,7 +327,7 @@ def test_segmentation_batch_from_loader(sunrgbd: tuple[Path, dict[str, list[str]
 
 def test_pretrain_datamodule_batch(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
     datamodule = RGBDMMPretrainDataModule(sunrgbd[0], batch_size=4, split="all", image_size=SIZE)
-    assert datamodule.modality_kinds == {"rgb": "rgb", "hha": "hha"}
+    assert datamodule.modality_kinds == {"rgb": "indoor_rgb", "hha": "hha"}
     datamodule.setup("fit")
     assert len(datamodule.train_dataset) == 11
     batch = next(iter(datamodule.train_dataloader()))

@@ -69,7 +69,7 @@ def test_second_view_source_image2_feeds_view_two():
     assert torch.equal(x1a, batch["image_sar"]) and torch.equal(x1b, batch["image2_sar"])
     assert torch.equal(x2a, batch["image_optical"]) and torch.equal(x2b, batch["image_optical"])
     batch["image2_sar"][0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="image_sar"):
+    with pytest.raises(FloatingPointError, match="image2_sar"):
         model.training_step(batch, 0)
     batch["image2_sar"] = torch.rand(4, 2, 16, 16)
     with pytest.raises(ValueError, match="image2_sar .* same bands and size"):
@@ -227,3 +227,22 @@ def test_encoder_kwargs_reach_every_encoder_in_pretraining_and_downstream():
     assert all(not enc.da_l3.residual and enc.da_l3.reference_points == "centre" for enc in downstream.encoders)
     with pytest.raises(TypeError):
         tiny_decur(encoder_kwargs={"no_such_argument": 1})
+
+
+def test_view_asymmetry_and_datamodule_kinds_reach_the_view_pipelines():
+    """``view_asymmetry="symmetric"`` (released code) gives both views blur p=0.5, solarize p=0.2."""
+
+    def probabilities(pipeline, name):
+        return [op.p for op in pipeline if type(op).__name__ == name]
+
+    model = tiny_decur(view_asymmetry="symmetric", augmentation2="optical")
+    model.make_views(tiny_batch(n=4), seed=0)
+    pair = model._views[1]
+    for view in (pair.view1, pair.view2):
+        assert probabilities(view, "RandomGaussianBlur") == [0.5] and probabilities(view, "RandomSolarize") == [0.2]
+    default = tiny_decur(augmentation2="optical")
+    default.make_views(tiny_batch(n=4), seed=0)
+    assert probabilities(default._views[1].view1, "RandomSolarize") == []
+    assert probabilities(default._views[1].view2, "RandomSolarize") == [0.2]
+    with pytest.raises(ValueError, match="'indoor_rgb' .* needs 3 bands"):
+        tiny_decur(augmentation2="indoor_rgb").make_views(tiny_batch(n=4))

@@ -26,9 +26,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Subset
 from torchgeo.datamodules import NonGeoDataModule
 
+from ..augmentations import VIEW_KINDS
 from .samplers import EpochIndex, EpochSeededRandomSampler
 
-MODALITY_KINDS = ("optical", "sar", "dem", "rgb", "hha")
+MODALITY_KINDS = VIEW_KINDS
 """Augmentation kinds understood by DeCURModule's per-modality view pipelines (Appendix B.1)."""
 
 

@@ -222,7 +222,7 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
         max_read_errors: most unreadable patches ``'skip'`` tolerates per process (default 100).
     """
 
-    modality_kinds: ClassVar[dict[str, str]] = {"rgb": "rgb", "dem": "dem"}
+    modality_kinds: ClassVar[dict[str, str]] = {"rgb": "aerial_rgb", "dem": "dem"}
 
     def __init__(
         self,

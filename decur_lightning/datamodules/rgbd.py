@@ -409,7 +409,7 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
         max_read_errors: most unreadable samples ``'skip'`` tolerates per process (default 100).
     """
 
-    modality_kinds: ClassVar[dict[str, str]] = {"rgb": "rgb", "hha": "hha"}
+    modality_kinds: ClassVar[dict[str, str]] = {"rgb": "indoor_rgb", "hha": "hha"}
 
     def __init__(
         self,

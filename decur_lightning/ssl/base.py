@@ -17,11 +17,10 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..augmentations import VIEW_KINDS, ViewPair, make_view_pair
+from ..augmentations import RGB_KINDS, VIEW_KINDS, Asymmetry, ViewPair, make_view_pair
 from ..models.encoders import create_encoder
+from ..nonfinite import NanPolicy, NonFiniteGuard, finite_flag
 from .optim import OptimizerName, build_optimizer, cosine_with_warmup
-
-NanPolicy = Literal["raise", "skip", "off"]
 
 __all__ = ["MultimodalSSLModule", "build_projector"]
 
@@ -104,6 +103,9 @@ class MultimodalSSLModule(LightningModule):
         encoder_kwargs: extra keyword arguments for every encoder
             (:func:`~decur_lightning.models.create_encoder`), e.g. the residual deformable
             attention switches of ``*_rda`` encoders.
+        view_asymmetry: ``"byol"`` (default; the paper follows BYOL: blur p=1.0 / 0.1 and
+            solarize p=0 / 0.2 for views 1 / 2) or ``"symmetric"`` (the released code: blur
+            p=0.5 and solarize p=0.2 on both views). Only for views built from a kind.
 
     Second-view sources: when a batch also holds ``image2_<modality>`` (same shape as
     ``image_<modality>``), view 2 of that modality is made from it instead of from
@@ -142,10 +144,10 @@ class MultimodalSSLModule(LightningModule):
         channels_last: bool = False,
         compile_encoders: bool = False,
         encoder_kwargs: dict[str, Any] | None = None,
+        view_asymmetry: Asymmetry = "byol",
     ) -> None:
         super().__init__()
-        if nan_policy not in ("raise", "skip", "off"):
-            raise ValueError(f"nan_policy must be 'raise', 'skip' or 'off'; got {nan_policy!r}.")
+        self.nonfinite = NonFiniteGuard(nan_policy)
         if modality1 == modality2:
             raise ValueError(f"modality1 and modality2 must differ (they name batch keys); got {modality1!r} twice.")
         if modality2 is None and self.two_modalities_required:
@@ -177,7 +179,6 @@ class MultimodalSSLModule(LightningModule):
         # Views are drawn from a seed per batch (not from the global RNG), so that a resumed run
         # makes the same views as an uninterrupted one. Saved in checkpoints.
         self.view_seed = int(torch.initial_seed() % 2**31)
-        self.skipped_batches = 0
         self._collapse_warned = False
         self._warned_small_val_batch = False
 
@@ -241,13 +242,13 @@ class MultimodalSSLModule(LightningModule):
                 pairs.append(ViewPair(aug, aug))
             else:
                 kind = self._resolve_kind(index) if aug == "auto" else aug
-                if kind == "rgb" and x.shape[1] != 3:
+                if kind in RGB_KINDS and x.shape[1] != 3:
                     raise ValueError(
-                        f"augmentation{index + 1}='rgb' (colour jitter) needs 3 bands, but "
+                        f"augmentation{index + 1}={kind!r} (RGB colour jitter) needs 3 bands, but "
                         f"image_{self.modalities[index]} has {x.shape[1]}. Use 'optical' for multispectral data."
                     )
                 size = self.hparams.crop_size or min(x.shape[-2:])
-                pairs.append(make_view_pair(kind, size, tuple(self.hparams.crop_scale)))
+                pairs.append(make_view_pair(kind, size, tuple(self.hparams.crop_scale), self.hparams.view_asymmetry))
         return pairs
 
     def make_views(self, batch: dict[str, Tensor], seed: int | None = None) -> tuple[Tensor, ...]:
@@ -343,18 +344,25 @@ class MultimodalSSLModule(LightningModule):
         inputs = self.get_inputs(batch)
         if stage != "train" and inputs[0].shape[0] < 2:
             return self._skip_small_eval_batch(stage)
-        check = self.hparams.nan_policy != "off"
+        check = self.nonfinite.enabled
         second = self.get_second_sources(batch, inputs)
         # Inputs are checked before the forward pass, so a bad batch never reaches the batch-norm statistics.
-        flags = [torch.isfinite(x).all() & (True if x2 is None else torch.isfinite(x2).all()) for x, x2 in zip(inputs, second)]
-        if check and not self._all_finite(stage, batch_idx, flags, "input"):
-            return None
+        if check:
+            input_flags = [(f"the input {key}", finite_flag(x)) for key, x in zip(self._keys(), inputs)]
+            input_flags += [
+                (f"the input image2_{name}", finite_flag(x2)) for name, x2 in zip(self.modalities, second) if x2 is not None
+            ]
+            if not self.nonfinite.check(self, stage, batch_idx, input_flags):
+                return None
         views = self._views_of(inputs, self._batch_seed(stage, batch_idx), second)
         embeddings = [[self._embed_view(x, index + 1) for x in modality_views] for index, modality_views in enumerate(views)]
         terms = self.compute_loss(*(z for zs in embeddings for z in zs))
         if check:
-            flags = [torch.stack([torch.isfinite(z.detach()).all() for z in zs]).all() for zs in embeddings]
-            if not self._all_finite(stage, batch_idx, [*flags, torch.isfinite(terms["loss"].detach())], "output"):
+            flags = [
+                (f"the embeddings of '{name}'", torch.stack([finite_flag(z) for z in zs]).all())
+                for name, zs in zip(self.modalities, embeddings)
+            ]
+            if not self.nonfinite.check(self, stage, batch_idx, [*flags, ("the loss", finite_flag(terms["loss"]))]):
                 return None
         batch_size = inputs[0].shape[0]
         on_step = stage == "train"
@@ -382,35 +390,10 @@ class MultimodalSSLModule(LightningModule):
                 "crop_size (or the image size of the datamodule)."
             ) from err
 
-    def _all_finite(self, stage: str, batch_idx: int, flags: list[Tensor], kind: Literal["input", "output"]) -> bool:
-        """One host synchronisation: raise or skip unless every flag holds.
-
-        ``flags`` hold one scalar boolean per modality (its input for ``kind="input"``, its
-        embeddings for ``"output"``, followed there by the loss's).
-        """
-        ok = torch.stack(flags)
-        if stage == "train" and self.hparams.nan_policy == "skip" and self._trainer is not None:
-            # Every rank must skip together (a lone rank without backward would stall DDP).
-            ok = self.trainer.strategy.reduce(ok.float(), reduce_op="min") > 0
-        ok_list = ok.tolist()
-        if all(ok_list):
-            return True
-        if kind == "input":
-            names = [f"the input image_{m}" for m in self.modalities]
-        else:
-            names = [f"the embeddings of '{m}'" for m in self.modalities] + ["the loss"]
-        where = names[ok_list.index(False)]
-        if stage == "train" and self.hparams.nan_policy == "skip":
-            self.skipped_batches += 1
-            if self._trainer is not None:
-                self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
-            return False
-        raise FloatingPointError(
-            f"Non-finite values (NaN or Inf) at {stage} step {self.global_step} (batch {batch_idx}) in {where}. "
-            "Inputs: check the data's no-data values and normalisation. Embeddings or loss: the "
-            "training diverged; lower the learning rate or use bf16 instead of fp16. Set "
-            "nan_policy='skip' to skip such batches."
-        )
+    @property
+    def skipped_batches(self) -> int:
+        """Training batches skipped under ``nan_policy="skip"``."""
+        return self.nonfinite.skipped_batches
 
     def _check_collapse(self, stds: Sequence[Tensor]) -> None:
         if self._collapse_warned or self._trainer is None:
@@ -473,7 +456,7 @@ class MultimodalSSLModule(LightningModule):
                 "checkpoint's hyper-parameters), or build the module with the checkpoint's encoders and sizes."
             )
         self.view_seed = int(meta.get("view_seed", self.view_seed))
-        self.skipped_batches = int(meta.get("skipped_batches", 0))
+        self.nonfinite.skipped_batches = int(meta.get("skipped_batches", 0))
 
     def _encoder_names(self) -> list[str]:
         return [self.hparams[f"encoder{i + 1}"] for i in range(len(self.modalities))]

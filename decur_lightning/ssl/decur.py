@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..augmentations import Asymmetry
 from ..losses import DEFAULT_LAMBDA, DeCURLoss, Method, Weighting
 from .base import MultimodalSSLModule, NanPolicy
 from .optim import OptimizerName
@@ -100,6 +101,7 @@ class DeCURModule(MultimodalSSLModule):
         channels_last: bool = False,
         compile_encoders: bool = False,
         encoder_kwargs: dict[str, Any] | None = None,
+        view_asymmetry: Asymmetry = "byol",
     ) -> None:
         super().__init__(
             encoder1=encoder1,
@@ -126,6 +128,7 @@ class DeCURModule(MultimodalSSLModule):
             channels_last=channels_last,
             compile_encoders=compile_encoders,
             encoder_kwargs=encoder_kwargs,
+            view_asymmetry=view_asymmetry,
         )
         embedding_dim = self.embedding_dim
         self.common_dims = resolve_common_dims(embedding_dim, common_ratio, common_dims) if decouple else embedding_dim
