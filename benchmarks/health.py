@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="tensors with the largest norm growth to list")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    rows = []
+    print("| config | loss first 3 | loss last 3 | last/first | emb. std min-max | largest norm growth | s |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for config in pretrain_configs():
         if args.only not in config.name:
             continue
@@ -39,12 +40,12 @@ def main() -> None:
         seconds = time.perf_counter() - start
         first, last = sum(report.losses[:3]) / 3, sum(report.losses[-3:]) / 3
         worst = sorted(report.norm_growth.items(), key=lambda item: -item[1])[: args.top]
-        rows.append((config.name, first, last, min(report.embedding_stds), max(report.embedding_stds), worst, seconds))
-    print(f"| config | loss first 3 | loss last 3 | last/first | emb. std min-max | largest norm growth | s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, first, last, low, high, worst, seconds in rows:
+        low, high = min(report.embedding_stds), max(report.embedding_stds)
         growth = ", ".join(f"`{tensor}` {ratio:.2f}x" for tensor, ratio in worst)
-        print(f"| {name} | {first:.1f} | {last:.1f} | {last / first:.3f} | {low:.3f}-{high:.3f} | {growth} | {seconds:.0f} |")
+        print(
+            f"| {config.name} | {first:.1f} | {last:.1f} | {last / first:.3f} | {low:.3f}-{high:.3f} | {growth} | {seconds:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
