@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from torch import Tensor, nn
 
 from ..models.encoders import create_encoder
+from ..monitors import default_monitors
 from ..weights import ModalitySelector, load_pretrained_encoder
 
 __all__ = ["MultimodalDownstreamModule", "total_training_steps"]
@@ -106,6 +107,10 @@ class MultimodalDownstreamModule(LightningModule):
 
     def _keys(self) -> list[str]:
         return [f"image_{name}" for name in self.modalities]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Default monitors (an empty training split fails the fit); a Trainer callback of the same class wins."""
+        return default_monitors(self._trainer, ssl=False)
 
 
 def total_training_steps(trainer: Any) -> int:

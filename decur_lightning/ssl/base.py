@@ -13,12 +13,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..augmentations import VIEW_KINDS, ViewPair, make_view_pair
 from ..models.encoders import create_encoder
+from ..monitors import default_monitors
 from .optim import OptimizerName, build_optimizer, cosine_with_warmup
 
 NanPolicy = Literal["raise", "skip", "off"]
@@ -422,6 +423,10 @@ class MultimodalSSLModule(LightningModule):
 
     def _encoder_names(self) -> list[str]:
         return [self.hparams[f"encoder{i + 1}"] for i in range(len(self.modalities))]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Default monitors (:func:`decur_lightning.monitors.default_monitors`); a Trainer callback of the same class wins."""
+        return default_monitors(self._trainer)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
