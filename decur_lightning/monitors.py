@@ -1,7 +1,8 @@
-"""Training monitors as Lightning callbacks: empty training, small batches, divergence.
+"""Training monitors as Lightning callbacks (empty training, small batches, divergence), and the
+restore of the data loaders' position for an exact mid-epoch resume.
 
 The SSL and downstream modules add them by default through ``configure_callbacks``
-(:func:`default_monitors`); a monitor of the same class in the Trainer's callbacks replaces the
+(:func:`default_callbacks`); a callback of the same class in the Trainer's callbacks replaces the
 default one, which is how a threshold is changed or a monitor turned off, e.g. in a config::
 
     trainer:
@@ -17,10 +18,18 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-__all__ = ["DivergenceMonitor", "EmptyTrainingCheck", "SmallBatchWarning", "default_monitors", "train_loader_sizes"]
+__all__ = [
+    "DivergenceMonitor",
+    "EmptyTrainingCheck",
+    "LoaderStateRestore",
+    "SmallBatchWarning",
+    "default_callbacks",
+    "train_loader_sizes",
+]
 
 
 def train_loader_sizes(trainer: Trainer) -> tuple[int | None, int | None, bool | None]:
@@ -218,15 +227,48 @@ class DivergenceMonitor(Callback):
         self.warned = bool(state_dict.get("warned", False))
 
 
-def default_monitors(trainer: Trainer | None, ssl: bool = True) -> list[Callback]:
-    """The monitors a module adds to a fit (``configure_callbacks``).
+class LoaderStateRestore(Callback):
+    """Restore the training loaders' position from the checkpoint (exact mid-epoch resume).
 
-    All modules get :class:`EmptyTrainingCheck`; SSL modules also :class:`SmallBatchWarning` and
-    :class:`DivergenceMonitor`. A monitor whose class is already among the Trainer's callbacks is
-    left out, so the user's instance (with its thresholds, or turned off) is kept.
+    Lightning saves the state of every stateful training loader (torchdata's
+    ``StatefulDataLoader``, used by this package's datamodules) in checkpoints, but does not load
+    it when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (our learning-rate
+    schedules do): the loader is then built and iterated before the checkpoint is restored
+    (Lightning issue #20550, open in Lightning 2.6). The resumed run would start the epoch again
+    from its first batch. At ``on_train_start`` this callback loads the pending states, with each
+    sampler set to the resumed epoch first (the loader fast-forwards its sampler when the state is
+    loaded), and re-creates the batch iterator: what Lightning does when the bug does not hit.
+    It does nothing when there is no pending state (a fresh run, or a Lightning that loaded it),
+    and drops the state of a checkpoint saved after an epoch's last batch (the next epoch starts
+    from a fresh iterator).
     """
-    monitors: list[Callback] = [EmptyTrainingCheck()]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        combined = getattr(fit_loop, "_combined_loader", None)
+        if not getattr(fit_loop, "_combined_loader_states_to_load", None) or not fit_loop.restarting or combined is None:
+            return
+        if fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
+            # Saved after the epoch's last batch: the next batch is the first of the next epoch,
+            # which the loader's fresh iterator gives (a restored, exhausted one would end that epoch too).
+            fit_loop._combined_loader_states_to_load = []
+            return
+        for loader in combined.flattened:
+            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+        fit_loop._load_combined_loader_states()
+        iter(fit_loop._data_fetcher)
+
+
+def default_callbacks(trainer: Trainer | None, ssl: bool = True) -> list[Callback]:
+    """The callbacks a module adds to a fit (``configure_callbacks``).
+
+    All modules get :class:`EmptyTrainingCheck` and :class:`LoaderStateRestore`; SSL modules also
+    :class:`SmallBatchWarning` and :class:`DivergenceMonitor`. A callback whose class is already
+    among the Trainer's callbacks is left out, so the user's instance (with its thresholds, or
+    turned off) is kept.
+    """
+    callbacks: list[Callback] = [EmptyTrainingCheck(), LoaderStateRestore()]
     if ssl:
-        monitors += [SmallBatchWarning(), DivergenceMonitor()]
+        callbacks += [SmallBatchWarning(), DivergenceMonitor()]
     present = trainer.callbacks if trainer is not None else []
-    return [monitor for monitor in monitors if not any(isinstance(c, type(monitor)) for c in present)]
+    return [callback for callback in callbacks if not any(isinstance(c, type(callback)) for c in present)]

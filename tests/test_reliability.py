@@ -264,10 +264,10 @@ def test_limit_train_batches_zero_is_not_an_error(tmp_path):
 
 def test_downstream_modules_add_the_empty_training_check():
     from decur_lightning.downstream.base import MultimodalDownstreamModule
-    from decur_lightning.monitors import EmptyTrainingCheck
+    from decur_lightning.monitors import EmptyTrainingCheck, LoaderStateRestore
 
     module = MultimodalDownstreamModule()
-    assert [type(c) for c in module.configure_callbacks()] == [EmptyTrainingCheck]
+    assert [type(c) for c in module.configure_callbacks()] == [EmptyTrainingCheck, LoaderStateRestore]
 
 
 def test_batch_of_two_with_lars_warns_of_small_batch_and_divergence(tmp_path):

@@ -13,7 +13,7 @@ from lightning import Callback, LightningModule
 from torch import Tensor, nn
 
 from ..models.encoders import create_encoder
-from ..monitors import default_monitors
+from ..monitors import default_callbacks
 from ..weights import ModalitySelector, load_pretrained_encoder
 
 __all__ = ["MultimodalDownstreamModule", "total_training_steps"]
@@ -109,8 +109,8 @@ class MultimodalDownstreamModule(LightningModule):
         return [f"image_{name}" for name in self.modalities]
 
     def configure_callbacks(self) -> list[Callback]:
-        """Default monitors (an empty training split fails the fit); a Trainer callback of the same class wins."""
-        return default_monitors(self._trainer, ssl=False)
+        """Default callbacks (an empty training split fails the fit; exact mid-epoch resume); a Trainer callback of the same class wins."""
+        return default_callbacks(self._trainer, ssl=False)
 
 
 def total_training_steps(trainer: Any) -> int:

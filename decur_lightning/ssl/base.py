@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..augmentations import VIEW_KINDS, ViewPair, make_view_pair
 from ..models.encoders import create_encoder
-from ..monitors import default_monitors
+from ..monitors import default_callbacks
 from .optim import OptimizerName, build_optimizer, cosine_with_warmup
 
 NanPolicy = Literal["raise", "skip", "off"]
@@ -425,8 +425,8 @@ class MultimodalSSLModule(LightningModule):
         return [self.hparams[f"encoder{i + 1}"] for i in range(len(self.modalities))]
 
     def configure_callbacks(self) -> list[Callback]:
-        """Default monitors (:func:`decur_lightning.monitors.default_monitors`); a Trainer callback of the same class wins."""
-        return default_monitors(self._trainer)
+        """Default monitors and the resume fix (:func:`decur_lightning.monitors.default_callbacks`); a Trainer callback of the same class wins."""
+        return default_callbacks(self._trainer)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
