@@ -109,7 +109,10 @@ class MultimodalDownstreamModule(LightningModule):
         return [f"image_{name}" for name in self.modalities]
 
     def configure_callbacks(self) -> list[Callback]:
-        """Default callbacks (an empty training split fails the fit; exact mid-epoch resume); a Trainer callback of the same class wins."""
+        """Default callbacks: an empty training split fails the fit; exact mid-epoch resume.
+
+        See :func:`decur_lightning.monitors.default_callbacks`; a Trainer callback of the same class wins.
+        """
         return default_callbacks(self._trainer, ssl=False)
 
 

@@ -425,7 +425,10 @@ class MultimodalSSLModule(LightningModule):
         return [self.hparams[f"encoder{i + 1}"] for i in range(len(self.modalities))]
 
     def configure_callbacks(self) -> list[Callback]:
-        """Default monitors and the resume fix (:func:`decur_lightning.monitors.default_callbacks`); a Trainer callback of the same class wins."""
+        """Default monitors (empty training, small batch, divergence) and exact mid-epoch resume.
+
+        See :func:`decur_lightning.monitors.default_callbacks`; a Trainer callback of the same class wins.
+        """
         return default_callbacks(self._trainer)
 
     # ------------------------------------------------------------------ optimisation
