@@ -11,8 +11,9 @@ from matplotlib.figure import Figure
 from .analysis.alignment import alignment_histogram_figure, alignment_loss_per_dimension, collect_embeddings
 from .analysis.plotting import figure_to_array, save_figure
 from .analysis.tsne import dimension_tsne, dimension_tsne_figure
+from .monitors import DivergenceMonitor, EmptyTrainingCheck, LoaderStateRestore, SmallBatchWarning
 
-__all__ = ["AlignmentHistogram", "log_figure"]
+__all__ = ["AlignmentHistogram", "DivergenceMonitor", "EmptyTrainingCheck", "LoaderStateRestore", "SmallBatchWarning", "log_figure"]
 
 
 def log_figure(trainer: Trainer, tag: str, figure: Figure, step: int | None = None) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -44,16 +45,27 @@ def test_cli_accepts_short_class_names(tmp_path):
         "--model.encoder1=resnet18", "--model.encoder2=resnet18", "--model.in_channels1=2",
         "--model.in_channels2=4", "--model.modality1=sar", "--model.modality2=optical",
         "--model.projector_dims=[32,32]", "--data.num_train=32", "--data.num_val=16", "--data.batch_size=8",
-        "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
     ])
+    # the short names resolved to the package's classes, which trained one step
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["decur_lightning"]["method"] == "DeCURModule"
+    assert checkpoint["hyper_parameters"]["projector_dims"] == [32, 32]
+    assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == 8
+    assert checkpoint["global_step"] == 1
 
 
 def test_console_script_help_exits_zero():
-    script = shutil.which("decur")
-    assert script, "the `decur` console script is not installed: run pip install -e ."
-    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    """The `decur` script of this interpreter's environment (found without an activated venv, not
+    via PATH); where it is not installed there, the same entry point as `python -m decur_lightning.cli`."""
+    script = Path(sys.executable).parent / ("decur.exe" if os.name == "nt" else "decur")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "decur_lightning.cli"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "fit" in result.stdout
+    assert "fit" in result.stdout and "validate" in result.stdout
 
 
 def test_cli_rejects_unknown_argument():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import lightning as L
 import pytest
@@ -225,3 +227,101 @@ def test_pretraining_loader_order_depends_only_on_seed_and_epoch(tmp_path):
     assert order(0, 1) != order(0, 2)
     assert sorted(order(0, 2)) == list(range(10))
     assert order(0, 1) != order(1, 1)
+
+
+# ---------------------------------------------------------------- monitors (issue 16 items 1 and 3)
+def _monitored_fit(tmp_path, batch_size: int, callbacks=(), **model_kwargs) -> L.Trainer:
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, log_every_n_steps=1, callbacks=list(callbacks))
+    data = SyntheticMultimodalDataModule(num_train=4 * batch_size, num_val=4, batch_size=batch_size, size=32)
+    trainer.fit(tiny_decur(**model_kwargs), data)
+    return trainer
+
+
+def test_a_split_smaller_than_the_batch_fails_the_fit_with_both_sizes(tmp_path):
+    """drop_last with 6 samples and a batch of 8 trains nothing: an error, not a silent success."""
+    from decur_lightning.cli import main
+
+    with pytest.raises(ValueError, match=r"training split of 6 samples gives no batch at a batch size of 8 with drop_last"):
+        main([
+            "fit", "--model=DeCURModule", "--data=SyntheticMultimodalDataModule",
+            "--model.encoder1=resnet18", "--model.encoder2=resnet18", "--model.in_channels1=2",
+            "--model.in_channels2=4", "--model.modality1=sar", "--model.modality2=optical",
+            "--model.projector_dims=[32,32]", "--data.num_train=6", "--data.num_val=4", "--data.batch_size=8",
+            "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
+        ])
+
+
+def test_limit_train_batches_zero_is_not_an_error(tmp_path):
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_train_batches=0, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(tiny_decur(projector_dims=(32, 32)), SyntheticMultimodalDataModule(num_train=6, batch_size=8))
+    assert trainer.global_step == 0
+
+
+def test_downstream_modules_add_the_empty_training_check():
+    from decur_lightning.downstream.base import MultimodalDownstreamModule
+    from decur_lightning.monitors import EmptyTrainingCheck, LoaderStateRestore
+
+    module = MultimodalDownstreamModule()
+    assert [type(c) for c in module.configure_callbacks()] == [EmptyTrainingCheck, LoaderStateRestore]
+
+
+def test_batch_of_two_with_lars_warns_of_small_batch_and_divergence(tmp_path):
+    """The reported case: batch 2, LARS at the paper's learning rates; batch-norm weights explode."""
+    with pytest.warns(UserWarning) as record:
+        trainer = _monitored_fit(tmp_path, batch_size=2, projector_dims=(32, 32), optimizer="lars", lr=0.2, lr_bias=0.0048)
+    messages = [str(w.message) for w in record]
+    small = [m for m in messages if m.startswith("The global batch is 2")]
+    assert len(small) == 1 and "below 32" in small[0] and "1/sqrt(N) = 0.71" in small[0]
+    diverging = [m for m in messages if m.startswith("Parameters are diverging")]
+    assert len(diverging) == 1 and "(global batch 2)" in diverging[0]
+    named = re.findall(r"(\S+) x([\d.e+]+)", diverging[0].split("start of training ")[1].split(" (threshold")[0])
+    growths = [float(growth) for _, growth in named]
+    assert len(named) == 5 and all("bn" in name for name, _ in named)  # the batch-norm weights, worst first
+    assert growths == sorted(growths, reverse=True) and growths[0] > 10
+    from decur_lightning.monitors import DivergenceMonitor
+
+    monitor = next(c for c in trainer.callbacks if isinstance(c, DivergenceMonitor))
+    logged = float(trainer.callback_metrics["train/max_param_growth"])
+    assert logged > 10 and logged == pytest.approx(monitor.last_max_growth)  # 10-100 at step 4 (chaotic)
+    # the embedding-std collapse monitor stays quiet: it cannot see this
+    assert not any("Embedding collapse" in m for m in messages)
+
+
+def test_healthy_run_raises_no_monitor_warning(tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = _monitored_fit(tmp_path, batch_size=16, projector_dims=(32, 32), optimizer="adamw", lr=1e-4)
+    messages = [str(w.message) for w in record]
+    assert not any(m.startswith("Parameters are diverging") for m in messages), messages
+    # 16 is below the small-batch threshold of 32: that warning still fires, once
+    assert sum(m.startswith("The global batch is 16 (16 per device x 1 devices), below 32") for m in messages) == 1
+    assert 0.99 < float(trainer.callback_metrics["train/max_param_growth"]) < 1.01
+
+
+def test_a_trainer_monitor_replaces_the_default_one(tmp_path):
+    """DivergenceMonitor(max_growth=None) in the Trainer turns it off; no second default is added."""
+    from decur_lightning.monitors import DivergenceMonitor, SmallBatchWarning
+
+    mine = [DivergenceMonitor(max_growth=None), SmallBatchWarning(min_global_batch=None)]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = _monitored_fit(tmp_path, batch_size=2, callbacks=mine, projector_dims=(32, 32))
+    assert not any(str(w.message).startswith(("Parameters are diverging", "The global batch")) for w in record)
+    assert [c for c in trainer.callbacks if isinstance(c, (DivergenceMonitor, SmallBatchWarning))] == mine
+    assert "train/max_param_growth" not in trainer.callback_metrics
+
+
+def test_monitor_arguments_are_checked():
+    from decur_lightning.monitors import DivergenceMonitor, SmallBatchWarning
+
+    with pytest.raises(ValueError, match="max_growth must be a growth factor above 1"):
+        DivergenceMonitor(max_growth=0.5)
+    with pytest.raises(ValueError, match="every_n_steps must be a positive"):
+        DivergenceMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="min_global_batch must be at least 2"):
+        SmallBatchWarning(min_global_batch=1)

@@ -24,6 +24,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchgeo.datamodules import NonGeoDataModule
 
 from ..augmentations import VIEW_KINDS
@@ -189,12 +190,13 @@ class PretrainDataModule(NonGeoDataModule):
         """torchgeo's training loader (``drop_last``), shuffled per epoch from a fixed seed.
 
         The order depends only on the seed in force when the datamodule was built (set by
-        ``seed_everything``) and the epoch, so a run resumed from an epoch-end checkpoint reads
-        the data in the order of an uninterrupted run. Under a distributed strategy Lightning
-        swaps in its ``DistributedSampler``.
+        ``seed_everything``) and the epoch. The loader is torchdata's ``StatefulDataLoader``,
+        whose position Lightning saves in every checkpoint, so a run resumed from a checkpoint
+        taken at any step (also inside an epoch) reads the data in the order of an uninterrupted
+        run. Under a distributed strategy Lightning swaps in its ``DistributedSampler``.
         """
         dataset = self._valid_attribute("train_dataset", "dataset")
-        return DataLoader(
+        return StatefulDataLoader(
             dataset,
             batch_size=self._valid_attribute("train_batch_size", "batch_size"),
             sampler=EpochSeededRandomSampler(dataset, self.shuffle_seed),
@@ -206,10 +208,24 @@ class PretrainDataModule(NonGeoDataModule):
 
     @property
     def shuffle_seed(self) -> int:
-        """Seed of the training order, fixed at the first call (after ``seed_everything``)."""
+        """Seed of the training order, fixed at the first call (after ``seed_everything``).
+
+        Saved in checkpoints (:meth:`state_dict`), so a resumed run keeps the order of the run
+        it continues even under another global seed: a position restored inside an epoch would
+        otherwise point into a different permutation (samples seen twice or not at all).
+        """
         if not hasattr(self, "_shuffle_seed"):
             self._shuffle_seed = int(torch.initial_seed() % 2**31)
         return self._shuffle_seed
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training order's seed (Lightning stores it in checkpoints)."""
+        return {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the training order's seed from a checkpoint (before the loader is built)."""
+        if "shuffle_seed" in state_dict:
+            self._shuffle_seed = int(state_dict["shuffle_seed"])
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Return the batch unchanged: views are made by the LightningModule (B.1)."""

@@ -15,12 +15,12 @@ and of the band means, not of pixel positions, and survive crops and flips.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..augmentations import VIEW_KINDS
 from .samplers import EpochSeededRandomSampler
@@ -125,7 +125,9 @@ class SyntheticMultimodalDataModule(LightningDataModule):
 
     The three splits share the rendering (same "sensors") and draw disjoint samples. Training
     batches drop the last incomplete batch, since the loss needs batch statistics; the training
-    order depends only on ``seed`` and the epoch (exact resume).
+    order depends only on ``seed`` and the epoch, and the loaders are torchdata's
+    ``StatefulDataLoader``, so a run resumed from a checkpoint taken at any step (also inside an
+    epoch) sees the batches of an uninterrupted run.
 
     Args:
         modalities: the two modality names.
@@ -193,10 +195,11 @@ class SyntheticMultimodalDataModule(LightningDataModule):
                 "test": self._make(hp.num_test, 2),
             }
 
-    def _loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader[Any]:
+    def _loader(self, split: str, shuffle: bool, drop_last: bool) -> StatefulDataLoader:
         self.setup()
         dataset = self.datasets[split]
-        return DataLoader(
+        # A StatefulDataLoader: Lightning saves its position in checkpoints (exact mid-epoch resume).
+        return StatefulDataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=EpochSeededRandomSampler(dataset, self.hparams.seed) if shuffle else None,
@@ -204,14 +207,14 @@ class SyntheticMultimodalDataModule(LightningDataModule):
             num_workers=self.hparams.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader[Any]:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train", shuffle=True, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader[Any]:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader("val", shuffle=False, drop_last=False)
 
-    def test_dataloader(self) -> DataLoader[Any]:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader("test", shuffle=False, drop_last=False)
 
-    def predict_dataloader(self) -> DataLoader[Any]:
+    def predict_dataloader(self) -> StatefulDataLoader:
         return self._loader("test", shuffle=False, drop_last=False)

@@ -10,10 +10,11 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from torch import Tensor, nn
 
 from ..models.encoders import create_encoder, is_imagenet_source
+from ..monitors import default_callbacks
 from ..nonfinite import NonFiniteGuard, finite_flag
 from ..weights import ModalitySelector, load_pretrained_encoder
 
@@ -181,6 +182,13 @@ class MultimodalDownstreamModule(LightningModule):
 
     def _keys(self) -> list[str]:
         return [f"image_{name}" for name in self.modalities]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Default callbacks: an empty training split fails the fit; exact mid-epoch resume.
+
+        See :func:`decur_lightning.monitors.default_callbacks`; a Trainer callback of the same class wins.
+        """
+        return default_callbacks(self._trainer, ssl=False)
 
 
 def total_training_steps(trainer: Any) -> int:

@@ -13,12 +13,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..augmentations import RGB_KINDS, VIEW_KINDS, Asymmetry, ViewPair, make_view_pair
 from ..models.encoders import create_encoder
+from ..monitors import default_callbacks
 from ..nonfinite import NanPolicy, NonFiniteGuard, finite_flag
 from .optim import OptimizerName, build_optimizer, cosine_with_warmup
 
@@ -460,6 +461,13 @@ class MultimodalSSLModule(LightningModule):
 
     def _encoder_names(self) -> list[str]:
         return [self.hparams[f"encoder{i + 1}"] for i in range(len(self.modalities))]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Default monitors (empty training, small batch, divergence) and exact mid-epoch resume.
+
+        See :func:`decur_lightning.monitors.default_callbacks`; a Trainer callback of the same class wins.
+        """
+        return default_callbacks(self._trainer)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
