@@ -1,7 +1,7 @@
 """Training health of every paper pretraining config, shrunk (see tests/config_health.py).
 
-Prints, per ``examples/configs/pretrain_*.yaml``: the loss over the first and last three of
-``--steps`` optimiser steps (the config's optimiser, learning rates and schedule), the range of
+Prints, per ``examples/configs/pretrain_*.yaml``: the loss of a fixed probe batch (fixed views)
+before and after ``--steps`` optimiser steps, the training loss over the first and last three steps (the config's optimiser, learning rates and schedule), the range of
 the embedding standard deviation (about 1 healthy, towards 0 collapsed), and the parameter
 tensors whose norm grew most (``||p_end|| / max(||p_start||, 1)``).
 
@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="tensors with the largest norm growth to list")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print("| config | loss first 3 | loss last 3 | last/first | emb. std min-max | largest norm growth | s |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| config | probe loss before | after | train loss first 3 | last 3 | emb. std min-max | largest norm growth | s |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for config in pretrain_configs():
         if args.only not in config.name:
             continue
@@ -43,7 +43,8 @@ def main() -> None:
         low, high = min(report.embedding_stds), max(report.embedding_stds)
         growth = ", ".join(f"`{tensor}` {ratio:.2f}x" for tensor, ratio in worst)
         print(
-            f"| {config.name} | {first:.1f} | {last:.1f} | {last / first:.3f} | {low:.3f}-{high:.3f} | {growth} | {seconds:.0f} |",
+            f"| {config.name} | {report.probe_before:.2f} | {report.probe_after:.2f} | {first:.1f} | {last:.1f} "
+            f"| {low:.3f}-{high:.3f} | {growth} | {seconds:.0f} |",
             flush=True,
         )
 

@@ -161,10 +161,12 @@ class _SubsetOp(nn.Module):
         index = _selected(x.shape[0], self.p, x.device)
         if index.numel() == 0:
             return x
+        # .to(x.dtype): under autocast a convolution (the blur) returns the autocast dtype;
+        # views keep the dtype of their input.
         if index.numel() == x.shape[0]:
-            return self.apply(x).contiguous()
+            return self.apply(x).to(x.dtype).contiguous()
         out = x if self.inplace else x.clone()
-        out[index] = self.apply(x[index])
+        out[index] = self.apply(x[index]).to(x.dtype)
         return out
 
     def extra_repr(self) -> str:

@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import math
+
 import lightning as L
 import torch
 import yaml
+from torch.utils.data import default_collate
 
 from decur_lightning import DeCURModule
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
@@ -47,6 +50,11 @@ class HealthReport:
     """What a shrunk run did: losses, embedding stds and parameter-norm growth per tensor."""
 
     config: str
+    #: The loss of one fixed batch with fixed views (train-mode batch statistics, no update),
+    #: before and after the steps: the training losses themselves vary more from batch to
+    #: batch than 20 LARS steps change them.
+    probe_before: float = math.nan
+    probe_after: float = math.nan
     losses: list[float] = field(default_factory=list)
     embedding_stds: list[float] = field(default_factory=list)
     #: ``||p_end|| / max(||p_start||, 1)`` per parameter tensor (1 = no growth; zero-initialised
@@ -59,13 +67,27 @@ class HealthReport:
         return name, self.norm_growth[name]
 
 
+def probe_loss(module: DeCURModule, batch: dict[str, torch.Tensor], seed: int = 12345) -> float:
+    """The loss of ``batch`` with views drawn from ``seed``, in training mode, without an update."""
+    was_training = module.training
+    module.train()
+    with torch.no_grad():
+        views = module.make_views(batch, seed=seed)
+        per_modality = module.views_per_modality
+        embeddings = [module.embed(view, index // per_modality + 1) for index, view in enumerate(views)]
+        loss = float(module.compute_loss(*embeddings)["loss"])
+    module.train(was_training)
+    return loss
+
+
 class _Recorder(L.Callback):
-    def __init__(self, report: HealthReport, steps: int, modalities: tuple[str, str]) -> None:
-        self.report, self.steps, self.modalities = report, steps, modalities
+    def __init__(self, report: HealthReport, steps: int, modalities: tuple[str, str], probe: dict[str, torch.Tensor]) -> None:
+        self.report, self.steps, self.modalities, self.probe = report, steps, modalities, probe
         self.start: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.start = {name: p.detach().norm().clone() for name, p in module.named_parameters()}
+        self.report.probe_before = probe_loss(module, self.probe)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.report.losses.append(float(outputs["loss"]))
@@ -76,6 +98,7 @@ class _Recorder(L.Callback):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.report.probe_after = probe_loss(module, self.probe)
         for name, p in module.named_parameters():
             self.report.norm_growth[name] = float(p.detach().norm() / self.start[name].clamp(min=1.0))
 
@@ -120,6 +143,8 @@ def run_health_check(config: Path, steps: int = 20, schedule_steps: int = 200, b
         num_test=2,
         batch_size=batch_size,
     )
+    data.setup("fit")
+    probe = default_collate([data.datasets["train"][index] for index in range(batch_size)])
     report = HealthReport(config.name)
     trainer = L.Trainer(
         max_epochs=max(1, schedule_steps // steps),
@@ -131,7 +156,7 @@ def run_health_check(config: Path, steps: int = 20, schedule_steps: int = 200, b
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[_Recorder(report, steps, modalities)],
+        callbacks=[_Recorder(report, steps, modalities, probe)],
     )
     trainer.fit(module, data)
     return report

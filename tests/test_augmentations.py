@@ -272,3 +272,12 @@ def test_views_are_reproducible_under_a_seed():
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     assert not torch.equal(first[0], first[1])
+
+
+def test_views_keep_their_dtype_under_autocast():
+    """bf16 autocast (the CPU's mixed precision) must not break or retype the views."""
+    x = torch.rand(8, 13, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for kind in ("optical", "sar"):
+            for view in make_view_pair(kind, 24, asymmetry="symmetric")(x):
+                assert view.dtype == torch.float32 and view.shape == (8, 13, 24, 24)

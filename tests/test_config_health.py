@@ -2,13 +2,16 @@
 
 Each config is shrunk (``tests/config_health.py``) and trained with its own optimiser and
 schedule on synthetic data with its band counts and view kinds. Healthy means: every loss
-finite, the loss lower after the steps than at the start, the embedding standard deviation
+finite, the loss of a fixed probe batch (fixed views) lower after the steps than before (the
+training losses vary more from batch to batch than 20 LARS steps change them), the embedding
+standard deviation
 near 1 (no collapse), and no parameter tensor's norm grown by more than
 :data:`MAX_NORM_GROWTH` (``||p_end|| / max(||p_start||, 1)``).
 
-Measured (``python benchmarks/health.py``, 20 steps, batch 16): every config's largest growth
-is 1.00-1.01 (ResNet, ViT and MiT alike); the residual deformable attention with its former
-zero-initialised ``proj_out`` reached 25x in 10 steps. The bound 2 sits far from both.
+Measured (``python benchmarks/health.py``, 20 steps, batch 16; ``benchmarks/results/health.md``):
+every config's largest growth is 1.00-1.27 (ResNet, ViT and MiT alike; the largest is the
+offset-network bias of the "DA" ablation); the residual deformable attention with its former
+zero-initialised ``proj_out`` reached 25x in 10 steps. The bound 2 sits between them.
 The default run checks an RDA config (10 steps); ``-m slow`` runs every config for 20.
 """
 
@@ -27,8 +30,10 @@ HEALTHY_STD = (0.5, 1.5)
 
 def assert_healthy(report: HealthReport) -> None:
     assert all(math.isfinite(loss) for loss in report.losses), report.losses
-    first, last = sum(report.losses[:3]) / 3, sum(report.losses[-3:]) / 3
-    assert last < first, f"{report.config}: the loss did not fall ({first:.1f} -> {last:.1f})"
+    assert math.isfinite(report.probe_before) and math.isfinite(report.probe_after)
+    assert report.probe_after < report.probe_before, (
+        f"{report.config}: the probe loss did not fall ({report.probe_before:.2f} -> {report.probe_after:.2f})"
+    )
     low, high = min(report.embedding_stds), max(report.embedding_stds)
     assert HEALTHY_STD[0] < low and high < HEALTHY_STD[1], f"{report.config}: embedding std {low:.3f}-{high:.3f}"
     tensor, growth = report.worst_growth

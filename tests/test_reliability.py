@@ -230,9 +230,9 @@ def test_pretraining_loader_order_depends_only_on_seed_and_epoch(tmp_path):
 
 
 # ---------------------------------------------------------------- monitors (issue 16 items 1 and 3)
-def _monitored_fit(tmp_path, batch_size: int, callbacks=(), **model_kwargs) -> L.Trainer:
+def _monitored_fit(tmp_path, batch_size: int, callbacks=(), steps: int = 4, **model_kwargs) -> L.Trainer:
     L.seed_everything(0)
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path, log_every_n_steps=1, callbacks=list(callbacks))
     data = SyntheticMultimodalDataModule(num_train=4 * batch_size, num_val=4, batch_size=batch_size, size=32)
@@ -273,7 +273,9 @@ def test_downstream_modules_add_the_empty_training_check():
 def test_batch_of_two_with_lars_warns_of_small_batch_and_divergence(tmp_path):
     """The reported case: batch 2, LARS at the paper's learning rates; batch-norm weights explode."""
     with pytest.warns(UserWarning) as record:
-        trainer = _monitored_fit(tmp_path, batch_size=2, projector_dims=(32, 32), optimizer="lars", lr=0.2, lr_bias=0.0048)
+        trainer = _monitored_fit(
+            tmp_path, batch_size=2, steps=8, projector_dims=(32, 32), optimizer="lars", lr=0.2, lr_bias=0.0048
+        )
     messages = [str(w.message) for w in record]
     small = [m for m in messages if m.startswith("The global batch is 2")]
     assert len(small) == 1 and "below 32" in small[0] and "1/sqrt(N) = 0.71" in small[0]
@@ -287,7 +289,7 @@ def test_batch_of_two_with_lars_warns_of_small_batch_and_divergence(tmp_path):
 
     monitor = next(c for c in trainer.callbacks if isinstance(c, DivergenceMonitor))
     logged = float(trainer.callback_metrics["train/max_param_growth"])
-    assert logged > 10 and logged == pytest.approx(monitor.last_max_growth)  # 10-100 at step 4 (chaotic)
+    assert logged > 10 and logged == pytest.approx(monitor.last_max_growth)  # about 20 at step 8 (chaotic: 6-27 at step 4)
     # the embedding-std collapse monitor stays quiet: it cannot see this
     assert not any("Embedding collapse" in m for m in messages)
 
