@@ -302,3 +302,26 @@ def test_scenes_are_read_exactly_as_torchgeo_reads_them(root: Path) -> None:
             season = decode(image)[1]
             ours, times = dataset._read_scenes(split, [scenes[season]])
             assert torch.equal(ours, image) and times.tolist() == [reference["t"][chunk].item()]
+
+
+def test_distributed_loader_shards_one_permutation_and_keeps_the_epoch(root: Path) -> None:
+    """Under DDP each rank reads its shard of the seeded permutation, with the epoch attached
+    (Lightning keeps a DistributedSampler; it would replace a RandomSampler by one that drops it)."""
+    from types import SimpleNamespace
+
+    from decur_lightning.datamodules.samplers import EpochIndex, EpochSeededDistributedSampler
+
+    shards = []
+    for rank in (0, 1):
+        datamodule = SSL4EOS12MMDataModule(root, batch_size=1, season_per_view=True, normalize=False)
+        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        datamodule.setup("fit")
+        sampler = datamodule.train_dataloader().sampler
+        assert isinstance(sampler, EpochSeededDistributedSampler)
+        sampler.set_epoch(3)
+        indices = list(sampler)
+        assert all(isinstance(i, EpochIndex) and i.epoch == 3 for i in indices)
+        shards.append([int(i) for i in indices])
+    size = len(datamodule.train_dataset)
+    assert set(shards[0]) | set(shards[1]) == set(range(size))  # every location, padded to equal shards
+    assert len(shards[0]) == len(shards[1]) == -(-size // 2)

@@ -28,7 +28,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchgeo.datamodules import NonGeoDataModule
 
 from ..augmentations import VIEW_KINDS
-from .samplers import EpochIndex, EpochSeededRandomSampler
+from .samplers import EpochIndex, EpochSeededDistributedSampler, EpochSeededRandomSampler
 
 MODALITY_KINDS = VIEW_KINDS
 """Augmentation kinds understood by DeCURModule's per-modality view pipelines (Appendix B.1)."""
@@ -193,13 +193,24 @@ class PretrainDataModule(NonGeoDataModule):
         ``seed_everything``) and the epoch. The loader is torchdata's ``StatefulDataLoader``,
         whose position Lightning saves in every checkpoint, so a run resumed from a checkpoint
         taken at any step (also inside an epoch) reads the data in the order of an uninterrupted
-        run. Under a distributed strategy Lightning swaps in its ``DistributedSampler``.
+        run. Under a distributed strategy each rank reads its shard of the same permutation
+        (:class:`~decur_lightning.datamodules.samplers.EpochSeededDistributedSampler`, which
+        Lightning keeps, so epoch-indexed data sets still learn the epoch).
         """
         dataset = self._valid_attribute("train_dataset", "dataset")
+        trainer = self.trainer
+        world_size = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        sampler: EpochSeededRandomSampler | EpochSeededDistributedSampler
+        if world_size > 1:
+            sampler = EpochSeededDistributedSampler(
+                dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=True, seed=self.shuffle_seed  # type: ignore[union-attr]
+            )
+        else:
+            sampler = EpochSeededRandomSampler(dataset, self.shuffle_seed)
         return StatefulDataLoader(
             dataset,
             batch_size=self._valid_attribute("train_batch_size", "batch_size"),
-            sampler=EpochSeededRandomSampler(dataset, self.shuffle_seed),
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             drop_last=True,

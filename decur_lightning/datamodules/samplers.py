@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 
-__all__ = ["EpochIndex", "EpochSeededRandomSampler"]
+__all__ = ["EpochIndex", "EpochSeededDistributedSampler", "EpochSeededRandomSampler"]
 
 
 class EpochIndex(int):
@@ -38,8 +38,9 @@ class EpochSeededRandomSampler(RandomSampler):
 
     Lightning calls :meth:`set_epoch` at the start of every epoch, so a run resumed from an
     epoch-end checkpoint visits the data in exactly the order of an uninterrupted run. Under a
-    distributed strategy Lightning replaces it by its ``DistributedSampler`` (which is seeded
-    per epoch in the same way).
+    distributed strategy the pretraining datamodules use :class:`EpochSeededDistributedSampler`
+    instead (Lightning would replace this one by a plain ``DistributedSampler``, which yields
+    plain indices and so loses the epoch of epoch-indexed data sets).
 
     Epoch-indexed data sets: if ``data_source.epoch_indexed`` is true, the sampler yields
     :class:`EpochIndex` values (``int`` subclass, equal to the plain index) carrying the epoch, so
@@ -64,3 +65,18 @@ class EpochSeededRandomSampler(RandomSampler):
             yield from (EpochIndex(index, self.epoch) for index in order)
         else:
             yield from order
+
+
+class EpochSeededDistributedSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` (shuffled from ``seed + epoch``, one shard per rank) that
+    yields :class:`EpochIndex` values for epoch-indexed data sets, as
+    :class:`EpochSeededRandomSampler` does in one process. Lightning keeps a
+    ``DistributedSampler`` it finds in a loader, so the epoch reaches the data set under DDP too.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        indices = super().__iter__()
+        if getattr(self.dataset, "epoch_indexed", False):
+            yield from (EpochIndex(index, self.epoch) for index in indices)
+        else:
+            yield from indices
