@@ -132,6 +132,19 @@ class MultimodalDownstreamModule(LightningModule):
         """Training batches skipped under ``nan_policy="skip"``."""
         return self.nonfinite.skipped_batches
 
+    def _shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> Tensor | None:
+        """Loss, checks, logging and metrics of one batch (``None``: skipped under ``nan_policy="skip"``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _shared_step.")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "test", batch_idx)
+
     def inputs_are_finite(
         self, stage: str, batch_idx: int, batch: dict[str, Any], inputs: Sequence[Tensor], target_key: str
     ) -> bool:

@@ -205,15 +205,6 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
             self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True)
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train", batch_idx)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "test", batch_idx)
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Class probabilities of a batch."""
         return self.predict_proba(self(self.get_inputs(batch)))

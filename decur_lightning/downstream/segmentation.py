@@ -275,15 +275,6 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
             self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True)
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train", batch_idx)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "test", batch_idx)
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Predicted class per pixel ``(N, H, W)`` (over ``test_scales`` / ``test_flip``)."""
         return self.test_logits(self.get_inputs(batch)).argmax(dim=1)
