@@ -74,7 +74,8 @@ class MultimodalSSLModule(LightningModule):
             is the encoders' feature width (Fig. 3b ablation; the encoders must then have the
             same width).
         augmentation1, augmentation2: view pipeline per modality: a kind (``"optical"``,
-            ``"rgb"``, ``"aerial_rgb"``, ``"indoor_rgb"``, ``"sar"``, ``"dem"``, ``"hha"``, ``"generic"``), ``"auto"`` (the
+            ``"rgb"``, ``"aerial_rgb"``, ``"indoor_rgb"``, ``"sar"``, ``"dem"``, ``"hha"``,
+            ``"generic"``), ``"auto"`` (the
             datamodule's ``modality_kinds``, else the modality name if it is a kind, else
             ``"generic"``), a :class:`~decur_lightning.augmentations.ViewPair`, or any module
             applied twice.
