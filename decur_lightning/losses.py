@@ -7,6 +7,9 @@ Everything here is a pure function of embedding batches, usable without Lightnin
 - :class:`DeCURLoss`: an ``nn.Module`` around :func:`decur_loss` that gathers embeddings
   across ranks (with gradient) before standardising, so that a distributed run computes the
   loss of the global batch exactly.
+- :func:`multimodal_decur_loss`: eq. 6 generalised to ``M >= 2`` named modalities (one
+  intra-modal term per modality, a common and a unique term per pair of modalities); equals
+  :func:`decur_loss` for ``M = 2``.
 
 Two exact computations of every cross-correlation term are available:
 
@@ -28,7 +31,9 @@ run in float32, also inside ``torch.autocast``: a bf16 correlation matrix is off
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Union
 
 import torch
 import torch.distributed as dist
@@ -38,9 +43,11 @@ from torch import Tensor, nn
 __all__ = [
     "DeCURLoss",
     "DeCURLossTerms",
+    "MultimodalDeCURTerms",
     "barlow_twins_loss",
     "decur_loss",
     "gather_with_grad",
+    "multimodal_decur_loss",
     "standardize",
 ]
 
@@ -305,6 +312,201 @@ def _cheap_terms(
         _cheap_stats(z2a, zb[1], g2c + g2u, _gram(zb[1])),
     )
     return cross, intra
+
+
+Pair = tuple[str, str]
+CommonDims = Union[int, Mapping[Pair, int]]
+
+
+@dataclass(frozen=True)
+class MultimodalDeCURTerms:
+    """The terms of the DeCUR objective for ``M >= 2`` modalities, each a float32 scalar tensor.
+
+    With ``z_m', z_m''`` the two views' embeddings of modality ``m`` and ``C(a, b)`` the
+    cross-correlation of the batch-standardised embeddings,
+
+    ``total = sum_m L_BT(z_m', z_m'') + sum_{m<n} [L_com(C(z_m', z_n')[:Kc, :Kc])
+    + L_uni(C(z_m', z_n')[Kc:, Kc:])]``,
+
+    which is eq. 6 of the paper for ``M = 2``.
+
+    Attributes:
+        total: the sum of every term below.
+        intra: ``{m: L_BT(z_m', z_m'')}`` (eq. 4/5), only for modalities given a second view.
+        common: ``{(m, n): L_com}`` (eq. 2) for every pair ``m < n`` in the order of ``views``.
+        unique: ``{(m, n): L_uni}`` (eq. 3); zero for a pair with ``K_c = K``.
+        cross_diagonal: ``{(m, n): diag C(z_m', z_n')}``, the ``K`` on-diagonal entries (first
+            ``K_c`` common), as :attr:`DeCURLossTerms.cross_diagonal`.
+    """
+
+    total: Tensor
+    intra: dict[str, Tensor]
+    common: dict[Pair, Tensor]
+    unique: dict[Pair, Tensor]
+    cross_diagonal: dict[Pair, Tensor]
+
+    def terms(self) -> dict[str, Tensor]:
+        """Every scalar term under a flat name, for logging.
+
+        Keys: ``"total"``, ``"intra_<m>"``, ``"common_<m>_<n>"``, ``"unique_<m>_<n>"``.
+        """
+        flat = {"total": self.total}
+        flat.update({f"intra_{m}": v for m, v in self.intra.items()})
+        flat.update({f"common_{m}_{n}": v for (m, n), v in self.common.items()})
+        flat.update({f"unique_{m}_{n}": v for (m, n), v in self.unique.items()})
+        return flat
+
+
+def _check_views(views: Mapping[str, Sequence[Tensor | None]]) -> dict[str, tuple[Tensor, Tensor | None]]:
+    if not isinstance(views, Mapping):
+        raise TypeError(
+            "views must be a mapping modality name -> (view 1, view 2) embeddings, e.g. "
+            f"{{'s1': (z1a, z1b), 's2': (z2a, z2b)}}; got {type(views).__name__}."
+        )
+    if len(views) < 2:
+        raise ValueError(
+            f"multimodal_decur_loss needs at least 2 modalities; got {len(views)} ({list(views)}). "
+            "For one modality use barlow_twins_loss."
+        )
+    checked: dict[str, tuple[Tensor, Tensor | None]] = {}
+    for name, pair in views.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"Modality names must be non-empty strings; got {name!r}.")
+        if isinstance(pair, Tensor) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(
+                f"views[{name!r}] must be a pair (view 1, view 2) of embedding batches (view 2 may be "
+                f"None); got {type(pair).__name__}."
+            )
+        za, zb = pair
+        if not isinstance(za, Tensor) or not (zb is None or isinstance(zb, Tensor)):
+            raise TypeError(
+                f"views[{name!r}] must hold tensors (view 2 may be None); got "
+                f"({type(za).__name__}, {type(zb).__name__})."
+            )
+        checked[name] = (za, zb)
+    names = list(checked)
+    first = names[0]
+    for name in names:
+        za, zb = checked[name]
+        # Every view-1 batch against the first modality's: the cross terms need equal (N, K).
+        _check_pair(checked[first][0], za, (f"views[{first!r}][0]", f"views[{name!r}][0]"))
+        if zb is not None:
+            _check_pair(za, zb, (f"views[{name!r}][0]", f"views[{name!r}][1]"))
+    return checked
+
+
+def _check_common_dims(common_dims: CommonDims, pairs: list[Pair], k: int) -> dict[Pair, int]:
+    if isinstance(common_dims, Mapping):
+        missing = [p for p in pairs if p not in common_dims]
+        unknown = [p for p in common_dims if p not in pairs]
+        if missing or unknown:
+            raise ValueError(
+                "common_dims as a mapping needs one K_c for every pair (m, n) of modalities, m before n "
+                f"in the order of views: expected keys {pairs}; missing {missing}, unknown {unknown}."
+            )
+        per_pair = {p: common_dims[p] for p in pairs}
+    else:
+        per_pair = {p: common_dims for p in pairs}
+    for pair, kc in per_pair.items():
+        if isinstance(kc, bool) or not isinstance(kc, int):
+            raise TypeError(f"common_dims for pair {pair} must be an int; got {type(kc).__name__}.")
+        if not 0 < kc <= k:
+            raise ValueError(
+                f"common_dims for pair {pair} must satisfy 0 < common_dims <= K = {k} (the embedding "
+                f"size); got {kc}."
+            )
+    return per_pair
+
+
+def multimodal_decur_loss(
+    views: Mapping[str, Sequence[Tensor | None]],
+    common_dims: CommonDims,
+    lambd: float = DEFAULT_LAMBDA,
+    method: Method = "auto",
+) -> MultimodalDeCURTerms:
+    """The DeCUR objective for ``M >= 2`` named modalities (eq. 6 generalised over pairs).
+
+    ``L = sum_m L_BT(z_m', z_m'') + sum_{m<n} [L_com(C(z_m', z_n')[:Kc, :Kc])
+    + L_uni(C(z_m', z_n')[Kc:, Kc:])]`` with ``L_BT`` the Barlow Twins loss (eq. 4/5), ``L_com``
+    and ``L_uni`` eq. 2 and 3, and ``C`` the cross-correlation of the per-dimension standardised
+    embeddings (Algorithm 1). For ``M = 2`` every term equals :func:`decur_loss`'s.
+
+    With ``method="cheap"`` each modality's view-1 Gram matrices (of its common and unique column
+    blocks) are computed once and reused for all its ``M - 1`` pairs and its intra-modal term.
+    Everything runs in float32, also under ``torch.autocast``.
+
+    Args:
+        views: ordered mapping modality name -> ``(view 1, view 2)``, each ``(N, K)``; all the
+            same shape. View 2 may be ``None``: that modality then has no intra-modal term.
+            The order fixes the pairs ``(m, n)``, ``m`` before ``n``.
+        common_dims: ``K_c``, one int for every pair, or a mapping ``{(m, n): K_c}`` with one
+            entry per pair (keys in the order of ``views``); ``0 < K_c <= K``.
+        lambd: weight of every off-diagonal term (paper: 0.0051).
+        method: ``"dense"``, ``"cheap"`` or ``"auto"`` (cheap when ``N < K``; see the module
+            docstring); the same value and gradient up to float32 rounding.
+
+    Returns:
+        :class:`MultimodalDeCURTerms`; ``.terms()`` flattens it for logging.
+
+    Example:
+        >>> views = {m: (torch.randn(16, 64), torch.randn(16, 64)) for m in ("s1", "s2", "dem")}
+        >>> out = multimodal_decur_loss(views, common_dims=48)
+        >>> list(out.common)
+        [('s1', 's2'), ('s1', 'dem'), ('s2', 'dem')]
+        >>> list(out.terms())[:5]
+        ['total', 'intra_s1', 'intra_s2', 'intra_dem', 'common_s1_s2']
+    """
+    _check_method(method)
+    checked = _check_views(views)
+    names = list(checked)
+    pairs = [(m, n) for i, m in enumerate(names) for n in names[i + 1 :]]
+    n_samples, k = checked[names[0]][0].shape
+    per_pair = _check_common_dims(common_dims, pairs, k)
+    cheap = _use_cheap(method, n_samples, k)
+
+    with torch.autocast(device_type=checked[names[0]][0].device.type, enabled=False):
+        za = {m: standardize(v[0]) for m, v in checked.items()}
+        zb = {m: standardize(v[1]) for m, v in checked.items() if v[1] is not None}
+        zero = za[names[0]].new_zeros(())
+        # cheap: Gram matrices of the (common, unique) column blocks of each view-1 batch, one
+        # pair of N x N products per modality and distinct K_c, shared by all its pairs.
+        block_grams: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+
+        def grams(m: str, kc: int) -> tuple[Tensor, Tensor]:
+            if (m, kc) not in block_grams:
+                block_grams[(m, kc)] = (_gram(za[m][:, :kc]), _gram(za[m][:, kc:]))
+            return block_grams[(m, kc)]
+
+        common: dict[Pair, Tensor] = {}
+        unique: dict[Pair, Tensor] = {}
+        cross_diagonal: dict[Pair, Tensor] = {}
+        for m, n in pairs:
+            kc = per_pair[(m, n)]
+            if cheap:
+                (gmc, gmu), (gnc, gnu) = grams(m, kc), grams(n, kc)
+                cc = _cheap_stats(za[m][:, :kc], za[n][:, :kc], gmc, gnc)
+                cu = _cheap_stats(za[m][:, kc:], za[n][:, kc:], gmu, gnu)
+            else:
+                (cc, cu), _ = _dense_terms(za[m], za[n], None, kc)
+            common[(m, n)] = _redundancy_loss(cc.diag, cc.frob_sq, True, lambd)
+            unique[(m, n)] = _redundancy_loss(cu.diag, cu.frob_sq, False, lambd) if kc < k else zero
+            cross_diagonal[(m, n)] = torch.cat([cc.diag, cu.diag])
+
+        intra: dict[str, Tensor] = {}
+        for m in names:
+            if m not in zb:
+                continue
+            if cheap:
+                gc, gu = next(v for key, v in block_grams.items() if key[0] == m)
+                stats = _cheap_stats(za[m], zb[m], gc + gu, _gram(zb[m]))
+            else:
+                stats = _dense_stats(za[m], zb[m])
+            intra[m] = _redundancy_loss(stats.diag, stats.frob_sq, True, lambd)
+
+        total = zero
+        for term in (*intra.values(), *common.values(), *unique.values()):
+            total = total + term
+        return MultimodalDeCURTerms(total, intra, common, unique, cross_diagonal)
 
 
 def gather_with_grad(z: Tensor) -> Tensor:
