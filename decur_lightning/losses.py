@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Union
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -315,7 +315,7 @@ def _cheap_terms(
 
 
 Pair = tuple[str, str]
-CommonDims = Union[int, Mapping[Pair, int]]
+CommonDims = int | Mapping[Pair, int]
 
 
 @dataclass(frozen=True)

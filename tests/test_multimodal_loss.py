@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from decur_lightning import losses
-from decur_lightning.losses import MultimodalDeCURTerms, decur_loss, multimodal_decur_loss
+from decur_lightning.losses import (
+    MultimodalDeCURTerms,
+    decur_loss,
+    multimodal_decur_loss,
+)
 
 NAMES = ("s1", "s2", "dem", "rgb")
 
