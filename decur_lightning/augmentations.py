@@ -450,9 +450,10 @@ def make_view_augmentation(
 
 
 class ViewPair(nn.Module):
-    """Two view pipelines of one modality; ``forward(x)`` returns ``(view1, view2)``.
+    """Two view pipelines of one modality; ``forward(x)`` returns ``(view1(x), view2(x))``.
 
-    Runs under ``torch.no_grad``: views are inputs, not part of the graph.
+    ``forward(x, second)`` makes view 2 from ``second`` instead (e.g. another season of the same
+    location). Runs under ``torch.no_grad``: views are inputs, not part of the graph.
     """
 
     def __init__(self, view1: nn.Module, view2: nn.Module) -> None:
@@ -461,8 +462,8 @@ class ViewPair(nn.Module):
         self.view2 = view2
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.view1(x), self.view2(x)
+    def forward(self, x: Tensor, second: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.view1(x), self.view2(x if second is None else second)
 
 
 def make_view_pair(

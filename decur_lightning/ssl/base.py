@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -268,12 +268,10 @@ class MultimodalSSLModule(LightningModule):
         if self._views is None:
             self._views = self._build_views(inputs)
         second = second if second is not None else [None] * len(inputs)
-        with torch.random.fork_rng(devices=[], enabled=seed is not None), torch.no_grad():
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            views = [
-                (pair.view1(x), pair.view2(x if x2 is None else x2)) for pair, x, x2 in zip(self._views, inputs, second)
-            ]
+            views = [pair(x, x2) for pair, x, x2 in zip(self._views, inputs, second)]
         return [v[: self.views_per_modality] for v in views]
 
     def get_second_sources(self, batch: dict[str, Tensor], inputs: Sequence[Tensor]) -> list[Tensor | None]:
