@@ -95,11 +95,12 @@ class MultimodalDownstreamModule(LightningModule):
     def _make_encoder(self, index: int) -> nn.Module:
         hp = self.hparams
         weights = hp[f"weights{index}"]
-        extra = dict(hp.get("encoder_kwargs") or {})
-        if is_imagenet_source(weights):
-            return create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"], weights=weights, **extra)
-        encoder = create_encoder(hp[f"encoder{index}"], hp[f"in_channels{index}"], **extra)
-        if weights is not None:
+        # ImageNet weights are built in by create_encoder; other sources need the modality selector.
+        imagenet = is_imagenet_source(weights)
+        encoder = create_encoder(
+            hp[f"encoder{index}"], hp[f"in_channels{index}"], weights if imagenet else None, **(hp.get("encoder_kwargs") or {})
+        )
+        if weights is not None and not imagenet:
             selector: ModalitySelector = hp[f"weights_modality{index}"]
             if selector is None:
                 selector = hp[f"modality{index}"]
