@@ -106,6 +106,16 @@ def test_imagenet_weights_load_with_the_first_convolution_adapted(name, tmp_path
             assert own.norm() < 0.2 * getattr(fresh, block).proj_q.weight.norm()  # gain 0.1 x default init
 
 
+def test_imagenet_weights_with_rda_switches(tmp_path):
+    """The rda_* switches configure the attention blocks and are not passed on to timm's trunk."""
+    path, imagenet, _ = _imagenet_file("resnet18_rda", tmp_path)
+    encoder = create_encoder(
+        "resnet18_rda", 2, weights=f"imagenet:{path}", rda_residual=False, rda_reference_points="dat"
+    )
+    assert not encoder.da_l3.residual and encoder.da_l4.reference_points == "dat"
+    torch.testing.assert_close(encoder.layer4[0].conv1.weight, imagenet["layer4.0.conv1.weight"], rtol=0, atol=0)
+
+
 def test_imagenet_weights_in_modules(tmp_path):
     path, imagenet, _ = _imagenet_file("resnet18", tmp_path)
     model = MultimodalClassificationModule("resnet18", "resnet18", in_channels1=2, in_channels2=13,

@@ -105,7 +105,7 @@ def create_encoder(
       with ``timm.create_model(name, pretrained=True)`` (timm's default tag of the name, from
       the Hugging Face hub, e.g. ``timm/resnet50.a1_in1k``; name a tag to choose others:
       ``"resnet50.tv_in1k"`` is the torchvision ResNet-50 the authors started from);
-      ``*_rda``: the same for the ResNet trunk, the attention blocks keep their identity
+      ``*_rda``: the same for the ResNet trunk, the attention blocks keep their own (small)
       initialisation; ``mit_b*``: the official ImageNet MiT weights from smp's hub repository
       (``smp-hub/mit_b2.imagenet``, the SegFormer ``mit_b2.pth`` weights). Files are cached
       (``HF_HOME``); with ``HF_HUB_OFFLINE=1`` only the cache is read.
@@ -183,10 +183,11 @@ def _create_imagenet_encoder(name: str, in_channels: int, file: Path | None, **k
         if not timm.is_model(trunk_name):
             raise _unknown_encoder(name)
         model = ResNetRDA(trunk_name, in_channels=in_channels, **kwargs)
-        timm_kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+        # img_size and the rda_* switches are ResNetRDA's own; the rest goes to the timm trunk.
+        timm_kwargs = {k: v for k, v in kwargs.items() if k != "img_size" and not k.startswith("rda_")}
         trunk = _timm_imagenet(trunk_name, in_channels, file, **timm_kwargs)
-        with warnings.catch_warnings():  # "trunk-only weights: attention blocks stay identity" is intended here
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # loading trunk-only weights is the intent here
+            warnings.filterwarnings("ignore", message="Loaded trunk-only")
             model.load_pretrained_state_dict(trunk.state_dict())
         return model
     if name.startswith("vit_"):
