@@ -14,11 +14,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .modalities import Modality
+from .modalities import Modality, datamodule_modalities, modalities_to_hparams, resolve_modalities
 from .models.encoders import create_encoder, is_imagenet_source
 from .weights import load_pretrained_encoder
 
-__all__ = ["EncoderSet", "FrozenBatchNorm"]
+__all__ = ["EncoderSet", "FrozenBatchNorm", "NamedModalitiesMixin"]
 
 #: Batch-norm behaviour of frozen encoders in training steps: ``"eval"`` (running statistics
 #: fixed, the standard protocol) or ``"train"`` (statistics adapt to the new data, as the
@@ -203,3 +203,61 @@ class EncoderSet(nn.ModuleDict):
                         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                             layer.train()
         return self
+
+
+class NamedModalitiesMixin:
+    """LightningModule mixin: the module's :class:`EncoderSet`, from ``hparams.modalities``.
+
+    The module's hyper-parameters hold ``modalities`` (:data:`~decur_lightning.modalities.ModalitiesArg`),
+    ``encoder`` (the default encoder name) and ``encoder_kwargs``. When every modality's band
+    count is given, the encoders are built at once (:meth:`build_modalities` from ``__init__``);
+    otherwise at the start of ``fit`` / ``validate`` / ``test`` / ``predict``
+    (:meth:`configure_model`), from the datamodule's
+    :attr:`modality_specs`. Either way the resolved descriptions replace ``hparams.modalities``,
+    so checkpoints rebuild the same module with ``load_from_checkpoint``. Subclasses build what
+    sits on the encoders (projectors, heads, the loss) in :meth:`configure_heads`.
+    """
+
+    encoders: EncoderSet
+
+    def build_modalities(self, *, channels_last: bool = False, compile: bool = False) -> None:
+        """Build the encoders now if the hyper-parameters describe every modality; else at fit start."""
+        self._encoder_options = {"channels_last": channels_last, "compile": compile}
+        hp = self.hparams  # type: ignore[attr-defined]
+        complete = isinstance(hp.modalities, Mapping) and all(
+            spec.bands is not None for spec in resolve_modalities(hp.modalities, None, hp.encoder, need_bands=False).values()
+        )
+        if complete:
+            self._build_encoders(resolve_modalities(hp.modalities, None, hp.encoder))
+
+    @property
+    def built(self) -> bool:
+        """Whether the encoders exist (else they are built at the start of the fit)."""
+        return "encoders" in getattr(self, "_modules", {})
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modality names in order."""
+        if not self.built:
+            raise RuntimeError(
+                f"{type(self).__name__} builds its encoders at the start of the fit, from the datamodule's modalities. "
+                "To use it before, give every modality's band count: modalities={'<name>': {'bands': C}, ...}."
+            )
+        return self.encoders.names
+
+    def configure_model(self) -> None:
+        """Build the encoders from the datamodule's modality descriptions (or check them against it)."""
+        trainer = getattr(self, "_trainer", None)
+        data = datamodule_modalities(getattr(trainer, "datamodule", None) if trainer is not None else None)
+        hp = self.hparams  # type: ignore[attr-defined]
+        specs = resolve_modalities(hp.modalities, data, hp.encoder)
+        if not self.built:
+            self._build_encoders(specs)
+
+    def _build_encoders(self, specs: Mapping[str, Modality]) -> None:
+        self.hparams["modalities"] = modalities_to_hparams(specs)  # type: ignore[attr-defined]
+        self.encoders = EncoderSet(specs, self.hparams.encoder_kwargs, **self._encoder_options)  # type: ignore[attr-defined]
+        self.configure_heads()
+
+    def configure_heads(self) -> None:
+        """Build what sits on the encoders (called once, right after they are built)."""
