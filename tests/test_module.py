@@ -10,7 +10,7 @@ from lightly.utils.lars import LARS
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 from decur_lightning.ssl import resolve_common_dims
 from decur_lightning.ssl.base import build_projector
-from decur_lightning.ssl.optim import cosine_with_warmup
+from decur_lightning.optim import warmup_schedule
 
 from helpers import tiny_batch, tiny_decur
 
@@ -143,7 +143,7 @@ def test_lars_groups_exclude_biases_and_norms(tmp_path):
 
 def test_adamw_option():
     model = tiny_decur(optimizer="adamw", lr=1e-4, weight_decay=0.05)
-    from decur_lightning.ssl.optim import build_optimizer
+    from decur_lightning.optim import build_optimizer
 
     opt = build_optimizer([model.encoder1], "adamw", lr=1e-4, weight_decay=0.05)
     assert isinstance(opt, torch.optim.AdamW)
@@ -151,12 +151,12 @@ def test_adamw_option():
 
 
 def test_cosine_schedule_with_warmup():
-    f = cosine_with_warmup(total_steps=100, warmup_steps=10)
+    f = warmup_schedule(100, 10, "cosine")
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5)
     assert f(100) == pytest.approx(0.0, abs=1e-12)
-    g = cosine_with_warmup(total_steps=10)
+    g = warmup_schedule(10, 0, "cosine")
     assert g(0) == pytest.approx(1.0) and g(5) == pytest.approx(0.5)
 
 

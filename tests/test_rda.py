@@ -14,7 +14,7 @@ from decur_lightning.losses import barlow_twins_loss
 from decur_lightning.models import create_encoder
 from decur_lightning.models.rda import ResidualDeformableAttention
 from decur_lightning.ssl.base import build_projector
-from decur_lightning.ssl.optim import build_optimizer
+from decur_lightning.optim import build_optimizer
 
 from helpers import tiny_decur
 

@@ -12,7 +12,7 @@ import torch
 
 from decur_lightning import DeCURModule
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
-from decur_lightning.ssl.optim import split_decay_parameters
+from decur_lightning.optim import split_decay_parameters
 
 from helpers import tiny_batch, tiny_decur
 

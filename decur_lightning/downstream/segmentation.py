@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from ..models.encoders import encoder_feature_channels, encoder_feature_maps, encoder_feature_strides
 from ..models.mit import MiTEncoder
 from ..nonfinite import NanPolicy
-from ..ssl.optim import build_optimizer
+from ..optim import build_optimizer
 from .base import FrozenBatchNorm, MultimodalDownstreamModule, total_training_steps
 from .cmx import CMXFusion
 from .heads import FCNHead

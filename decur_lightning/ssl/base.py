@@ -21,7 +21,7 @@ from ..augmentations import RGB_KINDS, VIEW_KINDS, Asymmetry, ViewPair, make_vie
 from ..models.encoders import create_encoder
 from ..monitors import default_callbacks
 from ..nonfinite import NanPolicy, NonFiniteGuard, finite_flag
-from .optim import OptimizerName, build_optimizer, cosine_with_warmup
+from ..optim import OptimizerName, build_optimizer, warmup_schedule
 
 __all__ = ["MultimodalSSLModule", "build_projector"]
 
@@ -482,7 +482,7 @@ class MultimodalSSLModule(LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup_steps = int(round(hp.warmup_epochs * total_steps / epochs))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(total_steps, warmup_steps, "cosine"))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..augmentations import Asymmetry
 from ..losses import DEFAULT_LAMBDA, DeCURLoss, Method, Weighting
 from .base import MultimodalSSLModule, NanPolicy
-from .optim import OptimizerName
+from ..optim import OptimizerName
 
 __all__ = ["DeCURModule", "resolve_common_dims"]
 
