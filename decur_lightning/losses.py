@@ -32,7 +32,7 @@ run in float32, also inside ``torch.autocast``: a bf16 correlation matrix is off
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -525,67 +525,72 @@ def gather_with_grad(z: Tensor) -> Tensor:
 
 
 class DeCURLoss(nn.Module):
-    """DeCUR objective (eq. 6) as a module, exact under any world size.
+    """The DeCUR objective for ``M >= 2`` named modalities as a module, exact under any world size.
 
-    With ``gather_distributed=True`` the four embedding batches are gathered with gradient
-    across ranks before standardisation, so with ``W`` ranks each holding ``N / W`` samples the
-    loss equals the single-process loss on the global batch of ``N``, and the gradient that DDP
-    applies equals the single-process gradient. (Reducing ``C`` across ranks instead, as Barlow
-    Twins' and the authors' code do, standardises per rank and changes the loss.)
+    Computes :func:`multimodal_decur_loss` (eq. 6 for two modalities, summed over every pair of
+    modalities for more). With ``gather_distributed=True`` every embedding batch is gathered
+    with gradient across ranks before standardisation, so with ``W`` ranks each holding
+    ``N / W`` samples the loss equals the single-process loss on the global batch of ``N``, and
+    the gradient that DDP applies equals the single-process gradient. (Reducing ``C`` across
+    ranks instead, as Barlow Twins' and the authors' code do, standardises per rank and changes
+    the loss.)
 
     Args:
-        common_dims: number of common dimensions ``K_c`` (``0 < K_c <= K``).
-        lambd: weight of every off-diagonal term; per-term weights as in :func:`decur_loss`.
+        common_dims: ``K_c``, one int for every pair, or ``{(m, n): K_c}`` per pair.
+        lambd: weight of every off-diagonal term (0.0051).
         method: ``"auto"``, ``"dense"`` or ``"cheap"``.
-        intra, weighting: see :func:`decur_loss`.
+        weighting: ``"paper"`` (eq. 6, the sum of the terms) or ``"authors"`` (two modalities
+            only: the released code's ``(L_M1 + L_M2 + (L_com + L_uni) / 2) / 3``).
         gather_distributed: gather embeddings across ranks (default on).
 
     Example:
         >>> criterion = DeCURLoss(common_dims=6)
-        >>> z1a, z1b, z2a, z2b = (torch.randn(8, 8, requires_grad=True) for _ in range(4))
-        >>> terms = criterion(z1a, z1b, z2a, z2b)
+        >>> views = {m: (torch.randn(8, 8, requires_grad=True), torch.randn(8, 8)) for m in ("s1", "s2", "dem")}
+        >>> terms = criterion(views)
         >>> terms.total.backward()
+        >>> sorted(terms.intra)
+        ['dem', 's1', 's2']
     """
 
     def __init__(
         self,
-        common_dims: int,
+        common_dims: CommonDims,
         lambd: float = DEFAULT_LAMBDA,
         *,
-        lambd_intra1: float | None = None,
-        lambd_intra2: float | None = None,
-        lambd_common: float | None = None,
-        lambd_unique: float | None = None,
         method: Method = "auto",
-        intra: bool = True,
         weighting: Weighting = "paper",
         gather_distributed: bool = True,
     ) -> None:
         super().__init__()
         _check_method(method)
-        if common_dims <= 0:
+        if weighting not in ("paper", "authors"):
+            raise ValueError(f"weighting must be 'paper' or 'authors', got {weighting!r}.")
+        values = common_dims.values() if isinstance(common_dims, Mapping) else [common_dims]
+        if any(int(v) <= 0 for v in values):
             raise ValueError(f"common_dims must be positive, got {common_dims}.")
         self.common_dims = common_dims
         self.lambd = lambd
-        self.lambdas = {
-            "lambd_intra1": lambd_intra1,
-            "lambd_intra2": lambd_intra2,
-            "lambd_common": lambd_common,
-            "lambd_unique": lambd_unique,
-        }
         self.method: Method = method
-        self.intra = intra
         self.weighting: Weighting = weighting
         self.gather_distributed = gather_distributed
 
-    def forward(self, z1a: Tensor, z1b: Tensor | None, z2a: Tensor, z2b: Tensor | None) -> DeCURLossTerms:
-        """Compute :class:`DeCURLossTerms` of the (global) batch."""
+    def forward(self, views: Mapping[str, Sequence[Tensor | None]]) -> MultimodalDeCURTerms:
+        """:class:`MultimodalDeCURTerms` of the (global) batch from ``{name: (view 1, view 2 or None)}``."""
         if self.gather_distributed:
-            z1a, z1b, z2a, z2b = (None if z is None else gather_with_grad(z) for z in (z1a, z1b, z2a, z2b))
-        return decur_loss(
-            z1a, z1b, z2a, z2b, self.common_dims, self.lambd, method=self.method,
-            intra=self.intra, weighting=self.weighting, **self.lambdas,
-        )
+            views = {
+                name: tuple(None if z is None else gather_with_grad(z) for z in pair) for name, pair in views.items()
+            }
+        terms = multimodal_decur_loss(views, self.common_dims, self.lambd, self.method)
+        if self.weighting == "paper":
+            return terms
+        if len(views) != 2:
+            raise ValueError(
+                f"weighting='authors' reproduces the released two-modality code; got {len(views)} modalities. "
+                "Use weighting='paper'."
+            )
+        intra = sum(terms.intra.values(), terms.total.new_zeros(()))
+        cross = sum(terms.common.values(), intra.new_zeros(())) + sum(terms.unique.values(), intra.new_zeros(()))
+        return replace(terms, total=(intra + cross / 2) / 3)
 
     def extra_repr(self) -> str:
-        return f"common_dims={self.common_dims}, lambd={self.lambd}, method={self.method!r}"
+        return f"common_dims={self.common_dims}, lambd={self.lambd}, method={self.method!r}, weighting={self.weighting!r}"

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 __all__ = [
+    "CollapseMonitor",
     "DivergenceMonitor",
     "EmptyTrainingCheck",
     "LoaderStateRestore",
@@ -227,6 +228,42 @@ class DivergenceMonitor(Callback):
         self.warned = bool(state_dict.get("warned", False))
 
 
+class CollapseMonitor(Callback):
+    """Warn once when a modality's embeddings collapse (SSL modules).
+
+    Every ``log_every_n_steps`` training steps it reads the module's ``embedding_stds`` (the
+    last step's :func:`~decur_lightning.ssl.base.embedding_std` per modality: about 1 when the
+    embeddings are spread, 0 when they collapse to a point) and warns the first time one falls
+    below ``threshold``. Reading them costs one host synchronisation per check.
+
+    Args:
+        threshold: the warning level (0.1); ``None`` turns the monitor off.
+    """
+
+    def __init__(self, threshold: float | None = 0.1) -> None:
+        self.threshold = threshold
+        self.warned = False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stds = getattr(pl_module, "embedding_stds", None)
+        if self.threshold is None or self.warned or not stds:
+            return
+        if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+            return
+        values = dict(zip(stds, torch.stack([s.detach().float() for s in stds.values()]).tolist()))
+        low = {name: v for name, v in values.items() if v < self.threshold}
+        if low:
+            self.warned = True
+            detail = ", ".join(f"'{name}': {v:.3f}" for name, v in low.items())
+            rank_zero_warn(
+                f"Embedding collapse at step {trainer.global_step}: embedding std {detail} is below "
+                f"{self.threshold} (about 1 when healthy). Likely causes: a learning rate too high for the batch "
+                "size, too few unique or common dimensions, or views that are too easy (check the augmentations)."
+            )
+
+
 class LoaderStateRestore(Callback):
     """Restore the training loaders' position from the checkpoint (exact mid-epoch resume).
 
@@ -263,12 +300,12 @@ def default_callbacks(trainer: Trainer | None, ssl: bool = True) -> list[Callbac
     """The callbacks a module adds to a fit (``configure_callbacks``).
 
     All modules get :class:`EmptyTrainingCheck` and :class:`LoaderStateRestore`; SSL modules also
-    :class:`SmallBatchWarning` and :class:`DivergenceMonitor`. A callback whose class is already
+    :class:`SmallBatchWarning`, :class:`DivergenceMonitor` and :class:`CollapseMonitor`. A callback whose class is already
     among the Trainer's callbacks is left out, so the user's instance (with its thresholds, or
     turned off) is kept.
     """
     callbacks: list[Callback] = [EmptyTrainingCheck(), LoaderStateRestore()]
     if ssl:
-        callbacks += [SmallBatchWarning(), DivergenceMonitor()]
+        callbacks += [SmallBatchWarning(), DivergenceMonitor(), CollapseMonitor()]
     present = trainer.callbacks if trainer is not None else []
     return [callback for callback in callbacks if not any(isinstance(c, type(callback)) for c in present)]

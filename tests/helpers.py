@@ -12,12 +12,8 @@ from decur_lightning import DeCURModule
 def tiny_decur(**overrides: Any) -> DeCURModule:
     """A resnet18 DeCURModule with a 64-wide projector on 2-band 'sar' + 4-band 'optical'."""
     kwargs: dict[str, Any] = dict(
-        encoder1="resnet18",
-        encoder2="resnet18",
-        in_channels1=2,
-        in_channels2=4,
-        modality1="sar",
-        modality2="optical",
+        modalities={"sar": 2, "optical": 4},
+        encoder="resnet18",
         projector_dims=(64, 64),
         common_ratio=0.75,
         crop_size=32,

@@ -7,7 +7,7 @@ baseline) only defines :meth:`MultimodalSSLModule.compute_loss`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ from lightning import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..augmentations import RGB_KINDS, VIEW_KINDS, Asymmetry, ViewPair, make_view_pair
-from ..models.encoders import create_encoder
+from ..augmentations import RGB_KINDS, Asymmetry, ViewPair, make_view_pair
+from ..encoder_set import NamedModalitiesMixin
+from ..modalities import ModalitiesArg, Modality
 from ..monitors import default_callbacks
 from ..nonfinite import NanPolicy, NonFiniteGuard, finite_flag
 from ..optim import OptimizerName, build_optimizer, warmup_schedule
@@ -49,39 +50,44 @@ def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Module:
     return ProjectionHead(blocks)
 
 
-class MultimodalSSLModule(LightningModule):
-    """Modality-specific encoders and projectors trained on augmented views.
+class MultimodalSSLModule(NamedModalitiesMixin, LightningModule):
+    """Modality-specific encoders and projectors trained on augmented views, for ``M`` named modalities.
 
-    A batch is a dict with ``image_<modality1>`` and ``image_<modality2>`` tensors
-    ``(N, C, H, W)`` in [0, 1]. In each step, :attr:`views_per_modality` views per modality are
-    made on the device under ``no_grad`` (:mod:`decur_lightning.augmentations`), each view goes
-    through its modality's encoder and projector (separate passes, as Algorithm 1), and the
-    method's :meth:`compute_loss` turns the embedding batches (modality-major order:
-    ``z1a, z1b, z2a, z2b`` for two views) into a dict of scalar terms with the key ``"loss"``.
-    A method is a subclass that defines :meth:`compute_loss` (and, if it needs them,
-    :attr:`views_per_modality` and :attr:`two_modalities_required`).
+    A batch is a dict with one ``image_<name>`` tensor ``(N, C, H, W)`` in [0, 1] per modality.
+    In each step :attr:`views_per_modality` views per modality are made on the device under
+    ``no_grad`` (:mod:`decur_lightning.augmentations`), each view goes through its modality's
+    encoder and projector (separate passes, as Algorithm 1), and the method's
+    :meth:`compute_loss` turns the embeddings ``{name: [z', z'']}`` into a dict of scalar terms
+    with the key ``"loss"``. A method is a subclass that defines :meth:`compute_loss` (and, if it
+    needs them, :attr:`views_per_modality`, :attr:`min_modalities`, :attr:`max_modalities`).
+
+    The modalities are described once (:class:`~decur_lightning.modalities.Modality`): by the
+    datamodule (band counts, band names, view kinds: its ``modality_specs``) and, where the
+    module needs more, by ``modalities`` (encoder, weights). Without band counts the encoders
+    are built at the start of the fit from the datamodule, so ``Trainer.fit(DeCURModule(),
+    datamodule)`` is a complete call.
 
     Args:
-        encoder1, encoder2: encoder names (timm names, or see
+        modalities: which modalities and what to build for each (``None``: every modality of
+            the datamodule, in its order; a list of names; or a mapping name ->
+            :class:`~decur_lightning.modalities.Modality` / dict of its fields, e.g.
+            ``{"s1": {"weights": "imagenet"}, "s2": {"encoder": "resnet50_rda"}}``). The first
+            modality is the paper's modality 1.
+        encoder: encoder of every modality that names none (timm names, or see
             :func:`decur_lightning.models.create_encoder`).
-        in_channels1, in_channels2: band counts of the two modalities.
-        modality1, modality2: modality names; the batch keys are ``image_<name>``. Single-modal
-            methods take ``modality2=None`` (no second encoder is built).
-        weights1, weights2: optional pretrained encoder weights (path, torchgeo weight enum
-            or its name).
         projector_dims: widths of the projector layers; the last is the embedding size ``K``.
             Empty (``[]``) means no projector: the loss acts on the encoder features, and ``K``
             is the encoders' feature width (Fig. 3b ablation; the encoders must then have the
             same width).
-        augmentation1, augmentation2: view pipeline per modality: a kind (``"optical"``,
-            ``"rgb"``, ``"aerial_rgb"``, ``"indoor_rgb"``, ``"sar"``, ``"dem"``, ``"hha"``,
-            ``"generic"``), ``"auto"`` (the
-            datamodule's ``modality_kinds``, else the modality name if it is a kind, else
-            ``"generic"``), a :class:`~decur_lightning.augmentations.ViewPair`, or any module
-            applied twice.
         crop_size: side of the views in pixels (the paper: 224 from 264 px images); ``None``
             keeps the input size.
         crop_scale: area range of the random resized crop.
+        view_asymmetry: ``"byol"`` (default; the paper follows BYOL: blur p=1.0 / 0.1 and
+            solarize p=0 / 0.2 for views 1 / 2) or ``"symmetric"`` (the released code: blur
+            p=0.5 and solarize p=0.2 on both views).
+        views: custom view pipelines by modality name (a
+            :class:`~decur_lightning.augmentations.ViewPair`, or any module applied for each
+            view) instead of the pipeline of the modality's view kind. Not saved in checkpoints.
         optimizer: ``"lars"`` (paper, ResNets) or ``"adamw"`` (paper, MiT/ViT with lr 1e-4).
         lr: learning rate of the weights (LARS: 0.2 at batch 256; Barlow Twins scales it
             linearly with the global batch size).
@@ -96,8 +102,6 @@ class MultimodalSSLModule(LightningModule):
             checked before the forward pass, so a skipped bad batch leaves no trace in the
             batch-norm statistics; a non-finite loss from finite inputs (divergence) is
             detected after the forward pass.
-        collapse_threshold: warn once when a modality's embedding standard deviation
-            (:func:`embedding_std`, about 1 when healthy) falls below this value.
         channels_last: run the encoders in channels-last memory format (faster convolutions
             on recent GPUs with bf16; see ``benchmarks/run.py`` for the measured effect).
         compile_encoders: compile the encoders with ``torch.compile`` (in place, so state-dict
@@ -105,36 +109,32 @@ class MultimodalSSLModule(LightningModule):
         encoder_kwargs: extra keyword arguments for every encoder
             (:func:`~decur_lightning.models.create_encoder`), e.g. the residual deformable
             attention switches of ``*_rda`` encoders.
-        view_asymmetry: ``"byol"`` (default; the paper follows BYOL: blur p=1.0 / 0.1 and
-            solarize p=0 / 0.2 for views 1 / 2) or ``"symmetric"`` (the released code: blur
-            p=0.5 and solarize p=0.2 on both views). Only for views built from a kind.
 
-    Second-view sources: when a batch also holds ``image2_<modality>`` (same shape as
-    ``image_<modality>``), view 2 of that modality is made from it instead of from
-    ``image_<modality>`` (e.g. another season of the same location, as the authors'
-    SSL4EO-S12 pretraining does; see ``SSL4EOS12MMDataModule(season_per_view=True)``).
+    Second-view sources: when a batch also holds ``image2_<name>`` (same shape as
+    ``image_<name>``), view 2 of that modality is made from it instead of from ``image_<name>``
+    (e.g. another season of the same location, as the authors' SSL4EO-S12 pretraining does;
+    see ``SSL4EOS12MMDataModule(season_per_view=True)``).
+
+    Monitoring: the collapse, divergence, small-batch and empty-training monitors are callbacks
+    (:mod:`decur_lightning.monitors`) that the module adds by default.
     """
 
     #: Views made of each modality per step (2 for DeCUR and Barlow Twins, 1 for cross-modal baselines).
     views_per_modality: int = 2
-    #: Whether the method needs both modalities (single-modal baselines set it False).
-    two_modalities_required: bool = True
+    #: Fewest modalities the method learns from (1 for single-modal baselines).
+    min_modalities: int = 2
+    #: Most modalities the method is defined for (``None``: any number).
+    max_modalities: int | None = None
 
     def __init__(
         self,
-        encoder1: str = "resnet50",
-        encoder2: str = "resnet50",
-        in_channels1: int = 2,
-        in_channels2: int = 13,
-        modality1: str = "s1",
-        modality2: str | None = "s2",
-        weights1: str | None = None,
-        weights2: str | None = None,
+        modalities: ModalitiesArg = None,
+        encoder: str = "resnet50",
         projector_dims: Sequence[int] = (8192, 8192, 8192),
-        augmentation1: str | nn.Module = "auto",
-        augmentation2: str | nn.Module = "auto",
         crop_size: int | None = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        view_asymmetry: Asymmetry = "byol",
+        views: Mapping[str, nn.Module] | None = None,
         optimizer: OptimizerName = "lars",
         lr: float = 0.2,
         lr_bias: float = 0.0048,
@@ -142,53 +142,68 @@ class MultimodalSSLModule(LightningModule):
         momentum: float = 0.9,
         warmup_epochs: float = 0.0,
         nan_policy: NanPolicy = "raise",
-        collapse_threshold: float = 0.1,
         channels_last: bool = False,
         compile_encoders: bool = False,
         encoder_kwargs: dict[str, Any] | None = None,
-        view_asymmetry: Asymmetry = "byol",
     ) -> None:
         super().__init__()
         self.nonfinite = NonFiniteGuard(nan_policy)
-        if modality1 == modality2:
-            raise ValueError(f"modality1 and modality2 must differ (they name batch keys); got {modality1!r} twice.")
-        if modality2 is None and self.two_modalities_required:
-            raise ValueError(f"{type(self).__name__} learns across two modalities: set modality2.")
-        for name, aug in (("augmentation1", augmentation1), ("augmentation2", augmentation2)):
-            if isinstance(aug, str) and aug != "auto" and aug not in VIEW_KINDS:
-                raise ValueError(f"{name}={aug!r}: expected 'auto', one of {VIEW_KINDS}, or an nn.Module.")
         if optimizer not in ("lars", "adamw"):
-            raise ValueError(f"optimizer must be 'lars' or 'adamw', got {optimizer!r}.")
-        augmentations = {"augmentation1": augmentation1, "augmentation2": augmentation2}
-        self.save_hyperparameters(ignore=[k for k, v in augmentations.items() if isinstance(v, nn.Module)])
-        self.modalities: tuple[str, ...] = (modality1,) if modality2 is None else (modality1, modality2)
-        self.in_channels: tuple[int, ...] = (in_channels1, in_channels2)[: len(self.modalities)]
-        extra = dict(encoder_kwargs or {})
-        self.encoder1 = create_encoder(encoder1, in_channels1, weights1, **extra)
-        self.projector1 = build_projector(self.encoder1.num_features, projector_dims)
-        if modality2 is not None:
-            self.encoder2 = create_encoder(encoder2, in_channels2, weights2, **extra)
-            self.projector2 = build_projector(self.encoder2.num_features, projector_dims)
-        for encoder in self.encoders:
-            if channels_last:
-                encoder.to(memory_format=torch.channels_last)
-            if compile_encoders:
-                encoder.compile()
-        self.embedding_dim = self._embedding_dim(projector_dims)
-        self._augmentations: list[str | nn.Module] = [augmentation1, augmentation2][: len(self.modalities)]
+            raise ValueError(f"optimizer must be 'lars' or 'adamw' for pretraining, got {optimizer!r}.")
+        if view_asymmetry not in ("byol", "symmetric"):
+            raise ValueError(f"view_asymmetry must be 'byol' or 'symmetric', got {view_asymmetry!r}.")
+        self.save_hyperparameters(ignore=["views"])
+        self._custom_views = dict(views or {})
+        for name, module in self._custom_views.items():
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"views[{name!r}] must be an nn.Module (e.g. a ViewPair); got {type(module).__name__}.")
         # Views hold no learnable state; kept out of the state dict (built at the first batch).
-        self._views: list[ViewPair] | None = None
+        self._views: dict[str, ViewPair] | None = None
         # Views are drawn from a seed per batch (not from the global RNG), so that a resumed run
         # makes the same views as an uninterrupted one. Saved in checkpoints.
         self.view_seed = int(torch.initial_seed() % 2**31)
-        self._collapse_warned = False
         self._warned_small_val_batch = False
+        #: The last training step's :func:`embedding_std` per modality (read by the collapse monitor).
+        self.embedding_stds: dict[str, Tensor] = {}
+        self.build_modalities(channels_last=channels_last, compile=compile_encoders)
+
+    def select_modalities(self, specs: dict[str, Modality]) -> dict[str, Modality]:
+        """The modalities the method uses, from the resolved ones (all by default)."""
+        return specs
+
+    def configure_heads(self) -> None:
+        """Projectors (one per modality) and the embedding size; then :meth:`configure_loss`."""
+        names = self.encoders.names
+        count = len(names)
+        if count < self.min_modalities or (self.max_modalities is not None and count > self.max_modalities):
+            wanted = (
+                f"at least {self.min_modalities}" if self.max_modalities is None
+                else f"{self.min_modalities}" if self.min_modalities == self.max_modalities
+                else f"{self.min_modalities} to {self.max_modalities}"
+            )
+            raise ValueError(
+                f"{type(self).__name__} learns from {wanted} modalities; got {count} ({list(names)}). "
+                "Choose them with modalities=[...]."
+            )
+        unknown = sorted(set(self._custom_views) - set(names))
+        if unknown:
+            raise ValueError(f"views names {unknown}, which are not modalities of this module ({list(names)}).")
+        dims = self.hparams.projector_dims
+        self.projectors = nn.ModuleDict({name: build_projector(width, dims) for name, width in self.encoders.num_features.items()})
+        self.embedding_dim = self._embedding_dim(dims)
+        self.configure_loss()
+
+    def configure_loss(self) -> None:
+        """Build the method's loss (called once, after the encoders and projectors)."""
+
+    def _build_encoders(self, specs: Mapping[str, Modality]) -> None:
+        super()._build_encoders(self.select_modalities(dict(specs)))
 
     def _embedding_dim(self, projector_dims: Sequence[int]) -> int:
         """``K``: the projector's output width, or the encoders' feature width without projector."""
         if len(projector_dims):
             return int(projector_dims[-1])
-        widths = {name: int(encoder.num_features) for name, encoder in zip(self.modalities, self.encoders)}
+        widths = self.encoders.num_features
         if len(set(widths.values())) > 1:
             raise ValueError(
                 f"projector_dims=[] (no projector) makes the loss compare encoder features directly, but the "
@@ -197,100 +212,79 @@ class MultimodalSSLModule(LightningModule):
         return next(iter(widths.values()))
 
     # ------------------------------------------------------------------ models
-    def forward(self, x: Tensor, modality: int | str = 1) -> Tensor:
+    def forward(self, x: Tensor, modality: str) -> Tensor:
         """Encoder features ``(N, num_features)`` of one modality (the transferable representation)."""
-        index = self._modality_index(modality)
-        return self.encoders[index](x)
+        return self.encoders.encode(x, self._check_modality(modality))
 
-    def embed(self, x: Tensor, modality: int | str = 1) -> Tensor:
+    def embed(self, x: Tensor, modality: str) -> Tensor:
         """Projector embeddings ``(N, K)`` of one modality (the space the loss acts on)."""
-        index = self._modality_index(modality)
-        return self.projectors[index](self.encoders[index](x))
+        return self.projectors[modality](self.encoders.encode(x, self._check_modality(modality)))
 
-    @property
-    def encoders(self) -> list[nn.Module]:
-        """The encoders, one per modality (``encoder1``, ``encoder2``)."""
-        return [getattr(self, f"encoder{i + 1}") for i in range(len(self.modalities))]
-
-    @property
-    def projectors(self) -> list[nn.Module]:
-        """The projectors, one per modality (``projector1``, ``projector2``)."""
-        return [getattr(self, f"projector{i + 1}") for i in range(len(self.modalities))]
-
-    def _modality_index(self, modality: int | str) -> int:
-        if modality in self.modalities:
-            return self.modalities.index(modality)
-        if isinstance(modality, int) and 1 <= modality <= len(self.modalities):
-            return modality - 1
-        raise ValueError(
-            f"modality must be one of {list(range(1, len(self.modalities) + 1))} or {self.modalities}; got {modality!r}."
-        )
+    def _check_modality(self, modality: str) -> str:
+        if modality not in self.modalities:
+            raise ValueError(f"modality must be one of {list(self.modalities)}; got {modality!r}.")
+        return modality
 
     # ------------------------------------------------------------------ views
-    def _resolve_kind(self, index: int) -> str:
-        name = self.modalities[index]
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        kinds = getattr(datamodule, "modality_kinds", None) or {}
-        if name in kinds:
-            return kinds[name]
-        return name if name in VIEW_KINDS else "generic"
-
-    def _build_views(self, inputs: Sequence[Tensor]) -> list[ViewPair]:
-        pairs = []
-        for index, (aug, x) in enumerate(zip(self._augmentations, inputs)):
-            if isinstance(aug, ViewPair):
-                pairs.append(aug)
-            elif isinstance(aug, nn.Module):
-                pairs.append(ViewPair(aug, aug))
+    def _build_views(self, inputs: Mapping[str, Tensor]) -> dict[str, ViewPair]:
+        pairs: dict[str, ViewPair] = {}
+        for name, x in inputs.items():
+            custom = self._custom_views.get(name)
+            if isinstance(custom, ViewPair):
+                pairs[name] = custom
+            elif custom is not None:
+                pairs[name] = ViewPair(custom, custom)
             else:
-                kind = self._resolve_kind(index) if aug == "auto" else aug
+                kind = self.encoders.specs[name].view or "generic"
                 if kind in RGB_KINDS and x.shape[1] != 3:
                     raise ValueError(
-                        f"augmentation{index + 1}={kind!r} (RGB colour jitter) needs 3 bands, but "
-                        f"image_{self.modalities[index]} has {x.shape[1]}. Use 'optical' for multispectral data."
+                        f"Modality '{name}' has view kind {kind!r} (RGB colour jitter), which needs 3 bands, but "
+                        f"image_{name} has {x.shape[1]}. Set modalities={{'{name}': {{'view': 'optical'}}}} for "
+                        "multispectral data."
                     )
                 size = self.hparams.crop_size or min(x.shape[-2:])
-                pairs.append(make_view_pair(kind, size, tuple(self.hparams.crop_scale), self.hparams.view_asymmetry))
+                pairs[name] = make_view_pair(kind, size, tuple(self.hparams.crop_scale), self.hparams.view_asymmetry)
         return pairs
 
-    def make_views(self, batch: dict[str, Tensor], seed: int | None = None) -> tuple[Tensor, ...]:
-        """Views of a batch in modality-major order (``x1a, x1b, x2a, x2b``), made under ``no_grad``.
+    def make_views(self, batch: dict[str, Tensor], seed: int | None = None) -> dict[str, tuple[Tensor, ...]]:
+        """Views of a batch, ``{name: (view 1, view 2)}`` (one view for one-view methods), under ``no_grad``.
 
-        :attr:`views_per_modality` views per modality. With ``seed``, the random draws come
-        from that seed and the global RNG is left as it was.
+        With ``seed``, the random draws come from that seed and the global RNG is left as it was.
         """
         inputs = self.get_inputs(batch)
-        return tuple(x for views in self._views_of(inputs, seed, self.get_second_sources(batch, inputs)) for x in views)
+        return self._views_of(inputs, seed, self.get_second_sources(batch, inputs))
 
     def _views_of(
-        self, inputs: Sequence[Tensor], seed: int | None, second: Sequence[Tensor | None] | None = None
-    ) -> list[tuple[Tensor, ...]]:
+        self, inputs: Mapping[str, Tensor], seed: int | None, second: Mapping[str, Tensor | None] | None = None
+    ) -> dict[str, tuple[Tensor, ...]]:
         if self._views is None:
             self._views = self._build_views(inputs)
-        second = second if second is not None else [None] * len(inputs)
+        second = second or {}
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            views = [pair(x, x2) for pair, x, x2 in zip(self._views, inputs, second)]
-        return [v[: self.views_per_modality] for v in views]
+            views = {name: self._views[name](x, second.get(name)) for name, x in inputs.items()}
+        return {name: tuple(v[: self.views_per_modality]) for name, v in views.items()}
 
-    def get_second_sources(self, batch: dict[str, Tensor], inputs: Sequence[Tensor]) -> list[Tensor | None]:
-        """The ``image2_<modality>`` tensors of a batch (sources of view 2), ``None`` where absent.
+    def get_second_sources(self, batch: Mapping[str, Tensor], inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The ``image2_<name>`` tensors of a batch (sources of view 2), where present.
 
         Only used when the method makes two views per modality. Each must have the shape of its
-        ``image_<modality>``.
+        ``image_<name>``.
         """
         if self.views_per_modality < 2:
-            return [None] * len(inputs)
-        second: list[Tensor | None] = []
-        for name, x in zip(self.modalities, inputs):
+            return {}
+        second: dict[str, Tensor] = {}
+        for name, x in inputs.items():
             x2 = batch.get(f"image2_{name}")
-            if x2 is not None and x2.shape != x.shape:
+            if x2 is None:
+                continue
+            if x2.shape != x.shape:
                 raise ValueError(
                     f"image2_{name} (the source of view 2) has shape {tuple(x2.shape)}, but image_{name} has "
                     f"{tuple(x.shape)}: both views of a modality need images of the same bands and size."
                 )
-            second.append(x2)
+            second[name] = x2
         return second
 
     def _batch_seed(self, stage: str, batch_idx: int) -> int:
@@ -299,118 +293,59 @@ class MultimodalSSLModule(LightningModule):
         key = (self.view_seed, stage_id, self.current_epoch if self._trainer is not None else 0, batch_idx, rank)
         return hash(key) % 2**63
 
-    def get_inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        """The modality tensors of a batch, checked against the encoders' expectations."""
-        if not isinstance(batch, dict):
-            raise TypeError(
-                f"Expected a batch dict with keys {self._keys()}; got {type(batch).__name__}. "
-                "Datamodules of this package return such dicts."
-            )
-        missing = [key for key in self._keys() if key not in batch]
-        if missing:
-            raise KeyError(
-                f"The batch has no {missing}; it has keys {sorted(batch)}. Set modality1/modality2 to "
-                "the names in the batch keys image_<name>."
-            )
-        inputs = tuple(batch[key] for key in self._keys())
-        for key, x, channels in zip(self._keys(), inputs, self.in_channels):
-            if x.ndim != 4 or x.shape[1] != channels:
-                raise ValueError(
-                    f"{key} has shape {tuple(x.shape)}, but its encoder expects (N, {channels}, H, W). "
-                    f"Set in_channels{self._keys().index(key) + 1}={x.shape[1] if x.ndim == 4 else '?'} "
-                    "or select the right bands in the datamodule."
-                )
-        if self.training and inputs[0].shape[0] < 2:
-            raise ValueError(
-                f"Got a training batch of {inputs[0].shape[0]} sample: the projector's batch norm and "
-                "the loss need batch statistics. Use batch_size >= 2 and drop_last=True."
-            )
-        return inputs
-
-    def _keys(self) -> list[str]:
-        return [f"image_{name}" for name in self.modalities]
+    def get_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The modality tensors of a batch ``{name: (N, C, H, W)}``, checked against the encoders."""
+        return self.encoders.inputs(batch, min_batch_size=2 if self.training else 1)
 
     # ------------------------------------------------------------------ steps
-    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
-        """The method's loss terms from the embedding batches; must contain ``"loss"``.
+    def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        """The method's loss terms from the embeddings ``{name: [z', z'']}``; must contain ``"loss"``.
 
-        ``embeddings`` are in modality-major order: ``z1a, z1b, z2a, z2b`` with two views per
-        modality, ``z1, z2`` with one.
+        Each list holds :attr:`views_per_modality` embedding batches ``(N, K)`` of the local batch;
+        a method gathers them across ranks itself (:func:`~decur_lightning.losses.gather_with_grad`).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss.")
 
     def shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Tensor | None:
         """Views, one encoder+projector pass per view, the method's loss, checks and logging."""
         inputs = self.get_inputs(batch)
-        if stage != "train" and inputs[0].shape[0] < 2:
+        batch_size = next(iter(inputs.values())).shape[0]
+        if stage != "train" and batch_size < 2:
             return self._skip_small_eval_batch(stage)
         check = self.nonfinite.enabled
         second = self.get_second_sources(batch, inputs)
         # Inputs are checked before the forward pass, so a bad batch never reaches the batch-norm statistics.
         if check:
-            input_flags = [(f"the input {key}", finite_flag(x)) for key, x in zip(self._keys(), inputs)]
-            input_flags += [
-                (f"the input image2_{name}", finite_flag(x2)) for name, x2 in zip(self.modalities, second) if x2 is not None
-            ]
-            if not self.nonfinite.check(self, stage, batch_idx, input_flags):
+            flags = [(f"the input image_{name}", finite_flag(x)) for name, x in inputs.items()]
+            flags += [(f"the input image2_{name}", finite_flag(x2)) for name, x2 in second.items()]
+            if not self.nonfinite.check(self, stage, batch_idx, flags):
                 return None
         views = self._views_of(inputs, self._batch_seed(stage, batch_idx), second)
-        embeddings = [[self._embed_view(x, index + 1) for x in modality_views] for index, modality_views in enumerate(views)]
-        terms = self.compute_loss(*(z for zs in embeddings for z in zs))
+        embeddings = {name: [self.embed(x, name) for x in modality_views] for name, modality_views in views.items()}
+        terms = self.compute_loss(embeddings)
         if check:
             flags = [
                 (f"the embeddings of '{name}'", torch.stack([finite_flag(z) for z in zs]).all())
-                for name, zs in zip(self.modalities, embeddings)
+                for name, zs in embeddings.items()
             ]
             if not self.nonfinite.check(self, stage, batch_idx, [*flags, ("the loss", finite_flag(terms["loss"]))]):
                 return None
-        batch_size = inputs[0].shape[0]
         on_step = stage == "train"
         self.log(f"{stage}/loss", terms["loss"], prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=True)
         for name, value in terms.items():
             if name != "loss":
                 self.log(f"{stage}/{name}", value, batch_size=batch_size, on_step=on_step, on_epoch=True)
-        stds = [embedding_std(zs[0]) for zs in embeddings]
-        for name, std in zip(self.modalities, stds):
+        stds = {name: embedding_std(zs[0]) for name, zs in embeddings.items()}
+        for name, std in stds.items():
             self.log(f"{stage}/embedding_std_{name}", std, batch_size=batch_size, on_step=on_step, on_epoch=True)
         if stage == "train":
-            self._check_collapse(stds)
+            self.embedding_stds = stds
         return terms["loss"]
-
-    def _embed_view(self, x: Tensor, index: int) -> Tensor:
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        try:
-            return self.embed(x, index)
-        except (RuntimeError, ValueError, AssertionError) as err:  # timm asserts on input sizes
-            name = self.modalities[index - 1]
-            raise ValueError(
-                f"The encoder of modality '{name}' ({self.hparams[f'encoder{index}']}) failed on views of "
-                f"shape {tuple(x.shape)}: {err}\nIf the views are too small for this encoder, raise "
-                "crop_size (or the image size of the datamodule)."
-            ) from err
 
     @property
     def skipped_batches(self) -> int:
         """Training batches skipped under ``nan_policy="skip"``."""
         return self.nonfinite.skipped_batches
-
-    def _check_collapse(self, stds: Sequence[Tensor]) -> None:
-        if self._collapse_warned or self._trainer is None:
-            return
-        if self.global_step % max(1, self.trainer.log_every_n_steps) != 0:
-            return
-        values = torch.stack([s.detach() for s in stds]).tolist()
-        low = [(name, v) for name, v in zip(self.modalities, values) if v < self.hparams.collapse_threshold]
-        if low:
-            self._collapse_warned = True
-            detail = ", ".join(f"'{name}': {v:.3f}" for name, v in low)
-            rank_zero_warn(
-                f"Embedding collapse at step {self.global_step}: embedding std {detail} is below "
-                f"{self.hparams.collapse_threshold} (about 1 when healthy). Likely causes: a learning rate "
-                "too high for the batch size, too few unique or common dimensions, or views that are "
-                "too easy (check the augmentations)."
-            )
 
     def _skip_small_eval_batch(self, stage: str) -> None:
         if not self._warned_small_val_batch:
@@ -428,41 +363,47 @@ class MultimodalSSLModule(LightningModule):
         return self.shared_step(batch, "val", batch_idx)
 
     # ------------------------------------------------------------------ checkpoints
+    def _signature(self) -> dict[str, Any]:
+        return {
+            "method": type(self).__name__,
+            "modalities": {name: [spec.encoder, spec.bands] for name, spec in self.encoders.specs.items()},
+            "embedding_dim": self.embedding_dim,
+        }
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["decur_lightning"] = {
-            "method": type(self).__name__,
-            "encoders": self._encoder_names(),
-            "in_channels": list(self.in_channels),
-            "embedding_dim": self.embedding_dim,
+            **self._signature(),
             "view_seed": self.view_seed,
-            "skipped_batches": self.skipped_batches,
+            "nonfinite_guard": self.nonfinite.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("decur_lightning")
         if meta is None:
             return
-        mine = {
-            "method": type(self).__name__,
-            "encoders": self._encoder_names(),
-            "in_channels": list(self.in_channels),
-            "embedding_dim": self.embedding_dim,
-        }
-        differences = [f"{key}: checkpoint {meta[key]!r}, this module {value!r}" for key, value in mine.items() if meta.get(key) != value]
+        if "modalities" not in meta:
+            raise ValueError(
+                "This checkpoint was written by decur-lightning 0.1 (numbered modalities): it cannot be resumed "
+                "by this version. Its encoders load as weights: modalities={'<name>': {'weights': '<file.ckpt>'}}."
+            )
+        mine = self._signature()
+        meta_modalities = {name: list(value) for name, value in meta["modalities"].items()}
+        differences = [
+            f"{key}: checkpoint {meta_modalities if key == 'modalities' else meta[key]!r}, this module {value!r}"
+            for key, value in mine.items()
+            if (meta_modalities if key == "modalities" else meta.get(key)) != value
+        ]
         if differences:
             raise ValueError(
                 "This checkpoint does not fit this module:\n  " + "\n  ".join(differences) + "\n"
                 f"Load it with {meta['method']}.load_from_checkpoint(path) (which rebuilds the module from the "
-                "checkpoint's hyper-parameters), or build the module with the checkpoint's encoders and sizes."
+                "checkpoint's hyper-parameters), or build the module with the checkpoint's modalities and sizes."
             )
         self.view_seed = int(meta.get("view_seed", self.view_seed))
-        self.nonfinite.skipped_batches = int(meta.get("skipped_batches", 0))
-
-    def _encoder_names(self) -> list[str]:
-        return [self.hparams[f"encoder{i + 1}"] for i in range(len(self.modalities))]
+        self.nonfinite.load_state_dict(meta.get("nonfinite_guard", {}))
 
     def configure_callbacks(self) -> list[Callback]:
-        """Default monitors (empty training, small batch, divergence) and exact mid-epoch resume.
+        """Default monitors (empty training, small batch, divergence, collapse) and exact mid-epoch resume.
 
         See :func:`decur_lightning.monitors.default_callbacks`; a Trainer callback of the same class wins.
         """

@@ -2,8 +2,11 @@
 
 Each baseline is only its loss: encoders, projectors, views, optimiser and logging are those of
 :class:`~decur_lightning.ssl.base.MultimodalSSLModule`, so switching method in a YAML config is
-one line (``model.class_path``). The constructor arguments of the base (encoders, channels,
-modality names, projector, views, optimiser...) are accepted as keyword arguments.
+one line (``model.class_path``). The constructor arguments of the base (modalities, encoder,
+projector, views, optimiser...) are accepted as keyword arguments. The cross-modal losses are
+defined for a pair of modalities; with more than two, a baseline sums its loss over every pair
+(and logs each as ``loss_<m>_<n>``), the natural generalisation that DeCUR's cross-modal terms
+follow too.
 
 =============================  ========================================================  =======
 module                         loss                                                      views
@@ -26,6 +29,7 @@ Twins all-reduces the correlation matrix after per-rank standardisation, which c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ from lightly.loss import NTXentLoss, VICRegLoss
 from torch import Tensor, nn
 
 from ..losses import DEFAULT_LAMBDA, barlow_twins_loss, gather_with_grad
+from ..modalities import Modality
 from .base import MultimodalSSLModule
 
 __all__ = [
@@ -46,14 +51,25 @@ __all__ = [
 ]
 
 
-def _gathered(*embeddings: Tensor) -> list[Tensor]:
-    return [gather_with_grad(z) for z in embeddings]
+def _first_views(embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+    """Each modality's first-view embeddings, gathered across ranks with gradient."""
+    return {name: gather_with_grad(zs[0]) for name, zs in embeddings.items()}
+
+
+def _over_pairs(embeddings: Mapping[str, Sequence[Tensor]], loss: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+    """``loss`` of every pair of modalities (``loss_<m>_<n>`` when more than one) and their sum as ``"loss"``."""
+    z = _first_views(embeddings)
+    names = list(z)
+    per_pair = {f"loss_{m}_{n}": loss(z[m], z[n]) for i, m in enumerate(names) for n in names[i + 1 :]}
+    out = {"loss": torch.stack(list(per_pair.values())).sum()}
+    return {**out, **per_pair} if len(per_pair) > 1 else out
 
 
 class CrossModalBarlowTwinsModule(MultimodalSSLModule):
-    """Cross-modal Barlow Twins: the two modalities are the two views (paper's "Barlow Twins").
+    """Cross-modal Barlow Twins: the modalities are the views (paper's "Barlow Twins").
 
-    Equals DeCUR with ``intra=False, decouple=False``.
+    Equals DeCUR with ``intra=False, decouple=False``: with more than two modalities, the sum
+    of the Barlow Twins losses of every pair.
 
     Args:
         lambd: off-diagonal weight (0.0051).
@@ -66,31 +82,39 @@ class CrossModalBarlowTwinsModule(MultimodalSSLModule):
         super().__init__(**kwargs)
         self.lambd = lambd
 
-    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
-        z1, z2 = _gathered(*embeddings)
-        return {"loss": barlow_twins_loss(z1, z2, self.lambd)}
+    def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        return _over_pairs(embeddings, lambda a, b: barlow_twins_loss(a, b, self.lambd))
 
 
 class SingleModalBarlowTwinsModule(MultimodalSSLModule):
-    """Barlow Twins on two views of modality 1 alone (the paper's "BT-SAR"); no second encoder.
+    """Barlow Twins on two views of one modality alone (the paper's "BT-SAR"); one encoder.
 
-    The settings of a second modality (``modality2``, ``encoder2``, ``in_channels2``, ...) are
-    accepted and ignored, so that a DeCUR config becomes this baseline by its class path alone;
-    batches need only ``image_<modality1>``.
+    The datamodule (or ``modalities``) may describe more modalities, so that a DeCUR config
+    becomes this baseline by its class path alone: the one named by ``modality`` (default: the
+    first) is used, and batches need only its ``image_<name>``.
 
     Args:
+        modality: the modality to learn (default: the first).
         lambd: off-diagonal weight (0.0051).
         **kwargs: see :class:`~decur_lightning.ssl.base.MultimodalSSLModule`.
     """
 
-    two_modalities_required = False
+    min_modalities = 1
+    max_modalities = 1
 
-    def __init__(self, lambd: float = DEFAULT_LAMBDA, modality2: str | None = None, **kwargs: Any) -> None:
-        super().__init__(modality2=None, **kwargs)
+    def __init__(self, modality: str | None = None, lambd: float = DEFAULT_LAMBDA, **kwargs: Any) -> None:
+        self._single = modality
+        super().__init__(**kwargs)
         self.lambd = lambd
 
-    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
-        za, zb = _gathered(*embeddings)
+    def select_modalities(self, specs: dict[str, Modality]) -> dict[str, Modality]:
+        name = self._single if self._single is not None else next(iter(specs))
+        if name not in specs:
+            raise ValueError(f"modality={name!r} is not one of the modalities {list(specs)}.")
+        return {name: specs[name]}
+
+    def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        (za, zb), = ([gather_with_grad(z) for z in zs] for zs in embeddings.values())
         return {"loss": barlow_twins_loss(za, zb, self.lambd)}
 
 
@@ -99,6 +123,7 @@ class SimCLRCrossModule(MultimodalSSLModule):
 
     lightly's ``NTXentLoss``: each sample's positive is the other modality of the same scene;
     negatives are all other embeddings of both modalities in the (global) batch; symmetric.
+    With more than two modalities, the sum over every pair.
 
     Args:
         temperature: softmax temperature (0.1, the SSL4EO setting).
@@ -111,10 +136,12 @@ class SimCLRCrossModule(MultimodalSSLModule):
         super().__init__(**kwargs)
         self.criterion = NTXentLoss(temperature=temperature)
 
-    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
-        z1, z2 = _gathered(*embeddings)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            return {"loss": self.criterion(z1.float(), z2.float())}
+    def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        def loss(a: Tensor, b: Tensor) -> Tensor:
+            with torch.autocast(device_type=a.device.type, enabled=False):
+                return self.criterion(a.float(), b.float())
+
+        return _over_pairs(embeddings, loss)
 
 
 def clip_loss(z1: Tensor, z2: Tensor, logit_scale: Tensor) -> Tensor:
@@ -132,10 +159,11 @@ def clip_loss(z1: Tensor, z2: Tensor, logit_scale: Tensor) -> Tensor:
 
 
 class CLIPModule(MultimodalSSLModule):
-    """CLIP between modalities: symmetric InfoNCE with a learnable temperature.
+    """CLIP between modalities: symmetric InfoNCE with a learnable temperature (summed over pairs).
 
     The temperature is learned as ``logit_scale = log(1 / T)``, initialised at ``T = 0.07`` and
-    clamped to ``T >= 0.01`` as in CLIP. It is optimised with the biases (no weight decay).
+    clamped to ``T >= 0.01`` as in CLIP; one temperature for all pairs. It is optimised with the
+    biases (no weight decay).
 
     Args:
         init_temperature: initial temperature (0.07).
@@ -151,16 +179,20 @@ class CLIPModule(MultimodalSSLModule):
             raise ValueError(f"init_temperature must be positive, got {init_temperature}.")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
-    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
-        z1, z2 = _gathered(*embeddings)
+    def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
         scale = self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            loss = clip_loss(z1, z2, scale)
-        return {"loss": loss, "temperature": (-scale.detach()).exp()}
+
+        def loss(a: Tensor, b: Tensor) -> Tensor:
+            with torch.autocast(device_type=a.device.type, enabled=False):
+                return clip_loss(a, b, scale)
+
+        return {**_over_pairs(embeddings, loss), "temperature": (-scale.detach()).exp()}
 
 
 class VICRegCrossModule(MultimodalSSLModule):
     """VICReg between the modalities (lightly's ``VICRegLoss``: invariance 25, variance 25, covariance 1).
+
+    With more than two modalities, the sum over every pair.
 
     Args:
         lambda_param, mu_param, nu_param: weights of the invariance, variance and covariance terms.
@@ -173,7 +205,9 @@ class VICRegCrossModule(MultimodalSSLModule):
         super().__init__(**kwargs)
         self.criterion = VICRegLoss(lambda_param=lambda_param, mu_param=mu_param, nu_param=nu_param)
 
-    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
-        z1, z2 = _gathered(*embeddings)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            return {"loss": self.criterion(z1.float(), z2.float())}
+    def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        def loss(a: Tensor, b: Tensor) -> Tensor:
+            with torch.autocast(device_type=a.device.type, enabled=False):
+                return self.criterion(a.float(), b.float())
+
+        return _over_pairs(embeddings, loss)

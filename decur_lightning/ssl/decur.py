@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..augmentations import Asymmetry
 from ..losses import DEFAULT_LAMBDA, DeCURLoss, Method, Weighting
-from .base import MultimodalSSLModule, NanPolicy
-from ..optim import OptimizerName
+from .base import MultimodalSSLModule
 
 __all__ = ["DeCURModule", "resolve_common_dims"]
 
@@ -33,128 +31,118 @@ def resolve_common_dims(embedding_dim: int, common_ratio: float, common_dims: in
 
 
 class DeCURModule(MultimodalSSLModule):
-    """DeCUR pretraining of two modality-specific encoders (paper Fig. 2, Algorithm 1).
+    """DeCUR pretraining of modality-specific encoders (paper Fig. 2, Algorithm 1), for ``M >= 2`` modalities.
 
     Each modality has its own encoder and projector; two views per modality are embedded and
-    the loss of eq. 6 is ``L_com + L_uni + L_M1 + L_M2``: intra-modal Barlow Twins terms on all
-    ``K`` dimensions (eq. 4, 5), and on the cross-modal correlation of ``(z1', z2')`` the first
-    ``K_c`` (common) dimensions pushed to identity (eq. 2) and the remaining ``K_u`` (unique)
-    dimensions pushed to zero (eq. 3).
+    the loss is, with ``z_m', z_m''`` the two views' embeddings of modality ``m``,
 
-    Logged per step and epoch: ``loss`` and the terms ``intra1, intra2, common, unique``; the
-    mean on-diagonal cross-modal correlation of the common block (``common_corr``, towards 1)
-    and of the unique block (``unique_corr``, towards 0); ``embedding_std_<modality>`` (collapse
-    monitor, see :func:`decur_lightning.ssl.base.embedding_std`).
+    ``L = sum_m L_BT(z_m', z_m'') + sum_{m<n} [L_com(C(z_m', z_n')[:Kc, :Kc]) + L_uni(C(z_m', z_n')[Kc:, Kc:])]``,
+
+    which is eq. 6 for two modalities: intra-modal Barlow Twins terms on all ``K`` dimensions
+    (eq. 4, 5), and on every cross-modal correlation of first views the first ``K_c`` (common)
+    dimensions pushed to identity (eq. 2) and the remaining ``K_u`` (unique) dimensions pushed
+    to zero (eq. 3). More than two modalities is the paper's future work; the common dimensions
+    are then common to every pair (see :func:`~decur_lightning.losses.multimodal_decur_loss`).
+
+    Logged per step and epoch: ``loss``; ``intra_<m>``; ``common_<m>_<n>`` and ``unique_<m>_<n>``
+    per pair; the mean on-diagonal cross-modal correlation of the common block
+    (``common_corr_<m>_<n>``, towards 1) and of the unique block (``unique_corr_<m>_<n>``,
+    towards 0); ``embedding_std_<m>`` (collapse monitor, see
+    :func:`decur_lightning.ssl.base.embedding_std`).
 
     Args:
         common_ratio: share of common dimensions ``K_c / K`` (0.875 SAR-optical, 0.75 RGB-DEM
-            and RGB-depth); ignored when ``common_dims`` is given.
-        common_dims: ``K_c`` directly.
+            and RGB-depth); ignored when ``common_dims`` is given. A mapping ``{"m-n": ratio}``
+            gives one per pair.
+        common_dims: ``K_c`` directly (an int, or ``{"m-n": K_c}`` for every pair).
         lambd: weight of every off-diagonal term (0.0051).
         loss_method: ``"auto"``, ``"dense"`` or ``"cheap"`` (see :mod:`decur_lightning.losses`).
-        intra: keep the intra-modal terms ``L_M1 + L_M2`` (Table 5 ablation "w/o intra": False;
-            then one view per modality is made).
+        intra: keep the intra-modal terms (Table 5 ablation "w/o intra": False; then one view
+            per modality is made).
         decouple: split common and unique dimensions (Table 5 ablation "w/o decoup.": False,
             all ``K`` dimensions common, no unique term).
         loss_weighting: ``"paper"`` (eq. 6) or ``"authors"``: the released code's
-            ``(L_M1 + L_M2 + (L_com + L_uni) / 2) / 3``, to compare with published checkpoints.
-        **others: see :class:`~decur_lightning.ssl.base.MultimodalSSLModule`.
+            ``(L_M1 + L_M2 + (L_com + L_uni) / 2) / 3`` (two modalities), to compare with
+            published checkpoints.
+        **kwargs: the arguments of :class:`~decur_lightning.ssl.base.MultimodalSSLModule`
+            (``modalities``, ``encoder``, ``projector_dims``, views, optimiser, ...).
 
     Example:
         >>> import lightning as L
         >>> from decur_lightning.datamodules import SyntheticMultimodalDataModule
-        >>> model = DeCURModule("resnet18", "resnet18", in_channels1=2, in_channels2=4,
-        ...                     modality1="sar", modality2="optical", projector_dims=(256, 256))
+        >>> model = DeCURModule(encoder="resnet18", projector_dims=(256, 256))
         >>> L.Trainer(max_epochs=1).fit(model, SyntheticMultimodalDataModule())  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        encoder1: str = "resnet50",
-        encoder2: str = "resnet50",
-        in_channels1: int = 2,
-        in_channels2: int = 13,
-        modality1: str = "s1",
-        modality2: str = "s2",
-        weights1: str | None = None,
-        weights2: str | None = None,
-        projector_dims: Sequence[int] = (8192, 8192, 8192),
-        common_ratio: float = 0.875,
-        common_dims: int | None = None,
+        common_ratio: float | Mapping[str, float] = 0.875,
+        common_dims: int | Mapping[str, int] | None = None,
         lambd: float = DEFAULT_LAMBDA,
         loss_method: Method = "auto",
         intra: bool = True,
         decouple: bool = True,
         loss_weighting: Weighting = "paper",
-        augmentation1: str | nn.Module = "auto",
-        augmentation2: str | nn.Module = "auto",
-        crop_size: int | None = None,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        optimizer: OptimizerName = "lars",
-        lr: float = 0.2,
-        lr_bias: float = 0.0048,
-        weight_decay: float = 1e-6,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        nan_policy: NanPolicy = "raise",
-        collapse_threshold: float = 0.1,
-        channels_last: bool = False,
-        compile_encoders: bool = False,
-        encoder_kwargs: dict[str, Any] | None = None,
-        view_asymmetry: Asymmetry = "byol",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            encoder1=encoder1,
-            encoder2=encoder2,
-            in_channels1=in_channels1,
-            in_channels2=in_channels2,
-            modality1=modality1,
-            modality2=modality2,
-            weights1=weights1,
-            weights2=weights2,
-            projector_dims=projector_dims,
-            augmentation1=augmentation1,
-            augmentation2=augmentation2,
-            crop_size=crop_size,
-            crop_scale=crop_scale,
-            optimizer=optimizer,
-            lr=lr,
-            lr_bias=lr_bias,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            warmup_epochs=warmup_epochs,
-            nan_policy=nan_policy,
-            collapse_threshold=collapse_threshold,
-            channels_last=channels_last,
-            compile_encoders=compile_encoders,
-            encoder_kwargs=encoder_kwargs,
-            view_asymmetry=view_asymmetry,
-        )
-        embedding_dim = self.embedding_dim
-        self.common_dims = resolve_common_dims(embedding_dim, common_ratio, common_dims) if decouple else embedding_dim
         # Without intra-modal terms one view per modality is all the loss uses.
         self.views_per_modality = 2 if intra else 1
-        self.criterion = DeCURLoss(self.common_dims, lambd, method=loss_method, intra=intra, weighting=loss_weighting)
+        super().__init__(**kwargs)
 
-    def compute_loss(self, *embeddings: Tensor) -> dict[str, Tensor]:
-        """Eq. 6 and its terms, plus the mean cross-modal correlation of each block.
-
-        ``embeddings`` are ``(z1a, z1b, z2a, z2b)``, or ``(z1a, z2a)`` with ``intra=False``.
-        """
-        if self.criterion.intra:
-            z1a, z1b, z2a, z2b = embeddings
+    def configure_loss(self) -> None:
+        hp = self.hparams
+        k = self.embedding_dim
+        pairs = self.encoders.pairs()
+        if hp.decouple:
+            self.pair_common_dims = {
+                pair: resolve_common_dims(k, _per_pair(hp.common_ratio, pair, "common_ratio"),
+                                          _per_pair(hp.common_dims, pair, "common_dims"))
+                for pair in pairs
+            }
         else:
-            (z1a, z2a), z1b, z2b = embeddings, None, None
-        terms = self.criterion(z1a, z1b, z2a, z2b)
-        diag = terms.cross_diagonal.detach()
-        out = {
-            "loss": terms.total,
-            "intra1": terms.intra1,
-            "intra2": terms.intra2,
-            "common": terms.common,
-            "unique": terms.unique,
-            "common_corr": diag[: self.common_dims].mean(),
-        }
-        if self.common_dims < diag.numel():
-            out["unique_corr"] = diag[self.common_dims :].mean()
+            self.pair_common_dims = {pair: k for pair in pairs}
+        self.criterion = DeCURLoss(
+            dict(self.pair_common_dims), hp.lambd, method=hp.loss_method, weighting=hp.loss_weighting
+        )
+
+    @property
+    def common_dims(self) -> int:
+        """``K_c``, the common-dimension count of every pair (see :meth:`common_dims_of` when they differ)."""
+        values = set(self.pair_common_dims.values())
+        if len(values) != 1:
+            raise ValueError(f"The pairs have different common-dimension counts {self.pair_common_dims}: use common_dims_of(m, n).")
+        return next(iter(values))
+
+    def common_dims_of(self, m: str, n: str) -> int:
+        """``K_c`` of the pair of modalities ``m`` and ``n`` (either order)."""
+        for pair in ((m, n), (n, m)):
+            if pair in self.pair_common_dims:
+                return self.pair_common_dims[pair]
+        raise ValueError(f"No pair ({m!r}, {n!r}); the pairs are {list(self.pair_common_dims)}.")
+
+    def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        """The objective and its terms, plus the mean cross-modal correlation of each block."""
+        views = {name: (zs[0], zs[1] if len(zs) > 1 else None) for name, zs in embeddings.items()}
+        terms = self.criterion(views)
+        out = {"loss": terms.total}
+        out.update({k: v for k, v in terms.terms().items() if k != "total"})
+        for (m, n), diag in terms.cross_diagonal.items():
+            kc = self.pair_common_dims[(m, n)]
+            diag = diag.detach()
+            out[f"common_corr_{m}_{n}"] = diag[:kc].mean()
+            if kc < diag.numel():
+                out[f"unique_corr_{m}_{n}"] = diag[kc:].mean()
+        if not self.hparams.decouple:
+            out = {k: v for k, v in out.items() if not k.startswith("unique")}
         return out
+
+
+def _per_pair(value: Any, pair: tuple[str, str], what: str) -> Any:
+    """The value of a pair from a scalar or a ``{"m-n": value}`` mapping (either order)."""
+    if not isinstance(value, Mapping):
+        return value
+    m, n = pair
+    for key in (f"{m}-{n}", f"{n}-{m}"):
+        if key in value:
+            return value[key]
+    raise ValueError(f"{what} gives no value for the pair {m}-{n}: expected keys 'm-n' for every pair, got {sorted(value)}.")
