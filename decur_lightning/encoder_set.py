@@ -224,10 +224,11 @@ class NamedModalitiesMixin:
         """Build the encoders now if the hyper-parameters describe every modality; else at fit start."""
         self._encoder_options = {"channels_last": channels_last, "compile": compile}
         hp = self.hparams  # type: ignore[attr-defined]
-        complete = isinstance(hp.modalities, Mapping) and all(
-            spec.bands is not None for spec in resolve_modalities(hp.modalities, None, hp.encoder, need_bands=False).values()
-        )
-        if complete:
+        if hp.modalities is None:
+            return
+        # Checks names and fields now, even when the band counts come from the datamodule later.
+        partial = resolve_modalities(hp.modalities, None, hp.encoder, need_bands=False)
+        if isinstance(hp.modalities, Mapping) and all(spec.bands is not None for spec in partial.values()):
             self._build_encoders(resolve_modalities(hp.modalities, None, hp.encoder))
 
     @property
