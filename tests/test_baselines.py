@@ -24,8 +24,12 @@ from decur_lightning.ssl.baselines import clip_loss
 
 from helpers import tiny_batch, tiny_decur
 
-SHARED = dict(encoder1="resnet18", encoder2="resnet18", in_channels1=2, in_channels2=4,
-              modality1="sar", modality2="optical", projector_dims=(16,), crop_size=32)
+SHARED = dict(modalities={"sar": 2, "optical": 4}, encoder="resnet18", projector_dims=(16,), crop_size=32)
+
+
+def _named(za, zb):
+    """One view per modality, as the cross-modal baselines' compute_loss takes them."""
+    return {"sar": [za], "optical": [zb]}
 
 
 def _barlow_twins_reference(za, zb, lambd=0.0051):
@@ -77,26 +81,27 @@ def embeddings():
 
 def test_cross_modal_barlow_twins_loss(embeddings):
     model = CrossModalBarlowTwinsModule(**SHARED)
-    torch.testing.assert_close(model.compute_loss(*embeddings)["loss"], _barlow_twins_reference(*embeddings), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model.compute_loss(_named(*embeddings))["loss"], _barlow_twins_reference(*embeddings), rtol=1e-5, atol=1e-4)
     assert model.views_per_modality == 1
 
 
 def test_single_modal_barlow_twins_uses_one_encoder(embeddings):
     model = SingleModalBarlowTwinsModule(**SHARED)
-    assert model.modalities == ("sar",) and not hasattr(model, "encoder2")
-    torch.testing.assert_close(model.compute_loss(*embeddings)["loss"], _barlow_twins_reference(*embeddings), rtol=1e-5, atol=1e-4)
+    assert model.modalities == ("sar",) and list(model.encoders) == ["sar"]
+    loss = model.compute_loss({"sar": list(embeddings)})["loss"]
+    torch.testing.assert_close(loss, _barlow_twins_reference(*embeddings), rtol=1e-5, atol=1e-4)
     loss = model.training_step({"image_sar": torch.rand(4, 2, 32, 32)}, 0)
     assert torch.isfinite(loss)
 
 
 def test_simclr_cross_loss(embeddings):
     model = SimCLRCrossModule(temperature=0.2, **SHARED)
-    torch.testing.assert_close(model.compute_loss(*embeddings)["loss"], _nt_xent_reference(*embeddings, 0.2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.compute_loss(_named(*embeddings))["loss"], _nt_xent_reference(*embeddings, 0.2), rtol=1e-5, atol=1e-5)
 
 
 def test_clip_loss_and_learnable_temperature(embeddings):
     model = CLIPModule(init_temperature=0.07, **SHARED)
-    out = model.compute_loss(*embeddings)
+    out = model.compute_loss(_named(*embeddings))
     torch.testing.assert_close(out["loss"], _clip_reference(*embeddings, math.log(1 / 0.07)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["temperature"], torch.tensor(0.07), rtol=1e-5, atol=0)
     out["loss"].backward()
@@ -118,7 +123,7 @@ def test_clip_temperature_is_optimised(tmp_path):
 
 def test_vicreg_cross_loss(embeddings):
     model = VICRegCrossModule(**SHARED)
-    torch.testing.assert_close(model.compute_loss(*embeddings)["loss"], _vicreg_reference(*embeddings), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.compute_loss(_named(*embeddings))["loss"], _vicreg_reference(*embeddings), rtol=1e-5, atol=1e-5)
 
 
 def _four():
@@ -136,25 +141,26 @@ def test_ablation_without_intra_drops_exactly_the_intra_terms():
     torch.testing.assert_close(no_intra.total, full.common + full.unique)
     model = tiny_decur(projector_dims=(32,), intra=False)
     assert model.views_per_modality == 1
-    assert len(model.make_views(tiny_batch())) == 2
-    out = model.compute_loss(z[0], z[2])
-    assert out["intra1"] == 0 and torch.allclose(out["loss"], full.common + full.unique)
+    assert [len(v) for v in model.make_views(tiny_batch()).values()] == [1, 1]
+    out = model.compute_loss(_named(z[0], z[2]))
+    assert not any(k.startswith("intra") for k in out)
+    torch.testing.assert_close(out["loss"], full.common + full.unique)
 
 
 def test_ablation_without_decoupling_makes_every_dimension_common():
     z = _four()
     model = tiny_decur(projector_dims=(32,), common_ratio=0.75, decouple=False)
     assert model.common_dims == 32
-    out = model.compute_loss(*z)
+    out = model.compute_loss({"sar": z[:2], "optical": z[2:]})
     full = decur_loss(*z, common_dims=24)
     all_common = decur_loss(*z, common_dims=32)
-    assert out["unique"] == 0 and "unique_corr" not in out
-    torch.testing.assert_close(out["common"], all_common.common)
-    torch.testing.assert_close(out["intra1"], full.intra1)
-    torch.testing.assert_close(out["intra2"], full.intra2)
-    both = tiny_decur(projector_dims=(32,), intra=False, decouple=False).compute_loss(z[0], z[2])
+    assert not any(k.startswith("unique") for k in out)
+    torch.testing.assert_close(out["common_sar_optical"], all_common.common)
+    torch.testing.assert_close(out["intra_sar"], full.intra1)
+    torch.testing.assert_close(out["intra_optical"], full.intra2)
+    both = tiny_decur(projector_dims=(32,), intra=False, decouple=False).compute_loss(_named(z[0], z[2]))
     torch.testing.assert_close(both["loss"], all_common.common)
-    torch.testing.assert_close(both["loss"], CrossModalBarlowTwinsModule(**SHARED).compute_loss(z[0], z[2])["loss"])
+    torch.testing.assert_close(both["loss"], CrossModalBarlowTwinsModule(**SHARED).compute_loss(_named(z[0], z[2]))["loss"])
 
 
 def test_authors_weighting_reweights_the_same_terms():
@@ -166,6 +172,11 @@ def test_authors_weighting_reweights_the_same_terms():
     torch.testing.assert_close(authors.total, (paper.intra1 + paper.intra2 + (paper.common + paper.unique) / 2) / 3)
     with pytest.raises(ValueError, match="weighting must be"):
         decur_loss(*z, common_dims=24, weighting="mean")
+    module = tiny_decur(projector_dims=(32,), common_dims=24, loss_weighting="authors")
+    torch.testing.assert_close(module.compute_loss({"sar": z[:2], "optical": z[2:]})["loss"], authors.total)
+    three = tiny_decur(modalities={"sar": 2, "optical": 4, "dem": 1}, projector_dims=(32,), loss_weighting="authors")
+    with pytest.raises(ValueError, match="weighting='authors' reproduces the released two-modality code; got 3"):
+        three.compute_loss({"sar": z[:2], "optical": z[2:], "dem": z[:2]})
 
 
 METHODS = [
@@ -203,12 +214,10 @@ def test_compare_config_fits_with_every_method(tmp_path, method):
     holds 2 optimiser steps with optimiser state, and finite weights."""
     config = yaml.safe_load(COMPARE_CONFIG.read_text())
     config["model"]["class_path"] = method
-    config["model"]["init_args"].update(
-        encoder1="resnet18", encoder2="resnet18", in_channels2=4, projector_dims=[32, 32], crop_size=32
-    )
+    config["model"]["init_args"].update(encoder="resnet18", projector_dims=[32, 32], crop_size=32)
     config["data"] = {
         "class_path": "decur_lightning.datamodules.SyntheticMultimodalDataModule",
-        "init_args": {"modalities": ["s1", "s2"], "channels": [2, 4], "num_train": 16, "num_val": 4, "batch_size": 8},
+        "init_args": {"modalities": {"s1": 2, "s2": 4}, "num_train": 16, "num_val": 4, "batch_size": 8},
     }
     config["trainer"] = {
         "accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "logger": False, "enable_progress_bar": False,
