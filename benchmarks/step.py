@@ -65,9 +65,8 @@ class _StepTimer(L.Callback):
 def make_module(cfg: dict[str, Any], **switches: Any) -> DeCURModule:
     torch.manual_seed(0)
     return DeCURModule(
-        encoder1=cfg["encoder"], encoder2=cfg["encoder"], in_channels1=2, in_channels2=13,
-        projector_dims=(cfg["dim"],) * 3, crop_size=cfg["size"], augmentation1="sar", augmentation2="optical",
-        **switches,
+        modalities={"s1": {"bands": 2, "view": "sar"}, "s2": {"bands": 13, "view": "optical"}}, encoder=cfg["encoder"],
+        projector_dims=(cfg["dim"],) * 3, crop_size=cfg["size"], **switches,
     )
 
 
@@ -87,7 +86,8 @@ def time_module_step(cfg: dict[str, Any], steps: int, warmup: int, **switches: A
 def _views(module: DeCURModule, cfg: dict[str, Any]) -> list[Tensor]:
     data = _Batches(cfg["batch"], (2, 13), cfg["input_size"])
     batch = {"image_s1": data.x1.to(cfg["device"]), "image_s2": data.x2.to(cfg["device"])}
-    return list(module.make_views(batch, seed=0))
+    views = module.make_views(batch, seed=0)
+    return [*views["s1"], *views["s2"]]
 
 
 def _autocast(cfg: dict[str, Any]):
@@ -104,7 +104,7 @@ def time_bare(cfg: dict[str, Any], steps: int, warmup: int) -> list[float]:
         _sync(cfg)
         start = time.perf_counter()
         with _autocast(cfg):
-            out = [module.embed(v, i) for v, i in zip(views, (1, 1, 2, 2))]
+            out = [module.embed(v, m) for v, m in zip(views, ("s1", "s1", "s2", "s2"))]
         sum(z.float().mean() for z in out).backward()
         _sync(cfg)
         if step >= warmup:
@@ -145,9 +145,10 @@ def time_algorithm1(cfg: dict[str, Any], steps: int, warmup: int) -> list[float]
         _sync(cfg)
         start = time.perf_counter()
         with torch.no_grad():
-            x1_1, x1_2, x2_1, x2_2 = module.make_views(batch)
+            views = module.make_views(batch)
+            x1_1, x1_2, x2_1, x2_2 = *views["s1"], *views["s2"]
         with _autocast(cfg):
-            z = [module.embed(v, i) for v, i in zip((x1_1, x1_2, x2_1, x2_2), (1, 1, 2, 2))]
+            z = [module.embed(v, m) for v, m in zip((x1_1, x1_2, x2_1, x2_2), ("s1", "s1", "s2", "s2"))]
         loss = _algorithm1_loss(*z, module.common_dims)
         loss.backward()
         optimizer.step()

@@ -3,13 +3,13 @@
 Everything here is a pure function of embedding batches, usable without Lightning:
 
 - :func:`barlow_twins_loss`: the Barlow Twins loss of two views (eq. 4/5 for one modality).
-- :func:`decur_loss`: the four DeCUR terms of eq. 6 from four embedding batches.
-- :class:`DeCURLoss`: an ``nn.Module`` around :func:`decur_loss` that gathers embeddings
-  across ranks (with gradient) before standardising, so that a distributed run computes the
-  loss of the global batch exactly.
+- :func:`decur_loss`: the four DeCUR terms of eq. 6 from four embedding batches (Algorithm 1).
 - :func:`multimodal_decur_loss`: eq. 6 generalised to ``M >= 2`` named modalities (one
   intra-modal term per modality, a common and a unique term per pair of modalities); equals
   :func:`decur_loss` for ``M = 2``.
+- :class:`DeCURLoss`: an ``nn.Module`` around :func:`multimodal_decur_loss` that gathers
+  embeddings across ranks (with gradient) before standardising, so that a distributed run
+  computes the loss of the global batch exactly.
 
 Two exact computations of every cross-correlation term are available:
 

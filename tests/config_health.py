@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import importlib
 import math
 
 import lightning as L
@@ -27,6 +28,7 @@ from torch.utils.data import default_collate
 
 from decur_lightning import DeCURModule
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
+from decur_lightning.modalities import Modality, datamodule_modalities
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 SMALL_ENCODERS = {
@@ -38,7 +40,6 @@ SMALL_ENCODERS = {
 }
 #: Model arguments that a shrunk run keeps from the config.
 KEPT = (
-    "modality1", "modality2", "in_channels1", "in_channels2", "augmentation1", "augmentation2",
     "common_ratio", "common_dims", "lambd", "intra", "decouple", "loss_weighting", "crop_scale",
     "optimizer", "lr", "lr_bias", "weight_decay", "momentum", "warmup_epochs", "encoder_kwargs",
     "view_asymmetry",
@@ -73,15 +74,14 @@ def probe_loss(module: DeCURModule, batch: dict[str, torch.Tensor], seed: int = 
     module.train()
     with torch.no_grad():
         views = module.make_views(batch, seed=seed)
-        per_modality = module.views_per_modality
-        embeddings = [module.embed(view, index // per_modality + 1) for index, view in enumerate(views)]
-        loss = float(module.compute_loss(*embeddings)["loss"])
+        embeddings = {name: [module.embed(view, name) for view in vs] for name, vs in views.items()}
+        loss = float(module.compute_loss(embeddings)["loss"])
     module.train(was_training)
     return loss
 
 
 class _Recorder(L.Callback):
-    def __init__(self, report: HealthReport, steps: int, modalities: tuple[str, str], probe: dict[str, torch.Tensor]) -> None:
+    def __init__(self, report: HealthReport, steps: int, modalities: tuple[str, ...], probe: dict[str, torch.Tensor]) -> None:
         self.report, self.steps, self.modalities, self.probe = report, steps, modalities, probe
         self.start: dict[str, torch.Tensor] = {}
 
@@ -118,12 +118,20 @@ def shrunk_module(config: Path, size: int = 64, projector_width: int = 128, batc
         if key in kwargs:
             kwargs[key] = float(kwargs[key]) * scale
     kwargs.update(
-        encoder1=SMALL_ENCODERS.get(init["encoder1"], init["encoder1"]),
-        encoder2=SMALL_ENCODERS.get(init["encoder2"], init["encoder2"]),
+        encoder=SMALL_ENCODERS.get(init["encoder"], init["encoder"]),
         projector_dims=[projector_width] * len(init["projector_dims"]),
         crop_size=size,
     )
+    # The modalities as the config's datamodule describes them (built, not set up: no files read).
+    kwargs["modalities"] = {name: {"bands": m.bands, "view": m.view} for name, m in config_modalities(full).items()}
     return DeCURModule(**kwargs)
+
+
+def config_modalities(full: dict[str, Any]) -> dict[str, Modality]:
+    """The ``modality_specs`` of a config's datamodule."""
+    module_name, class_name = full["data"]["class_path"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return datamodule_modalities(cls(**full["data"].get("init_args", {})))
 
 
 def run_health_check(config: Path, steps: int = 20, schedule_steps: int = 200, batch_size: int = 16, seed: int = 0) -> HealthReport:
@@ -131,12 +139,9 @@ def run_health_check(config: Path, steps: int = 20, schedule_steps: int = 200, b
     L.seed_everything(seed, verbose=False)
     module = shrunk_module(config, batch_size=batch_size)
     hp = module.hparams
-    modalities = (hp.modality1, hp.modality2)
-    kinds = {name: kind for name, kind in zip(modalities, (hp.augmentation1, hp.augmentation2)) if kind != "auto"}
+    modalities = module.modalities
     data = SyntheticMultimodalDataModule(
-        modalities=modalities,
-        channels=(hp.in_channels1, hp.in_channels2),
-        modality_kinds=kinds or None,
+        modalities={name: {"bands": spec["bands"], "view": spec["view"]} for name, spec in hp.modalities.items()},
         size=hp.crop_size,
         num_train=batch_size * steps,
         num_val=2,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import kornia.augmentation as K
 import lightning as L
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -50,10 +51,16 @@ def _globalise(module: nn.Module) -> nn.Module:
     return module
 
 
-def _model() -> nn.Module:
+MODALITIES = {2: {"sar": 2, "optical": 4}, 3: {"sar": 2, "optical": 4, "dem": 1}}
+
+
+def _model(count: int) -> nn.Module:
     torch.manual_seed(0)
     views = ViewPair(nn.Identity(), K.RandomHorizontalFlip(p=1.0))  # deterministic views
-    model = tiny_decur(projector_dims=(32, 32), augmentation1=views, augmentation2=views, lr=0.5, lr_bias=0.1)
+    bands = MODALITIES[count]
+    model = tiny_decur(
+        modalities=bands, projector_dims=(32, 32), views=dict.fromkeys(bands, views), lr=0.5, lr_bias=0.1
+    )
     return _globalise(model)
 
 
@@ -73,24 +80,25 @@ class _FixedOrderData(SyntheticMultimodalDataModule):
         return self._loader("train", shuffle=False, drop_last=True)
 
 
-def _fit(devices: int, out: str) -> None:
-    dm = _FixedOrderData(num_train=16, batch_size=16 // devices, size=32)
+def _fit(devices: int, out: str, count: int) -> None:
+    dm = _FixedOrderData(modalities=MODALITIES[count], num_train=16, batch_size=16 // devices, size=32)
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, callbacks=[_Record(out)],
     )
-    trainer.fit(_model(), dm)
+    trainer.fit(_model(count), dm)
 
 
-def test_two_process_ddp_step_equals_single_process(tmp_path):
+@pytest.mark.parametrize("count", [2, 3], ids=["two_modalities", "three_modalities"])
+def test_two_process_ddp_step_equals_single_process(tmp_path, count):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
-    _fit(1, str(single))
-    _fit(2, str(double))
+    _fit(1, str(single), count)
+    _fit(2, str(double), count)
     reference = torch.load(single / "rank0.pt")
-    start = _model().state_dict()
+    start = _model(count).state_dict()
     changed = [k for k, v in reference["state"].items() if v.is_floating_point() and not torch.equal(v, start[k])]
     assert len(changed) > 100, "the step should update the weights"
     for rank in range(2):

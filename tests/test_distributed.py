@@ -30,6 +30,10 @@ class _TwoEncoders(nn.Module):
         return self.enc1(x1a), self.enc1(x1b), self.enc2(x2a), self.enc2(x2b)
 
 
+def _views(z1a, z1b, z2a, z2b) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {"s1": (z1a, z1b), "s2": (z2a, z2b)}
+
+
 def _data() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
     return [torch.randn(GLOBAL_BATCH, IN_DIM, generator=generator) for _ in range(4)]
@@ -42,7 +46,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         model = DistributedDataParallel(_TwoEncoders())
         shard = GLOBAL_BATCH // world_size
         inputs = [x[rank * shard : (rank + 1) * shard] for x in _data()]
-        loss = DeCURLoss(COMMON)(*model(*inputs)).total
+        loss = DeCURLoss(COMMON)(_views(*model(*inputs))).total
         loss.backward()  # DDP averages the parameter gradients across ranks here
         torch.save(
             {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.module.parameters()]},
@@ -60,7 +64,7 @@ def _free_port() -> int:
 
 def test_two_process_loss_and_ddp_gradient_equal_single_process(tmp_path):
     model = _TwoEncoders()
-    loss = DeCURLoss(COMMON)(*model(*_data())).total
+    loss = DeCURLoss(COMMON)(_views(*model(*_data()))).total
     loss.backward()
     expected_grads = [p.grad for p in model.parameters()]
 
@@ -76,6 +80,6 @@ def test_without_gathering_the_loss_differs(tmp_path):
     """Guard against a vacuous test: per-rank standardisation gives another loss."""
     model = _TwoEncoders()
     data = _data()
-    full = DeCURLoss(COMMON)(*model(*data)).total
-    half = DeCURLoss(COMMON)(*model(*[x[: GLOBAL_BATCH // 2] for x in data])).total
+    full = DeCURLoss(COMMON)(_views(*model(*data))).total
+    half = DeCURLoss(COMMON)(_views(*model(*[x[: GLOBAL_BATCH // 2] for x in data]))).total
     assert not torch.isclose(full, half, rtol=1e-3)

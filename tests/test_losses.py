@@ -149,4 +149,7 @@ def test_shape_mismatch_and_small_batch():
 def test_module_matches_function_without_process_group():
     z = [torch.randn(16, 32) for _ in range(4)]
     module = DeCURLoss(common_dims=24, lambd=0.01)
-    torch.testing.assert_close(module(*z).total, decur_loss(*z, common_dims=24, lambd=0.01).total)
+    views = {"s1": (z[0], z[1]), "s2": (z[2], z[3])}
+    torch.testing.assert_close(module(views).total, decur_loss(*z, common_dims=24, lambd=0.01).total)
+    authors = DeCURLoss(common_dims=24, lambd=0.01, weighting="authors")(views).total
+    torch.testing.assert_close(authors, decur_loss(*z, common_dims=24, lambd=0.01, weighting="authors").total)

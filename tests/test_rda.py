@@ -324,18 +324,24 @@ def test_authors_rda_weights_switch_to_dats_grid_and_keep_it_through_save_and_ch
     assert clone.da_l3.reference_points == clone.da_l4.reference_points == "dat"
 
     with pytest.warns(UserWarning, match="DAT's reference grid"):
-        module = tiny_decur(encoder1="resnet18_rda", weights1=str(tmp_path / "rda_s1.pth"), crop_size=64)
+        module = tiny_decur(
+            modalities={"sar": {"bands": 2, "encoder": "resnet18_rda", "weights": str(tmp_path / "rda_s1.pth")}, "optical": 4},
+            crop_size=64,
+        )
+    hparams = {**module.hparams, "modalities": {**module.hparams.modalities}}
+    hparams["modalities"]["sar"] = {k: v for k, v in hparams["modalities"]["sar"].items() if k != "weights"}  # the file is gone
     checkpoint = {
         "state_dict": module.state_dict(),
-        "hyper_parameters": {**module.hparams, "weights1": None},  # the authors' file is gone
+        "hyper_parameters": hparams,
         "pytorch-lightning_version": L.__version__,
     }
     torch.save(checkpoint, tmp_path / "decur.ckpt")
     reloaded = DeCURModule.load_from_checkpoint(tmp_path / "decur.ckpt", weights_only=False)
-    assert reloaded.encoder1.da_l3.reference_points == reloaded.encoder1.da_l4.reference_points == "dat"
+    sar = reloaded.encoders["sar"]
+    assert sar.da_l3.reference_points == sar.da_l4.reference_points == "dat"
     x = torch.rand(1, 2, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.encoder1.eval()(x), module.encoder1.eval()(x))
+        torch.testing.assert_close(sar.eval()(x), module.encoders["sar"].eval()(x))
 
 
 def test_lars_trains_the_attention_sanely_from_the_first_step():

@@ -65,16 +65,16 @@ def test_loss_and_statistics_stay_float32_under_bf16_autocast():
     batch = tiny_batch(n=8)
     views = model.make_views(batch, seed=3)
     with torch.no_grad():
-        reference = model.compute_loss(*(model.embed(v, i) for v, i in zip(views, (1, 1, 2, 2))))
+        reference = model.compute_loss({n: [model.embed(v, n) for v in vs] for n, vs in views.items()})
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            embeddings = [model.embed(v, i) for v, i in zip(views, (1, 1, 2, 2))]
-            mixed = model.compute_loss(*embeddings)
-    assert embeddings[0].dtype == torch.bfloat16
+            embeddings = {n: [model.embed(v, n) for v in vs] for n, vs in views.items()}
+            mixed = model.compute_loss(embeddings)
+    assert embeddings["sar"][0].dtype == torch.bfloat16
     for name, value in mixed.items():
         assert value.dtype == torch.float32, name
     # Only the bf16 encoder passes differ; the statistics on top are float32.
     torch.testing.assert_close(mixed["loss"], reference["loss"], rtol=5e-2, atol=0)
-    exact = model.compute_loss(*[e.float() for e in embeddings])
+    exact = model.compute_loss({n: [z.float() for z in zs] for n, zs in embeddings.items()})
     torch.testing.assert_close(mixed["loss"], exact["loss"], rtol=1e-6, atol=1e-5)
 
 
@@ -131,7 +131,7 @@ def test_nan_skip_policy_leaves_weights_untouched_in_fit(tmp_path):
 def test_nan_loss_from_embeddings_is_reported():
     model = tiny_decur()
     with torch.no_grad():
-        model.projector2.layers[0].weight.fill_(float("nan"))
+        model.projectors["optical"].layers[0].weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="the embeddings of 'optical'"):
         model.training_step(tiny_batch(n=4), 0)
 
@@ -146,8 +146,10 @@ def test_nan_policy_off_skips_the_check():
 
 
 def test_too_small_views_for_the_encoder_give_a_clear_error():
-    model = tiny_decur(encoder1="vit_small_patch16_224", crop_size=8, projector_dims=(16,))
-    with pytest.raises(ValueError, match=r"(?s)encoder of modality 'sar' \(vit_small_patch16_224\) failed on views of shape \(4, 2, 8, 8\).*raise\s+crop_size"):
+    model = tiny_decur(
+        modalities={"sar": {"bands": 2, "encoder": "vit_small_patch16_224"}, "optical": 4}, crop_size=8, projector_dims=(16,)
+    )
+    with pytest.raises(ValueError, match=r"(?s)encoder of modality 'sar' \(vit_small_patch16_224\) failed on input of shape \(4, 2, 8, 8\).*raise the crop"):
         model.training_step(tiny_batch(n=4, size=32), 0)
 
 
@@ -158,10 +160,10 @@ def test_checkpoint_of_other_encoders_is_rejected(tmp_path):
     trainer.fit(model, _data())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    other = tiny_decur(encoder2="resnet34", projector_dims=(32, 32))
+    other = tiny_decur(modalities={"sar": 2, "optical": {"bands": 4, "encoder": "resnet34"}}, projector_dims=(32, 32))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"encoders: checkpoint \['resnet18', 'resnet18'\], this module \['resnet18', 'resnet34'\]"):
+    with pytest.raises(ValueError, match=r"modalities: checkpoint .*'optical': \['resnet18', 4\].*this module .*'optical': \['resnet34', 4\]"):
         trainer.fit(other, _data(), ckpt_path=path)
     checkpoint = torch.load(path, weights_only=False)
     checkpoint["decur_lightning"]["method"] = "BarlowTwinsModule"
@@ -174,7 +176,7 @@ def test_collapse_warns_once_with_the_step(tmp_path):
     """A projector that outputs a constant has collapsed: warned once, with the step."""
     model = tiny_decur(projector_dims=(32, 32), lr=0.0, lr_bias=0.0)
     with torch.no_grad():
-        model.projector1.layers[-1].weight.zero_()
+        model.projectors["sar"].layers[-1].weight.zero_()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path,
                         log_every_n_steps=1)
@@ -247,8 +249,7 @@ def test_a_split_smaller_than_the_batch_fails_the_fit_with_both_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"training split of 6 samples gives no batch at a batch size of 8 with drop_last"):
         main([
             "fit", "--model=DeCURModule", "--data=SyntheticMultimodalDataModule",
-            "--model.encoder1=resnet18", "--model.encoder2=resnet18", "--model.in_channels1=2",
-            "--model.in_channels2=4", "--model.modality1=sar", "--model.modality2=optical",
+            "--model.encoder=resnet18",
             "--model.projector_dims=[32,32]", "--data.num_train=6", "--data.num_val=4", "--data.batch_size=8",
             "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",

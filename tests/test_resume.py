@@ -86,8 +86,7 @@ def test_geonrw_pretraining_resume_inside_an_epoch_repeats_every_step(tmp_path):
     _assert_resume_is_exact(
         tmp_path,
         lambda: tiny_decur(
-            projector_dims=(32, 32), optimizer="adamw", lr=1e-3, modality1="rgb", modality2="dem",
-            in_channels1=3, in_channels2=1, crop_size=16,
+            modalities={"rgb": 3, "dem": 1}, projector_dims=(32, 32), optimizer="adamw", lr=1e-3, crop_size=16,
         ),
         lambda: GeoNRWMMPretrainDataModule(root=root, batch_size=4, patch_size=16, tile_size=32),
         batches_per_epoch=3,
