@@ -60,14 +60,13 @@ OPTIMIZERS = {
     "lars": lambda batch: dict(optimizer="lars", lr=0.2 * batch / 256, lr_bias=0.0048 * batch / 256),
 }
 DEFAULT_METHODS = ["random", "decur", "barlow_cross", "barlow_single", "simclr_cross", "clip", "vicreg_cross"]
-MODALITIES = ("sar", "optical")
+MODALITIES = {"sar": 2, "optical": 4}
 
 
 def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Encoders, projector, views and optimiser common to every method."""
     return dict(
-        encoder1="resnet18", encoder2="resnet18", in_channels1=2, in_channels2=4,
-        modality1=MODALITIES[0], modality2=MODALITIES[1], projector_dims=(args.dim, args.dim, args.dim),
+        modalities=MODALITIES, encoder="resnet18", projector_dims=(args.dim, args.dim, args.dim),
         crop_size=args.size, crop_scale=(0.5, 1.0), warmup_epochs=1,
         **OPTIMIZERS[args.optimizer](args.batch_size),
     )
@@ -75,7 +74,7 @@ def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def datamodule(args: argparse.Namespace, seed: int) -> SyntheticMultimodalDataModule:
     dm = SyntheticMultimodalDataModule(
-        modalities=MODALITIES, channels=(2, 4), size=args.size, num_train=args.num_train,
+        modalities=MODALITIES, size=args.size, num_train=args.num_train,
         num_val=args.num_probe, num_test=args.num_probe, batch_size=args.batch_size, seed=seed,
     )
     dm.setup()
@@ -88,8 +87,7 @@ def pretrain(key: str, args: argparse.Namespace, seed: int, dm: SyntheticMultimo
     settings = shared_settings(args)
     variants = [settings]
     if key == "barlow_single":  # one model per modality, each on its own data
-        swapped = dict(settings, encoder1=settings["encoder2"], in_channels1=4, modality1=MODALITIES[1])
-        variants = [settings, swapped]
+        variants = [dict(settings, modality=name) for name in MODALITIES]
     models = []
     for variant in variants:
         L.seed_everything(seed, verbose=False)
