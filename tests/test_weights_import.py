@@ -1,31 +1,38 @@
-"""load_encoder_state_dict: every weight source lands in the right encoder, or fails with the keys."""
+"""load_encoder_state_dict: every weight source lands in the right encoder, or fails with the keys.
+
+Checkpoints of this package's modules are built here as dicts in their layout (``encoders.<name>.*``,
+``projectors.<name>.*``, ``hyper_parameters["modalities"]``), so these tests do not depend on the
+modules themselves.
+"""
 
 from __future__ import annotations
 
+import ast
+import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torchvision
 from torch import nn
 from torchgeo.models import ResNet50_Weights
 
-from decur_lightning.datamodules import SyntheticMultimodalDataModule
+import decur_lightning.models.encoders as encoders_module
 from decur_lightning.models import create_encoder
 from decur_lightning.weights import (
     EncoderWeightsMismatchError,
+    encoder_state_dict_from_checkpoint,
     export_encoders,
     load_encoder_state_dict,
     load_pretrained_encoder,
     load_state_dict_strictly,
+    source_modalities,
 )
-
-from helpers import tiny_decur
-
 
 # Tiny convolutions run several times faster on one thread when the cores are shared.
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+PACKAGE = Path(__file__).resolve().parents[1] / "decur_lightning"
 
 
 def assert_same_weights(encoder: nn.Module, reference: dict[str, torch.Tensor], prefix: str = "") -> None:
@@ -48,55 +55,196 @@ def randomized(module: nn.Module) -> nn.Module:
     return module
 
 
+#: name -> (encoder, bands, view, band names): three modalities, as the paper's future work.
+THREE = {
+    "sar": ("resnet18", 2, "sar", ["VV", "VH"]),
+    "optical": ("resnet18", 4, "optical", None),
+    "dem": ("resnet18", 1, "generic", None),
+}
+
+
+def module_checkpoint(
+    specs: dict = THREE, *, key_order: list[str] | None = None, head: str = "projectors"
+) -> tuple[dict, dict[str, nn.Module]]:
+    """A checkpoint of a module of this package: ``encoders.<name>.*`` and ``<head>.<name>.*`` keys (in
+    ``key_order``), ``hyper_parameters["modalities"]`` in ``specs`` order."""
+    encoders = {name: randomized(create_encoder(enc, bands)) for name, (enc, bands, _, _) in specs.items()}
+    state_dict = {}
+    for name in key_order or list(specs):
+        encoder = encoders[name]
+        state_dict.update({f"encoders.{name}.{k}": v.clone() for k, v in encoder.state_dict().items()})
+        state_dict[f"{head}.{name}.0.weight"] = torch.randn(16, encoder.num_features)
+    modalities = {}
+    for name, (enc, bands, view, band_names) in specs.items():
+        modalities[name] = {"bands": bands, "encoder": enc, "view": view}
+        if band_names is not None:
+            modalities[name]["band_names"] = band_names
+    hparams = {"modalities": modalities, "encoder": "resnet50", "encoder_kwargs": None, "projector_dims": [16]}
+    return {"epoch": 0, "global_step": 1, "state_dict": state_dict, "hyper_parameters": hparams}, encoders
+
+
+def version_0_1_checkpoint() -> tuple[dict, dict[int, nn.Module]]:
+    """A checkpoint of version 0.1's DeCURModule: encoder1.* / encoder2.*, modality1 / modality2."""
+    encoders = {1: randomized(create_encoder("resnet18", 2)), 2: randomized(create_encoder("resnet18", 4))}
+    state_dict = {}
+    for k in (1, 2):
+        state_dict.update({f"encoder{k}.{key}": v.clone() for key, v in encoders[k].state_dict().items()})
+        state_dict[f"projector{k}.0.weight"] = torch.randn(16, 512)
+    hparams = {"encoder1": "resnet18", "encoder2": "resnet18", "in_channels1": 2, "in_channels2": 4,
+               "modality1": "sar", "modality2": "optical", "projector_dims": [16]}
+    return {"epoch": 0, "state_dict": state_dict, "hyper_parameters": hparams}, encoders
+
+
 @pytest.fixture(scope="module")
-def decur_checkpoint(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("decur")
-    model = tiny_decur()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp)
-    trainer.fit(model, SyntheticMultimodalDataModule(num_train=16, batch_size=8))
-    path = tmp / "decur.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+def three_modalities(tmp_path_factory) -> tuple[Path, dict, dict[str, nn.Module]]:
+    checkpoint, encoders = module_checkpoint()
+    path = tmp_path_factory.mktemp("ckpt") / "decur3.ckpt"
+    torch.save(checkpoint, path)
+    return path, checkpoint, encoders
 
 
 # ------------------------------------------------------------------ (a) Lightning checkpoints
-def test_lightning_checkpoint_by_name_and_by_index(decur_checkpoint):
-    state = torch.load(decur_checkpoint, weights_only=False)["state_dict"]
-    for selectors, channels, prefix in (((1, "sar"), 2, "encoder1."), ((2, "optical"), 4, "encoder2.")):
-        for selector in selectors:
-            encoder = create_encoder("resnet18", channels)
-            load_pretrained_encoder(encoder, decur_checkpoint, selector)
-            assert_same_weights(encoder, state, prefix)
-    # BN running statistics are part of what lands
-    assert any(k.endswith("running_var") for k in load_encoder_state_dict(decur_checkpoint, "sar"))
+def test_module_checkpoint_by_name_and_by_position(three_modalities):
+    path, checkpoint, encoders = three_modalities
+    for position, (name, (enc, bands, _, _)) in enumerate(THREE.items(), start=1):
+        for source in (path, str(path), checkpoint):
+            for selector in (name, position):
+                encoder = create_encoder(enc, bands)
+                load_pretrained_encoder(encoder, source, selector)
+                assert_same_weights(encoder, encoders[name].state_dict())
+        torch.testing.assert_close(encoder_state_dict_from_checkpoint(checkpoint, name),
+                                   encoder_state_dict_from_checkpoint(checkpoint, position))
+    # BN running statistics are part of what lands; nothing of the projectors does
+    state_dict = load_encoder_state_dict(path, "dem")
+    assert any(k.endswith("running_var") for k in state_dict)
+    assert set(state_dict) == set(encoders["dem"].state_dict())
 
 
-def test_lightning_checkpoint_needs_a_known_modality(decur_checkpoint):
-    with pytest.raises(ValueError, match="two encoders"):
-        load_encoder_state_dict(decur_checkpoint)
-    with pytest.raises(ValueError, match=r"no modality 's2'.*'sar' \(1\) and 'optical' \(2\)"):
-        load_encoder_state_dict(decur_checkpoint, "s2")
+def test_module_checkpoint_errors_list_its_modalities(three_modalities):
+    path, _, _ = three_modalities
+    listing = r"'sar' \(1\), 'optical' \(2\), 'dem' \(3\)"
+    with pytest.raises(ValueError, match=rf"holds 3 encoders: {listing}\. Pass modality=<name> or its position \(1\.\.3\)"):
+        load_encoder_state_dict(path)
+    with pytest.raises(ValueError, match=rf"no modality 's2'; its modalities are {listing}"):
+        load_encoder_state_dict(path, "s2")
+    with pytest.raises(ValueError, match=rf"no modality at position 4 \(positions count from 1\).*{listing}"):
+        load_encoder_state_dict(path, 4)
+    with pytest.raises(ValueError, match="no modality at position 0"):
+        load_encoder_state_dict(path, 0)
+    with pytest.raises(TypeError, match="a modality name \\(str\\) or a 1-based position"):
+        load_encoder_state_dict(path, True)
+    # the EncoderSet error a module shows for a wrong weights_modality
+    with pytest.raises(EncoderWeightsMismatchError, match=r"modality 'optical'"):
+        load_pretrained_encoder(create_encoder("resnet18", 2), path, "optical")
+
+
+def test_position_follows_the_recorded_modality_order_not_the_key_order():
+    checkpoint, encoders = module_checkpoint(key_order=["dem", "optical", "sar"])
+    assert list(source_modalities(checkpoint)) == ["sar", "optical", "dem"]
+    for position, name in enumerate(THREE, start=1):
+        torch.testing.assert_close(load_encoder_state_dict(checkpoint, position), encoders[name].state_dict())
+    # without recorded names (a module's bare state dict) the key order is the modality order
+    bare = load_encoder_state_dict(checkpoint["state_dict"], 1)
+    torch.testing.assert_close(bare, encoders["dem"].state_dict())
+    torch.testing.assert_close(load_encoder_state_dict(checkpoint["state_dict"], "optical"),
+                               encoders["optical"].state_dict())
+
+
+def test_downstream_checkpoint_and_single_encoder_checkpoint():
+    """A downstream module's checkpoint (encoders.<name>.* beside its head) is a weight source too."""
+    checkpoint, encoders = module_checkpoint(head="heads")
+    encoder = create_encoder("resnet18", 4)
+    load_pretrained_encoder(encoder, checkpoint, "optical")
+    assert_same_weights(encoder, encoders["optical"].state_dict())
+
+    single, single_encoders = module_checkpoint({"optical": THREE["optical"]})
+    torch.testing.assert_close(load_encoder_state_dict(single), single_encoders["optical"].state_dict())
+    with pytest.raises(ValueError, match=r"no modality 'rgb'; its modalities are 'optical' \(1\)"):
+        load_encoder_state_dict(single, "rgb")
+
+
+def test_version_0_1_checkpoints_stay_readable(tmp_path):
+    checkpoint, encoders = version_0_1_checkpoint()
+    path = tmp_path / "v01.ckpt"
+    torch.save(checkpoint, path)
+    for position, name in ((1, "sar"), (2, "optical")):
+        for selector in (name, position):
+            torch.testing.assert_close(load_encoder_state_dict(path, selector), encoders[position].state_dict())
+    with pytest.raises(ValueError, match=r"no modality 's1'; its modalities are 'sar' \(1\), 'optical' \(2\)"):
+        load_encoder_state_dict(path, "s1")
+    # exported under the names its hyper-parameters give
+    paths = export_encoders(path, tmp_path / "exported")
+    assert list(paths) == ["sar", "optical"]
+    manifest = json.loads((tmp_path / "exported" / "encoders.json").read_text())
+    assert manifest["optical"] == {"file": "encoder_optical.pt", "encoder": "resnet18", "bands": 4, "view": None,
+                                   "position": 2}
+    torch.testing.assert_close(torch.load(paths["optical"]), encoders[2].state_dict())
+    # version 0.1's raw state dict (no hyper-parameters): positions only
+    raw = {f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
+    torch.testing.assert_close(load_encoder_state_dict(raw, 2), encoders[2].state_dict())
+    with pytest.raises(ValueError, match="records no modality names"):
+        load_encoder_state_dict(raw, "sar")
 
 
 # ------------------------------------------------------------------ (b) export_encoders output
-def test_export_folder_and_single_files(decur_checkpoint, tmp_path):
-    paths = export_encoders(decur_checkpoint, tmp_path / "exported")
-    state = torch.load(decur_checkpoint, weights_only=False)["state_dict"]
-    for source, selector, channels, prefix in (
-        (tmp_path / "exported", "sar", 2, "encoder1."),
-        (tmp_path / "exported", 2, 4, "encoder2."),
-        (paths["optical"], None, 4, "encoder2."),
-        (str(paths["sar"]), "sar", 2, "encoder1."),
+def test_export_writes_every_modality_in_order(three_modalities, tmp_path):
+    path, checkpoint, encoders = three_modalities
+    paths = export_encoders(path, tmp_path / "exported")
+    assert list(paths) == ["sar", "optical", "dem"]
+    assert [p.name for p in paths.values()] == ["encoder_sar.pt", "encoder_optical.pt", "encoder_dem.pt"]
+    manifest = json.loads((tmp_path / "exported" / "encoders.json").read_text())
+    assert list(manifest) == ["sar", "optical", "dem"]
+    assert manifest["sar"] == {"file": "encoder_sar.pt", "encoder": "resnet18", "bands": 2, "view": "sar",
+                               "band_names": ["VV", "VH"], "position": 1}
+    assert manifest["dem"] == {"file": "encoder_dem.pt", "encoder": "resnet18", "bands": 1, "view": "generic",
+                               "position": 3}
+    assert source_modalities(tmp_path / "exported") == source_modalities(path)
+    for name, state in encoders.items():
+        torch.testing.assert_close(torch.load(paths[name], weights_only=True), state.state_dict())
+    # the loaded dict exports the same files
+    again = export_encoders(checkpoint, tmp_path / "again")
+    torch.testing.assert_close(torch.load(again["dem"]), torch.load(paths["dem"]))
+
+
+def test_export_folder_and_single_files_by_name_and_position(three_modalities, tmp_path):
+    path, _, encoders = three_modalities
+    paths = export_encoders(path, tmp_path / "exported")
+    folder = tmp_path / "exported"
+    for source, selector, name in (
+        (folder, "sar", "sar"),
+        (folder, 2, "optical"),
+        (str(folder), 3, "dem"),
+        (paths["optical"], None, "optical"),
+        (str(paths["sar"]), "sar", "sar"),
+        (paths["dem"], 3, "dem"),
     ):
-        encoder = create_encoder("resnet18", channels)
+        enc, bands, _, _ = THREE[name]
+        encoder = create_encoder(enc, bands)
         load_pretrained_encoder(encoder, source, selector)
-        assert_same_weights(encoder, state, prefix)
-    with pytest.raises(ValueError, match="holds the encoders of"):
-        load_encoder_state_dict(tmp_path / "exported")
-    with pytest.raises(ValueError, match="is the encoder of modality 'sar'"):
+        assert_same_weights(encoder, encoders[name].state_dict())
+    with pytest.raises(ValueError, match=r"holds 3 encoders: 'sar' \(1\), 'optical' \(2\), 'dem' \(3\)"):
+        load_encoder_state_dict(folder)
+    with pytest.raises(ValueError, match=r"no modality 'rgb'; its modalities are 'sar' \(1\)"):
+        load_encoder_state_dict(folder, "rgb")
+    with pytest.raises(ValueError, match=r"is the encoder of modality 'sar' \(position 1\)"):
         load_encoder_state_dict(paths["sar"], "optical")
+    with pytest.raises(ValueError, match=r"is the encoder of modality 'sar' \(position 1\)"):
+        load_encoder_state_dict(paths["sar"], 2)
+
+
+def test_export_folder_of_version_0_1_is_read(tmp_path):
+    """encoders.json of version 0.1: in_channels and modality_index instead of bands and position."""
+    sar, optical = randomized(create_encoder("resnet18", 2)), randomized(create_encoder("resnet18", 4))
+    torch.save(sar.state_dict(), tmp_path / "encoder_sar.pt")
+    torch.save(optical.state_dict(), tmp_path / "encoder_optical.pt")
+    manifest = {
+        "sar": {"file": "encoder_sar.pt", "encoder": "resnet18", "in_channels": 2, "modality_index": 1},
+        "optical": {"file": "encoder_optical.pt", "encoder": "resnet18", "in_channels": 4, "modality_index": 2},
+    }
+    (tmp_path / "encoders.json").write_text(json.dumps(manifest))
+    torch.testing.assert_close(load_encoder_state_dict(tmp_path, 2), optical.state_dict())
+    torch.testing.assert_close(load_encoder_state_dict(tmp_path, "sar"), sar.state_dict())
+    assert source_modalities(tmp_path)["optical"] == {"encoder": "resnet18", "bands": 4, "view": None, "position": 2}
 
 
 # ------------------------------------------------------------------ (c) torchgeo weights
@@ -144,8 +292,12 @@ def test_authors_joint_checkpoint_resnet(tmp_path):
         encoder = create_encoder("resnet18", channels)
         load_pretrained_encoder(encoder, path, index)
         assert_same_weights(encoder, reference.state_dict())
-    with pytest.raises(ValueError, match="records no modality names"):
+    with pytest.raises(ValueError, match=r"records no modality names.*backbone_1\. \(1\), backbone_2\. \(2\)"):
         load_encoder_state_dict(path, "s1")
+    with pytest.raises(ValueError, match=r"holds 2 encoders: backbone_1\. \(1\), backbone_2\. \(2\)"):
+        load_encoder_state_dict(path)
+    with pytest.raises(ValueError, match=r"no modality at position 3"):
+        load_encoder_state_dict(path, 3)
 
 
 def tensors_only(encoder: nn.Module) -> dict[str, torch.Tensor]:
