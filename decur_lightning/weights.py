@@ -390,7 +390,7 @@ def load_encoder_state_dict(
         >>> load_state_dict_strictly(encoder, sd)  # doctest: +SKIP
     """
     if rda_blocks is not None and (isinstance(rda_blocks, bool) or not isinstance(rda_blocks, int) or rda_blocks < 1):
-        raise ValueError(f"rda_blocks must be None or a block group (1: da1_*, 2: da2_*); got {rda_blocks!r}.")
+        raise ValueError(f"rda_blocks must be None or a block-group number k >= 1 (the authors' da<k>_* blocks); got {rda_blocks!r}.")
     options = {"rda_blocks": rda_blocks}
     if isinstance(source, Mapping):
         return _from_loaded(source, modality, "the given dict", options)

@@ -424,3 +424,107 @@ class _Trunk(nn.Module):
         for name, child in encoder.named_children():
             if not name.startswith("da_"):
                 self.add_module(name, child)
+
+
+# ------------------------------------------------------------------ generic dispatch to encoder families
+class _HookedEncoder(nn.Module):
+    """An encoder family of someone else's: a linear layer, an optional 'aux' part and a classifier
+    that its own hooks drop, as MiTEncoder and ResNetRDA do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.aux = nn.Linear(4, 4)
+
+    def checkpoint_filter_fn(self, state_dict, source="the state dict"):
+        return {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
+
+    def optional_keys(self, state_dict, source="the state dict"):
+        return ("aux.",)
+
+
+def test_strict_loading_dispatches_to_the_encoders_hooks():
+    reference = randomized(_HookedEncoder())
+    weights = {k: v for k, v in reference.state_dict().items() if k.startswith("proj.")}
+    weights["classifier.weight"] = torch.zeros(10, 4)
+    encoder = _HookedEncoder()
+    aux_before = encoder.aux.weight.detach().clone()
+    load_state_dict_strictly(encoder, weights)  # classifier filtered, aux optional
+    torch.testing.assert_close(encoder.proj.weight, reference.proj.weight)
+    torch.testing.assert_close(encoder.aux.weight, aux_before)
+    # without the hooks, the same weights are refused with the keys
+    plain = nn.Module()
+    plain.proj, plain.aux = nn.Linear(3, 4), nn.Linear(4, 4)
+    with pytest.raises(EncoderWeightsMismatchError) as excinfo:
+        load_state_dict_strictly(plain, weights)
+    assert excinfo.value.unexpected_keys == ["classifier.weight"]
+    assert excinfo.value.missing_keys == ["aux.weight", "aux.bias"]
+
+
+def test_authors_layouts_of_a_new_family_through_a_registered_converter(monkeypatch, tmp_path):
+    """The authors' layouts reach the families' converters (AUTHORS_STATE_DICT_CONVERTERS), in
+    order; weights.py knows none of them."""
+    seen = []
+
+    def convert_extra(state_dict, position, *, source, **options):
+        seen.append((sorted({k.split(".")[0] for k in state_dict}), position, options))
+        if not any(k.startswith("extra_") for k in state_dict):
+            return None
+        trunk = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        return {**trunk, "aux.weight": state_dict[f"extra_{position}.weight"], "aux.bias": state_dict[f"extra_{position}.bias"]}
+
+    monkeypatch.setattr(encoders_module, "AUTHORS_STATE_DICT_CONVERTERS", [*encoders_module.AUTHORS_STATE_DICT_CONVERTERS, convert_extra])
+    import decur_lightning.weights as weights_module
+
+    monkeypatch.setattr(weights_module, "AUTHORS_STATE_DICT_CONVERTERS", encoders_module.AUTHORS_STATE_DICT_CONVERTERS)
+    first, second = randomized(_HookedEncoder()), randomized(_HookedEncoder())
+    model = {}
+    for k, encoder in ((1, first), (2, second)):
+        model.update({f"module.backbone_{k}.proj.{n}": v for n, v in encoder.proj.state_dict().items()})
+        model.update({f"module.extra_{k}.{n}": v for n, v in encoder.aux.state_dict().items()})
+    model["module.projector1.0.weight"] = torch.zeros(2, 2)
+    state_dict = load_encoder_state_dict({"epoch": 1, "model": model}, 2, rda_blocks=None)
+    encoder = _HookedEncoder()
+    load_state_dict_strictly(encoder, state_dict)
+    torch.testing.assert_close(encoder.aux.weight, second.aux.weight)
+    torch.testing.assert_close(encoder.proj.weight, second.proj.weight)
+    # one modality's view: its backbone as backbone.*, the family parts; no other backbone, no projector
+    assert seen[-1] == (["backbone", "extra_1", "extra_2"], 2, {"rda_blocks": None})
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names.extend(f"{'.' * node.level}{node.module or ''}:{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.extend(a.name for a in node.names)
+    return names
+
+
+def test_models_do_not_import_weights_and_weights_knows_no_family():
+    for path in (PACKAGE / "models").glob("*.py"):
+        assert not [i for i in _imports(path) if "weights" in i], path
+    weights_imports = _imports(PACKAGE / "weights.py")
+    for family in ("ResNetRDA", "MiTEncoder", "resnet_rda", "mit", "rda"):
+        assert not [i for i in weights_imports if i.endswith(f":{family}") or f".{family}:" in i], family
+    tree = ast.parse((PACKAGE / "weights.py").read_text())
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert not names & {"ResNetRDA", "MiTEncoder", "reference_points_state"}
+    # no family's keys in code (docstrings may describe them)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+               and id(n) not in docstrings]
+    assert not [s for s in strings if "da_l3" in s or "da1_" in s or "head." in s]
+
+
+def test_create_encoder_takes_only_imagenet_weights(tmp_path):
+    path = tmp_path / "enc.pt"
+    torch.save(create_encoder("resnet18", 3).state_dict(), path)
+    for weights in (str(path), path, "ResNet50_Weights.SENTINEL1_ALL_DECUR"):
+        with pytest.raises(ValueError, match=r"(?s)'imagenet' or 'imagenet:<file>' only.*"
+                                             r"decur_lightning\.weights\.load_pretrained_encoder\(encoder, source, modality\)"
+                                             r".*modalities=\{name: \{'weights': source\}\}"):
+            create_encoder("resnet18", 3, weights=weights)
