@@ -122,13 +122,19 @@ class _Entry:
 
     @property
     def label(self) -> str:
-        return f"{self.name!r} ({self.position})" if self.name is not None else f"{self.prefix or self.file} ({self.position})"
+        return (
+            f"{self.name!r} ({self.position})"
+            if self.name is not None
+            else f"{self.prefix or self.file} ({self.position})"
+        )
 
 
 def _state_dict_entries(state_dict: Mapping[str, Any], hparams: Mapping[str, Any], where: str) -> list[_Entry]:
     """The encoders of a module's state dict: ``encoders.<name>.*`` (described by ``hparams``'s
     ``modalities``), or version 0.1's ``encoder{1,2}.*`` (``modality{1,2}`` names them)."""
-    keyed = list(dict.fromkeys(k.split(".", 2)[1] for k in state_dict if k.startswith("encoders.") and k.count(".") >= 2))
+    keyed = list(
+        dict.fromkeys(k.split(".", 2)[1] for k in state_dict if k.startswith("encoders.") and k.count(".") >= 2)
+    )
     if keyed:
         recorded = hparams.get("modalities")
         if isinstance(recorded, Mapping):
@@ -150,7 +156,9 @@ def _state_dict_entries(state_dict: Mapping[str, Any], hparams: Mapping[str, Any
             description = _description(
                 {"encoder": hparams.get(f"encoder{position}"), "bands": hparams.get(f"in_channels{position}")}
             )
-            entries.append(_Entry(None if name is None else str(name), position, prefix=prefix, description=description))
+            entries.append(
+                _Entry(None if name is None else str(name), position, prefix=prefix, description=description)
+            )
     if not entries:
         raise ValueError(
             f"{where} has no encoder weights: expected 'encoders.<modality>.*' keys (a module of this package) or "
@@ -232,7 +240,9 @@ def source_modalities(source: WeightsSource) -> dict[str, dict[str, Any]]:
         entries, _ = _export_entries(Path(source))
     else:
         checkpoint = source if isinstance(source, Mapping) else _load_lightning_checkpoint(source)
-        entries = _state_dict_entries(checkpoint["state_dict"], checkpoint.get("hyper_parameters") or {}, _describe(source))
+        entries = _state_dict_entries(
+            checkpoint["state_dict"], checkpoint.get("hyper_parameters") or {}, _describe(source)
+        )
     return {_export_name(e): {**e.description, "position": e.position} for e in entries}
 
 
@@ -288,7 +298,9 @@ def export_encoders(checkpoint: str | Path | Mapping[str, Any], out_dir: str | P
     """
     if isinstance(checkpoint, Mapping):
         if "state_dict" not in checkpoint:
-            raise ValueError("The given dict is not a Lightning checkpoint of a decur-lightning module (no 'state_dict').")
+            raise ValueError(
+                "The given dict is not a Lightning checkpoint of a decur-lightning module (no 'state_dict')."
+            )
         loaded: Mapping[str, Any] = checkpoint
         where = "the given checkpoint"
     else:
@@ -390,7 +402,9 @@ def load_encoder_state_dict(
         >>> load_state_dict_strictly(encoder, sd)  # doctest: +SKIP
     """
     if rda_blocks is not None and (isinstance(rda_blocks, bool) or not isinstance(rda_blocks, int) or rda_blocks < 1):
-        raise ValueError(f"rda_blocks must be None or a block-group number k >= 1 (the authors' da<k>_* blocks); got {rda_blocks!r}.")
+        raise ValueError(
+            f"rda_blocks must be None or a block-group number k >= 1 (the authors' da<k>_* blocks); got {rda_blocks!r}."
+        )
     options = {"rda_blocks": rda_blocks}
     if isinstance(source, Mapping):
         return _from_loaded(source, modality, "the given dict", options)
@@ -518,7 +532,9 @@ def _export_entries(folder: Path) -> tuple[list[_Entry], Path]:
         )
     manifest = json.loads(manifest_path.read_text())
     if not isinstance(manifest, Mapping) or not all(isinstance(e, Mapping) and "file" in e for e in manifest.values()):
-        raise ValueError(f"{manifest_path} is not an encoders.json written by export_encoders (name -> {{'file', ...}}).")
+        raise ValueError(
+            f"{manifest_path} is not an encoders.json written by export_encoders (name -> {{'file', ...}})."
+        )
     entries = []
     for order, (name, entry) in enumerate(manifest.items(), start=1):
         position = entry.get("position", entry.get("modality_index", order))
@@ -592,7 +608,11 @@ def _from_authors_joint(
     # (e.g. RDA blocks) that the converters may claim; the other backbones and the projectors go.
     single = {f"backbone.{k}": v for k, v in trunk.items()}
     single.update(
-        {k: v for k, v in state_dict.items() if not _AUTHORS_BACKBONE.match(k) and not k.startswith(_AUTHORS_NOT_ENCODER)}
+        {
+            k: v
+            for k, v in state_dict.items()
+            if not _AUTHORS_BACKBONE.match(k) and not k.startswith(_AUTHORS_NOT_ENCODER)
+        }
     )
     converted = _convert_authors(single, entry.position, f"{where} ({entry.prefix}*)", options)
     return _drop_classifier(trunk if converted is None else converted, where)

@@ -41,7 +41,7 @@ def assert_same_weights(encoder: nn.Module, reference: dict[str, torch.Tensor], 
     checked = 0
     for key, value in reference.items():
         if key.startswith(prefix):
-            torch.testing.assert_close(state[key[len(prefix):]], value, rtol=0, atol=0)
+            torch.testing.assert_close(state[key[len(prefix) :]], value, rtol=0, atol=0)
             checked += 1
     assert checked > 0
 
@@ -90,8 +90,15 @@ def version_0_1_checkpoint() -> tuple[dict, dict[int, nn.Module]]:
     for k in (1, 2):
         state_dict.update({f"encoder{k}.{key}": v.clone() for key, v in encoders[k].state_dict().items()})
         state_dict[f"projector{k}.0.weight"] = torch.randn(16, 512)
-    hparams = {"encoder1": "resnet18", "encoder2": "resnet18", "in_channels1": 2, "in_channels2": 4,
-               "modality1": "sar", "modality2": "optical", "projector_dims": [16]}
+    hparams = {
+        "encoder1": "resnet18",
+        "encoder2": "resnet18",
+        "in_channels1": 2,
+        "in_channels2": 4,
+        "modality1": "sar",
+        "modality2": "optical",
+        "projector_dims": [16],
+    }
     return {"epoch": 0, "state_dict": state_dict, "hyper_parameters": hparams}, encoders
 
 
@@ -112,8 +119,10 @@ def test_module_checkpoint_by_name_and_by_position(three_modalities):
                 encoder = create_encoder(enc, bands)
                 load_pretrained_encoder(encoder, source, selector)
                 assert_same_weights(encoder, encoders[name].state_dict())
-        torch.testing.assert_close(encoder_state_dict_from_checkpoint(checkpoint, name),
-                                   encoder_state_dict_from_checkpoint(checkpoint, position))
+        torch.testing.assert_close(
+            encoder_state_dict_from_checkpoint(checkpoint, name),
+            encoder_state_dict_from_checkpoint(checkpoint, position),
+        )
     # BN running statistics are part of what lands; nothing of the projectors does
     state_dict = load_encoder_state_dict(path, "dem")
     assert any(k.endswith("running_var") for k in state_dict)
@@ -123,7 +132,9 @@ def test_module_checkpoint_by_name_and_by_position(three_modalities):
 def test_module_checkpoint_errors_list_its_modalities(three_modalities):
     path, _, _ = three_modalities
     listing = r"'sar' \(1\), 'optical' \(2\), 'dem' \(3\)"
-    with pytest.raises(ValueError, match=rf"holds 3 encoders: {listing}\. Pass modality=<name> or its position \(1\.\.3\)"):
+    with pytest.raises(
+        ValueError, match=rf"holds 3 encoders: {listing}\. Pass modality=<name> or its position \(1\.\.3\)"
+    ):
         load_encoder_state_dict(path)
     with pytest.raises(ValueError, match=rf"no modality 's2'; its modalities are {listing}"):
         load_encoder_state_dict(path, "s2")
@@ -146,8 +157,9 @@ def test_position_follows_the_recorded_modality_order_not_the_key_order():
     # without recorded names (a module's bare state dict) the key order is the modality order
     bare = load_encoder_state_dict(checkpoint["state_dict"], 1)
     torch.testing.assert_close(bare, encoders["dem"].state_dict())
-    torch.testing.assert_close(load_encoder_state_dict(checkpoint["state_dict"], "optical"),
-                               encoders["optical"].state_dict())
+    torch.testing.assert_close(
+        load_encoder_state_dict(checkpoint["state_dict"], "optical"), encoders["optical"].state_dict()
+    )
 
 
 def test_downstream_checkpoint_and_single_encoder_checkpoint():
@@ -176,8 +188,13 @@ def test_version_0_1_checkpoints_stay_readable(tmp_path):
     paths = export_encoders(path, tmp_path / "exported")
     assert list(paths) == ["sar", "optical"]
     manifest = json.loads((tmp_path / "exported" / "encoders.json").read_text())
-    assert manifest["optical"] == {"file": "encoder_optical.pt", "encoder": "resnet18", "bands": 4, "view": None,
-                                   "position": 2}
+    assert manifest["optical"] == {
+        "file": "encoder_optical.pt",
+        "encoder": "resnet18",
+        "bands": 4,
+        "view": None,
+        "position": 2,
+    }
     torch.testing.assert_close(torch.load(paths["optical"]), encoders[2].state_dict())
     # version 0.1's raw state dict (no hyper-parameters): positions only
     raw = {f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
@@ -194,10 +211,21 @@ def test_export_writes_every_modality_in_order(three_modalities, tmp_path):
     assert [p.name for p in paths.values()] == ["encoder_sar.pt", "encoder_optical.pt", "encoder_dem.pt"]
     manifest = json.loads((tmp_path / "exported" / "encoders.json").read_text())
     assert list(manifest) == ["sar", "optical", "dem"]
-    assert manifest["sar"] == {"file": "encoder_sar.pt", "encoder": "resnet18", "bands": 2, "view": "sar",
-                               "band_names": ["VV", "VH"], "position": 1}
-    assert manifest["dem"] == {"file": "encoder_dem.pt", "encoder": "resnet18", "bands": 1, "view": "generic",
-                               "position": 3}
+    assert manifest["sar"] == {
+        "file": "encoder_sar.pt",
+        "encoder": "resnet18",
+        "bands": 2,
+        "view": "sar",
+        "band_names": ["VV", "VH"],
+        "position": 1,
+    }
+    assert manifest["dem"] == {
+        "file": "encoder_dem.pt",
+        "encoder": "resnet18",
+        "bands": 1,
+        "view": "generic",
+        "position": 3,
+    }
     assert source_modalities(tmp_path / "exported") == source_modalities(path)
     for name, state in encoders.items():
         torch.testing.assert_close(torch.load(paths[name], weights_only=True), state.state_dict())
@@ -349,9 +377,10 @@ def test_authors_backbone_only_resnet_file(tmp_path):
     load_pretrained_encoder(encoder, tmp_path / "B2_rn18_decur_sar.pth")
     assert_same_weights(encoder, released)
     with torch.no_grad():
-        torch.testing.assert_close(encoder.eval()(torch.rand(1, 2, 64, 64) * 0 + 0.5),
-                                   nn.Sequential(*list(backbone.eval().children())[:-1])(
-                                       torch.full((1, 2, 64, 64), 0.5)).flatten(1))
+        torch.testing.assert_close(
+            encoder.eval()(torch.rand(1, 2, 64, 64) * 0 + 0.5),
+            nn.Sequential(*list(backbone.eval().children())[:-1])(torch.full((1, 2, 64, 64), 0.5)).flatten(1),
+        )
 
     rda = create_encoder("resnet18_rda", 2)
     assert rda.da_l3.reference_points == "centre"
@@ -404,8 +433,10 @@ def test_wrong_files_fail_with_key_lists(tmp_path):
         load_pretrained_encoder(create_encoder("resnet18", 13), tmp_path / "rn18.pt")
     assert excinfo.value.mismatched_shapes == [("conv1.weight", (64, 3, 7, 7), (64, 13, 7, 7))]
 
-    torch.save({"backbone_1.conv1.weight": torch.zeros(64, 3, 7, 7), "backbone_1.extra.weight": torch.zeros(2)},
-               tmp_path / "odd.pth")
+    torch.save(
+        {"backbone_1.conv1.weight": torch.zeros(64, 3, 7, 7), "backbone_1.extra.weight": torch.zeros(2)},
+        tmp_path / "odd.pth",
+    )
     with pytest.raises(EncoderWeightsMismatchError) as excinfo:
         load_pretrained_encoder(create_encoder("resnet18", 3), tmp_path / "odd.pth", 1)
     assert excinfo.value.unexpected_keys == ["extra.weight"]
@@ -470,10 +501,18 @@ def test_authors_layouts_of_a_new_family_through_a_registered_converter(monkeypa
         seen.append((sorted({k.split(".")[0] for k in state_dict}), position, options))
         if not any(k.startswith("extra_") for k in state_dict):
             return None
-        trunk = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        return {**trunk, "aux.weight": state_dict[f"extra_{position}.weight"], "aux.bias": state_dict[f"extra_{position}.bias"]}
+        trunk = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        return {
+            **trunk,
+            "aux.weight": state_dict[f"extra_{position}.weight"],
+            "aux.bias": state_dict[f"extra_{position}.bias"],
+        }
 
-    monkeypatch.setattr(encoders_module, "AUTHORS_STATE_DICT_CONVERTERS", [*encoders_module.AUTHORS_STATE_DICT_CONVERTERS, convert_extra])
+    monkeypatch.setattr(
+        encoders_module,
+        "AUTHORS_STATE_DICT_CONVERTERS",
+        [*encoders_module.AUTHORS_STATE_DICT_CONVERTERS, convert_extra],
+    )
     import decur_lightning.weights as weights_module
 
     monkeypatch.setattr(weights_module, "AUTHORS_STATE_DICT_CONVERTERS", encoders_module.AUTHORS_STATE_DICT_CONVERTERS)
@@ -512,11 +551,19 @@ def test_models_do_not_import_weights_and_weights_knows_no_family():
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     assert not names & {"ResNetRDA", "MiTEncoder", "reference_points_state"}
     # no family's keys in code (docstrings may describe them)
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
-                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-               and id(n) not in docstrings]
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    strings = [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
     assert not [s for s in strings if "da_l3" in s or "da1_" in s or "head." in s]
 
 
@@ -524,7 +571,10 @@ def test_create_encoder_takes_only_imagenet_weights(tmp_path):
     path = tmp_path / "enc.pt"
     torch.save(create_encoder("resnet18", 3).state_dict(), path)
     for weights in (str(path), path, "ResNet50_Weights.SENTINEL1_ALL_DECUR"):
-        with pytest.raises(ValueError, match=r"(?s)'imagenet' or 'imagenet:<file>' only.*"
-                                             r"decur_lightning\.weights\.load_pretrained_encoder\(encoder, source, modality\)"
-                                             r".*modalities=\{name: \{'weights': source\}\}"):
+        with pytest.raises(
+            ValueError,
+            match=r"(?s)'imagenet' or 'imagenet:<file>' only.*"
+            r"decur_lightning\.weights\.load_pretrained_encoder\(encoder, source, modality\)"
+            r".*modalities=\{name: \{'weights': source\}\}",
+        ):
             create_encoder("resnet18", 3, weights=weights)

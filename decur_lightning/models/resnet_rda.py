@@ -218,7 +218,9 @@ def convert_authors_state_dict(
     if not groups:
         return None
     if rda_blocks is not None and (isinstance(rda_blocks, bool) or rda_blocks not in groups):
-        raise ValueError(f"rda_blocks={rda_blocks!r}: {source} holds the attention blocks of groups {groups} (da<k>_*).")
+        raise ValueError(
+            f"rda_blocks={rda_blocks!r}: {source} holds the attention blocks of groups {groups} (da<k>_*)."
+        )
     others = [k for k in state_dict if not k.startswith("backbone.") and not _AUTHORS_BLOCK.match(k)]
     if others:
         raise ValueError(
