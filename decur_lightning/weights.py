@@ -144,8 +144,11 @@ def _state_dict_entries(state_dict: Mapping[str, Any], hparams: Mapping[str, Any
         else:
             described = {}
         order = [n for n in described if n in keyed] + [n for n in keyed if n not in described]
+        default = {"encoder": hparams.get("encoder")}  # the module's default encoder name
         return [
-            _Entry(name, position, prefix=f"encoders.{name}.", description=_description(described.get(name, {})))
+            _Entry(
+                name, position, prefix=f"encoders.{name}.", description=_description(described.get(name, {}), default)
+            )
             for position, name in enumerate(order, start=1)
         ]
     entries = []
@@ -167,7 +170,9 @@ def _state_dict_entries(state_dict: Mapping[str, Any], hparams: Mapping[str, Any
     return entries
 
 
-def _description(spec: Mapping[str, Any]) -> dict[str, Any]:
+def _description(spec: Mapping[str, Any], default: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``encoder``, ``bands``, ``view`` (``None`` where unknown) and ``band_names`` where known."""
+    spec = {**(default or {}), **{k: v for k, v in spec.items() if v is not None}}
     out = {"encoder": spec.get("encoder"), "bands": spec.get("bands"), "view": spec.get("view")}
     if spec.get("band_names") is not None:
         out["band_names"] = list(spec["band_names"])

@@ -169,6 +169,11 @@ def test_downstream_checkpoint_and_single_encoder_checkpoint():
     load_pretrained_encoder(encoder, checkpoint, "optical")
     assert_same_weights(encoder, encoders["optical"].state_dict())
 
+    # a modality without its own encoder name uses the module's default encoder
+    del checkpoint["hyper_parameters"]["modalities"]["dem"]["encoder"]
+    checkpoint["hyper_parameters"]["encoder"] = "resnet18"
+    assert source_modalities(checkpoint)["dem"] == {"encoder": "resnet18", "bands": 1, "view": "generic", "position": 3}
+
     single, single_encoders = module_checkpoint({"optical": THREE["optical"]})
     torch.testing.assert_close(load_encoder_state_dict(single), single_encoders["optical"].state_dict())
     with pytest.raises(ValueError, match=r"no modality 'rgb'; its modalities are 'optical' \(1\)"):
@@ -578,3 +583,27 @@ def test_create_encoder_takes_only_imagenet_weights(tmp_path):
             r".*modalities=\{name: \{'weights': source\}\}",
         ):
             create_encoder("resnet18", 3, weights=weights)
+
+
+def test_encoder_set_takes_each_modality_from_a_checkpoint_or_export(three_modalities, tmp_path):
+    """What a downstream module does with modalities={name: {weights, weights_modality}}: by default the
+    source's encoder of the same name, else the named or numbered one."""
+    from decur_lightning.encoder_set import EncoderSet
+    from decur_lightning.modalities import Modality
+
+    path, _, encoders = three_modalities
+    export_encoders(path, tmp_path / "exported")
+    built = EncoderSet(
+        {
+            "sar": Modality(bands=2, encoder="resnet18", weights=str(path)),
+            "elevation": Modality(bands=1, encoder="resnet18", weights=str(path), weights_modality="dem"),
+            "s2": Modality(bands=4, encoder="resnet18", weights=str(tmp_path / "exported"), weights_modality=2),
+        }
+    )
+    assert_same_weights(built["sar"], encoders["sar"].state_dict())
+    assert_same_weights(built["elevation"], encoders["dem"].state_dict())
+    assert_same_weights(built["s2"], encoders["optical"].state_dict())
+    with pytest.raises(
+        ValueError, match=r"no modality 's2'; its modalities are 'sar' \(1\), 'optical' \(2\), 'dem' \(3\)"
+    ):
+        EncoderSet({"s2": Modality(bands=4, encoder="resnet18", weights=str(path))})
