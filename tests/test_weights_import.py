@@ -607,3 +607,19 @@ def test_encoder_set_takes_each_modality_from_a_checkpoint_or_export(three_modal
         ValueError, match=r"no modality 's2'; its modalities are 'sar' \(1\), 'optical' \(2\), 'dem' \(3\)"
     ):
         EncoderSet({"s2": Modality(bands=4, encoder="resnet18", weights=str(path))})
+
+
+def test_authors_rda_blocks_of_one_group_only(tmp_path):
+    """A joint checkpoint that kept only da1_* (the blocks both modalities ran through): position 2 gets them,
+    with a warning; rda_blocks names a group the file lacks: a clear error."""
+    sar, optical = randomized(create_encoder("resnet18_rda", 2)), randomized(create_encoder("resnet18_rda", 3))
+    blocks = {f"module.da1_{k[3:]}": v for k, v in tensors_only(sar).items() if k.startswith("da_")}
+    checkpoint = _authors_joint({1: _Trunk(sar), 2: _Trunk(optical)}, blocks)
+    with pytest.warns(
+        UserWarning, match=r"holds only the attention blocks da1_\*: taking them for the modality at position 2"
+    ):
+        state_dict = load_encoder_state_dict(checkpoint, 2)
+    torch.testing.assert_close(state_dict["da_l4.proj_out.weight"], sar.da_l4.proj_out.weight)
+    torch.testing.assert_close(state_dict["conv1.weight"], optical.conv1.weight)
+    with pytest.raises(ValueError, match=r"rda_blocks=2: .* holds the attention blocks of groups \[1\]"):
+        load_encoder_state_dict(checkpoint, 2, rda_blocks=2)

@@ -201,7 +201,8 @@ def convert_authors_state_dict(
     Args:
         state_dict: a flat state dict (``module.`` stripped) with ``backbone.*`` keys.
         position: the modality's 1-based position (``k`` of ``da{k}_*``); needed when both
-            block groups are present.
+            block groups are present. A file holding one group gives it to any position (with a
+            warning when the numbers differ).
         source: how to name the source in messages.
         rda_blocks: take ``da{rda_blocks}_*`` whatever the position (``1``: the blocks modality
             2 actually ran through in the authors' pretraining).
@@ -231,6 +232,12 @@ def convert_authors_state_dict(
         group = rda_blocks
     elif len(groups) == 1:
         group = groups[0]
+        if isinstance(position, int) and not isinstance(position, bool) and position != group:
+            warnings.warn(
+                f"{source} holds only the attention blocks da{group}_*: taking them for the modality at position "
+                f"{position}.",
+                stacklevel=3,
+            )
     elif isinstance(position, int) and not isinstance(position, bool) and position in groups:
         group = position
     else:
