@@ -1,31 +1,43 @@
-"""Export and import of pretrained encoders.
+"""Export and import of pretrained encoders, one per modality, any number of modalities.
 
-A DeCUR checkpoint holds both modalities' encoders under ``encoder1.*`` and ``encoder2.*``.
-:func:`export_encoders` writes each as a plain state dict that
-``timm.create_model(name, in_chans=C, num_classes=0)`` loads strictly, so a pretrained encoder
-can be used in any project without this package.
+A checkpoint of this package's modules (SSL and downstream) holds one encoder per modality under
+``encoders.<name>.*``, and ``hyper_parameters["modalities"]`` describes them in order (name ->
+``bands``, ``encoder``, ``view``, ...). :func:`export_encoders` writes each as a plain state dict
+that ``timm.create_model(name, in_chans=C, num_classes=0)`` loads strictly, so a pretrained
+encoder can be used in any project without this package, and ``encoders.json`` names every
+modality in order.
 
 :func:`load_encoder_state_dict` reads one modality's encoder back from any source: this
-package's checkpoints and exports, torchgeo's DeCUR weights, and every layout of the authors'
-released checkpoints; :func:`load_state_dict_strictly` loads it into an encoder and lists the
-keys when it does not fit.
+package's checkpoints (also those of version 0.1, ``encoder{1,2}.*``) and exports, torchgeo's
+DeCUR weights, and every layout of the authors' released checkpoints; a modality is selected by
+its name or by its 1-based position. :func:`load_state_dict_strictly` loads it into an encoder
+and lists the keys when it does not fit.
+
+Encoder families keep their own checkpoint knowledge (timm's ``checkpoint_filter_fn``
+pattern); this module dispatches to it without knowing the families:
+
+- an encoder's ``checkpoint_filter_fn(state_dict, source)`` and ``optional_keys(state_dict,
+  source)`` methods (:class:`~decur_lightning.models.MiTEncoder`'s head rules,
+  :class:`~decur_lightning.models.ResNetRDA`'s plain-trunk rule);
+- :data:`decur_lightning.models.AUTHORS_STATE_DICT_CONVERTERS` for the authors' released layouts
+  (the RDA blocks ``da{k}_l3/l4``).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
-from .models.mit import MiTEncoder
-from .models.rda import reference_points_state
-from .models.resnet_rda import ResNetRDA
+from .models.encoders import AUTHORS_STATE_DICT_CONVERTERS
 
 __all__ = [
     "EncoderWeightsMismatchError",
@@ -36,97 +48,26 @@ __all__ = [
     "load_encoder_state_dict",
     "load_pretrained_encoder",
     "load_state_dict_strictly",
+    "source_modalities",
 ]
-
-
-def _load_lightning_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit.")
-    checkpoint = _torch_load(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(
-            f"{path} is not a Lightning checkpoint of a decur-lightning SSL module (it has no "
-            "'state_dict' and 'hyper_parameters'). For the authors' released files use "
-            "decur_lightning.weights.load_encoder_state_dict."
-        )
-    return checkpoint
-
-
-def _encoder_indices(checkpoint: Mapping[str, Any]) -> list[int]:
-    """Which of ``encoder1`` / ``encoder2`` a Lightning checkpoint holds (single-modal methods: one)."""
-    return [i for i in (1, 2) if any(k.startswith(f"encoder{i}.") for k in checkpoint["state_dict"])]
-
-
-def encoder_state_dict_from_checkpoint(checkpoint: dict[str, Any], index: int) -> dict[str, torch.Tensor]:
-    """The state dict of encoder ``index`` (1 or 2) of a loaded Lightning checkpoint, prefix stripped."""
-    prefix = f"encoder{index}."
-    state_dict = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    if not state_dict:
-        raise ValueError(
-            f"The checkpoint has no '{prefix}*' weights: it was not written by a decur-lightning "
-            "multimodal SSL module (DeCURModule or a baseline)."
-        )
-    return state_dict
-
-
-def export_encoders(checkpoint_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write one encoder state dict per modality from a DeCURModule checkpoint.
-
-    Files: ``<out_dir>/encoder_<modality>.pt`` (a plain ``state_dict``) and
-    ``<out_dir>/encoders.json`` describing each (encoder name, ``in_channels``, modality).
-    Plain timm encoders load into ``timm.create_model(name, in_chans=C, num_classes=0)``
-    strictly; encoders of this package (``*_rda``, ``mit_b*``) into
-    ``decur_lightning.models.create_encoder(name, C)``.
-
-    Args:
-        checkpoint_path: a ``.ckpt`` written by ``Trainer.fit`` on a DeCURModule (or a baseline).
-        out_dir: folder to write into (created).
-
-    Returns:
-        ``{modality: path}`` of the written state dicts.
-
-    Example:
-        >>> paths = export_encoders("last.ckpt", "exported")  # doctest: +SKIP
-        >>> enc = timm.create_model("resnet50", in_chans=2, num_classes=0)  # doctest: +SKIP
-        >>> enc.load_state_dict(torch.load(paths["s1"]))  # doctest: +SKIP
-    """
-    checkpoint = _load_lightning_checkpoint(checkpoint_path)
-    hparams = checkpoint["hyper_parameters"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    manifest = {}
-    # [1] when none: encoder_state_dict_from_checkpoint then says what is missing.
-    for index in _encoder_indices(checkpoint) or [1]:
-        modality = hparams.get(f"modality{index}", str(index))
-        path = out / f"encoder_{modality}.pt"
-        torch.save(encoder_state_dict_from_checkpoint(checkpoint, index), path)
-        paths[modality] = path
-        manifest[modality] = {
-            "file": path.name,
-            "encoder": hparams.get(f"encoder{index}"),
-            "in_channels": hparams.get(f"in_channels{index}"),
-            "modality_index": index,
-        }
-    (out / "encoders.json").write_text(json.dumps(manifest, indent=2))
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# Import: one modality's encoder weights from any source
-# ---------------------------------------------------------------------------------------------
 
 #: A weight source: a file or folder path, a torchgeo weight (``WeightsEnum`` member or its
 #: name, e.g. ``"ResNet50_Weights.SENTINEL1_ALL_DECUR"``), or an already loaded dict.
 WeightsSource = Union[str, Path, Mapping[str, Any], Any]
-#: Which encoder of a two-encoder source: ``1``, ``2``, a modality name the source records, or
-#: ``None`` for sources that hold one encoder only.
+#: Which encoder of a source holding several: a modality name the source records, or the
+#: modality's 1-based position (the n-th modality in order; for the authors' joint checkpoints,
+#: which record no names, 1 = SAR and 2 = optical); ``None`` only for sources with one encoder.
 ModalitySelector = Union[int, str, None]
 
-_RDA_LEVELS: tuple[str, ...] = ("l3", "l4")
 _CLASSIFIER_PREFIXES: tuple[str, ...] = ("fc.",)
 _MAX_LISTED_KEYS = 20
+#: Version 0.1 layout: ``encoder<k>.*`` keys and ``modality<k>`` / ``encoder<k>`` /
+#: ``in_channels<k>`` hyper-parameters, k = 1, 2 (built from the position, not spelled out).
+_LEGACY_POSITIONS: tuple[int, ...] = (1, 2)
+_AUTHORS_BACKBONE = re.compile(r"^backbone_(\d+)\.")
+#: Parts of the authors' joint DeCUR checkpoints that are not encoders (projectors, the
+#: cross-correlation batch norm).
+_AUTHORS_NOT_ENCODER: tuple[str, ...] = ("projector", "bn.")
 
 
 class EncoderWeightsMismatchError(RuntimeError):
@@ -159,12 +100,235 @@ class EncoderWeightsMismatchError(RuntimeError):
                 more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
                 lines.append(f"  {label} ({len(items)}): {shown}{more}")
         lines.append(
-            "Check the encoder name (e.g. resnet50 vs resnet50_rda vs mit_b2), in_channels, and which "
-            "modality of the source you asked for (1, 2 or its name)."
+            "Check the encoder name (e.g. resnet50 vs resnet50_rda vs mit_b2), the band count, and which "
+            "modality of the source you asked for (its name or its 1-based position)."
         )
         super().__init__("\n".join(lines))
 
 
+# ---------------------------------------------------------------------------------------------
+# The encoders a source holds
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    """One encoder of a source: its modality name (``None`` if unrecorded), 1-based position,
+    where its weights are (a key prefix, or a file of an export), and its description."""
+
+    name: str | None
+    position: int
+    prefix: str = ""
+    file: str | None = None
+    description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.name!r} ({self.position})"
+            if self.name is not None
+            else f"{self.prefix or self.file} ({self.position})"
+        )
+
+
+def _state_dict_entries(state_dict: Mapping[str, Any], hparams: Mapping[str, Any], where: str) -> list[_Entry]:
+    """The encoders of a module's state dict: ``encoders.<name>.*`` (described by ``hparams``'s
+    ``modalities``), or version 0.1's ``encoder{1,2}.*`` (``modality{1,2}`` names them)."""
+    keyed = list(
+        dict.fromkeys(k.split(".", 2)[1] for k in state_dict if k.startswith("encoders.") and k.count(".") >= 2)
+    )
+    if keyed:
+        recorded = hparams.get("modalities")
+        if isinstance(recorded, Mapping):
+            described = {str(n): dict(d) if isinstance(d, Mapping) else {} for n, d in recorded.items()}
+        elif isinstance(recorded, (list, tuple)):
+            described = {str(n): {} for n in recorded}
+        else:
+            described = {}
+        order = [n for n in described if n in keyed] + [n for n in keyed if n not in described]
+        default = {"encoder": hparams.get("encoder")}  # the module's default encoder name
+        return [
+            _Entry(
+                name, position, prefix=f"encoders.{name}.", description=_description(described.get(name, {}), default)
+            )
+            for position, name in enumerate(order, start=1)
+        ]
+    entries = []
+    for position in _LEGACY_POSITIONS:
+        prefix = f"encoder{position}."
+        if any(k.startswith(prefix) for k in state_dict):
+            name = hparams.get(f"modality{position}")
+            description = _description(
+                {"encoder": hparams.get(f"encoder{position}"), "bands": hparams.get(f"in_channels{position}")}
+            )
+            entries.append(
+                _Entry(None if name is None else str(name), position, prefix=prefix, description=description)
+            )
+    if not entries:
+        raise ValueError(
+            f"{where} has no encoder weights: expected 'encoders.<modality>.*' keys (a module of this package) or "
+            f"version 0.1's 'encoder<k>.*'; its key prefixes are {_prefixes(state_dict)}."
+        )
+    return entries
+
+
+def _description(spec: Mapping[str, Any], default: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``encoder``, ``bands``, ``view`` (``None`` where unknown) and ``band_names`` where known."""
+    spec = {**(default or {}), **{k: v for k, v in spec.items() if v is not None}}
+    out = {"encoder": spec.get("encoder"), "bands": spec.get("bands"), "view": spec.get("view")}
+    if spec.get("band_names") is not None:
+        out["band_names"] = list(spec["band_names"])
+    return out
+
+
+def _select(entries: list[_Entry], modality: ModalitySelector, where: str) -> _Entry:
+    """The entry ``modality`` names (a recorded name or a 1-based position); errors list them all."""
+    listing = ", ".join(e.label for e in entries)
+    if modality is None:
+        if len(entries) == 1:
+            return entries[0]
+        raise ValueError(
+            f"{where} holds {len(entries)} encoders: {listing}. Pass modality=<name> or its position "
+            f"(1..{len(entries)})."
+        )
+    if isinstance(modality, bool) or not isinstance(modality, (int, str)):
+        raise TypeError(f"modality must be a modality name (str) or a 1-based position (int); got {modality!r}.")
+    if isinstance(modality, str):
+        matches = [e for e in entries if e.name == modality]
+        if not matches:
+            if all(e.name is None for e in entries):
+                raise ValueError(
+                    f"{where} records no modality names, so modality {modality!r} cannot be resolved; it holds "
+                    f"{listing}: pass the position (in the authors' SAR-optical checkpoints 1 is SAR, 2 optical; "
+                    f"modules: modalities={{'{modality}': {{'weights_modality': 1}}}})."
+                )
+            raise ValueError(f"{where} has no modality {modality!r}; its modalities are {listing}.")
+        return matches[0]
+    matches = [e for e in entries if e.position == modality]
+    if not matches:
+        raise ValueError(
+            f"{where} has no modality at position {modality} (positions count from 1); its modalities are {listing}."
+        )
+    return matches[0]
+
+
+def _entry_state_dict(state_dict: Mapping[str, Any], entry: _Entry) -> dict[str, torch.Tensor]:
+    return {k[len(entry.prefix) :]: v for k, v in state_dict.items() if k.startswith(entry.prefix)}
+
+
+def encoder_state_dict_from_checkpoint(
+    checkpoint: Mapping[str, Any], modality: ModalitySelector = None
+) -> dict[str, torch.Tensor]:
+    """One modality's encoder state dict from a loaded Lightning checkpoint, prefix stripped.
+
+    Args:
+        checkpoint: ``torch.load`` of a checkpoint of a module of this package (``state_dict``
+            keys ``encoders.<name>.*``; version 0.1's ``encoder{1,2}.*`` also read).
+        modality: a modality name, its 1-based position, or ``None`` when the checkpoint holds
+            one encoder.
+    """
+    where = "the checkpoint"
+    entries = _state_dict_entries(checkpoint["state_dict"], checkpoint.get("hyper_parameters") or {}, where)
+    return _entry_state_dict(checkpoint["state_dict"], _select(entries, modality, where))
+
+
+def source_modalities(source: WeightsSource) -> dict[str, dict[str, Any]]:
+    """The modalities a checkpoint of this package or an export folder holds, in order.
+
+    Returns:
+        ``{name: {"encoder", "bands", "view", ["band_names"], "position"}}`` (``None`` where the
+        source does not say).
+
+    Example:
+        >>> source_modalities("runs/pretrain/last.ckpt")  # doctest: +SKIP
+        {'s1': {'encoder': 'resnet50', 'bands': 2, 'view': 'sar', 'position': 1}, 's2': {...}}
+    """
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        entries, _ = _export_entries(Path(source))
+    else:
+        checkpoint = source if isinstance(source, Mapping) else _load_lightning_checkpoint(source)
+        entries = _state_dict_entries(
+            checkpoint["state_dict"], checkpoint.get("hyper_parameters") or {}, _describe(source)
+        )
+    return {_export_name(e): {**e.description, "position": e.position} for e in entries}
+
+
+def _export_name(entry: _Entry) -> str:
+    return entry.name if entry.name is not None else str(entry.position)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+def _load_lightning_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit.")
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint of a decur-lightning module (it has no 'state_dict' and "
+            "'hyper_parameters'). For the authors' released files use decur_lightning.weights.load_encoder_state_dict."
+        )
+    return checkpoint
+
+
+def export_encoders(checkpoint: str | Path | Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write one encoder state dict per modality of a checkpoint of this package, for every modality.
+
+    Files: ``<out_dir>/encoder_<name>.pt`` (a plain ``state_dict``) for each of the M
+    modalities, and ``<out_dir>/encoders.json`` naming them in order (the first is the one the
+    paper calls modality 1), each with its description::
+
+        {"s1": {"file": "encoder_s1.pt", "encoder": "resnet50", "bands": 2, "view": "sar",
+                "band_names": ["VV", "VH"], "position": 1},
+         "s2": {...}}
+
+    (``band_names`` only where known; ``encoder`` / ``bands`` / ``view`` ``null`` where the
+    checkpoint does not record them). Plain timm encoders load into
+    ``timm.create_model(name, in_chans=C, num_classes=0)`` strictly; encoders of this package
+    (``*_rda``, ``mit_b*``) into ``decur_lightning.models.create_encoder(name, C)``. The folder
+    or one file is a weight source again (:func:`load_encoder_state_dict`, by name or position).
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``Trainer.fit`` on a module of this package (SSL or
+            downstream; version 0.1 checkpoints too), or the loaded dict.
+        out_dir: folder to write into (created).
+
+    Returns:
+        ``{modality: path}`` of the written state dicts, in modality order.
+
+    Example:
+        >>> paths = export_encoders("last.ckpt", "exported")  # doctest: +SKIP
+        >>> enc = timm.create_model("resnet50", in_chans=2, num_classes=0)  # doctest: +SKIP
+        >>> enc.load_state_dict(torch.load(paths["s1"]))  # doctest: +SKIP
+    """
+    if isinstance(checkpoint, Mapping):
+        if "state_dict" not in checkpoint:
+            raise ValueError(
+                "The given dict is not a Lightning checkpoint of a decur-lightning module (no 'state_dict')."
+            )
+        loaded: Mapping[str, Any] = checkpoint
+        where = "the given checkpoint"
+    else:
+        loaded = _load_lightning_checkpoint(checkpoint)
+        where = str(checkpoint)
+    entries = _state_dict_entries(loaded["state_dict"], loaded.get("hyper_parameters") or {}, where)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    manifest: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        name = _export_name(entry)
+        path = out / f"encoder_{name}.pt"
+        torch.save(_entry_state_dict(loaded["state_dict"], entry), path)
+        paths[name] = path
+        manifest[name] = {"file": path.name, **entry.description, "position": entry.position}
+    (out / "encoders.json").write_text(json.dumps(manifest, indent=2))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: one modality's encoder weights from any source
+# ---------------------------------------------------------------------------------------------
 def load_encoder_state_dict(
     source: WeightsSource,
     modality: ModalitySelector = None,
@@ -179,30 +343,33 @@ def load_encoder_state_dict(
     (plus ``head.*`` when the source has DeCUR's 2048-wide head). Load them with
     :func:`load_state_dict_strictly` (or :func:`load_pretrained_encoder` in one call).
 
+    ``modality`` selects the encoder in every source that holds several: a modality name the
+    source records, or the 1-based position (the n-th modality in order); ``None`` only when
+    the source holds one encoder. Errors list the modalities the source has.
+
     Sources (paper Sections 5.1-5.3 transfer these encoders):
 
-    - a Lightning checkpoint of a DeCURModule (or a baseline or downstream module of this
-      package): ``state_dict`` keys ``encoder1.*`` / ``encoder2.*``; ``hyper_parameters``
-      ``modality1`` / ``modality2`` name them, so ``modality`` may be a name;
-    - what :func:`export_encoders` writes: the folder (``encoders.json`` names the modalities)
-      or one ``encoder_<modality>.pt`` file;
+    - a Lightning checkpoint of a module of this package (SSL or downstream): ``state_dict``
+      keys ``encoders.<name>.*``, ``hyper_parameters["modalities"]`` their order; version 0.1
+      checkpoints (``encoder{1,2}.*``, named by ``modality{1,2}``) are read too;
+    - what :func:`export_encoders` writes: the folder (``encoders.json`` names the modalities
+      and their positions) or one ``encoder_<name>.pt`` file;
     - a torchgeo weight, e.g. ``ResNet50_Weights.SENTINEL1_ALL_DECUR`` (2-band SAR) or
       ``SENTINEL2_ALL_DECUR`` (13-band optical), or its name (downloaded by torchgeo);
-    - the authors' released files (github.com/zhu-xlab/DeCUR):
+    - the authors' released files (github.com/zhu-xlab/DeCUR), which record no names:
 
       * a joint checkpoint ``{'epoch', 'model', 'optimizer'}`` whose ``model`` holds
-        ``module.backbone_1.*`` (modality 1; SAR in SAR-optical) and ``module.backbone_2.*``,
+        ``module.backbone_1.*`` (position 1; SAR in SAR-optical) and ``module.backbone_2.*``,
         projectors, and with RDA ``module.da1_l3.*``, ``module.da1_l4.*``, ``module.da2_*``;
-        ``modality`` must be ``1`` or ``2`` (the file records no names);
       * a backbone-only file: bare ResNet keys (SAR file from ``backbone_1``, optical from
         ``backbone_2``) or MiT keys (``module.backbone_{1,2}.`` stripped, ``head`` dropped);
-      * an RDA backbone file: ``backbone.*`` plus ``da1_l3/l4.*`` and/or ``da2_l3/l4.*``,
-        mapped to the trunk and ``da_l3.*`` / ``da_l4.*``.
+      * an RDA backbone file: ``backbone.*`` plus ``da1_l3/l4.*`` and/or ``da2_l3/l4.*``.
 
-      The authors' attention blocks were trained with DAT's reference grid: the returned state
-      dict sets ``da_l3._extra_state`` / ``da_l4._extra_state`` to ``"dat"`` (a warning says
-      so), so the loaded encoder uses ``rda_reference_points="dat"``, also after it is saved and
-      reloaded.
+      Layouts of an encoder family are mapped by its converter
+      (:data:`decur_lightning.models.AUTHORS_STATE_DICT_CONVERTERS`): the RDA blocks become
+      ``da_l3.*`` / ``da_l4.*`` with DAT's reference grid (``_extra_state`` = ``"dat"``, a
+      warning says so), so the loaded encoder uses ``rda_reference_points="dat"``, also after
+      it is saved and reloaded.
 
     Files are read with ``torch.load(weights_only=True)``; a checkpoint holding other Python
     objects (a Lightning checkpoint's hyper-parameters may) is then unpickled in full: load only
@@ -212,35 +379,40 @@ def load_encoder_state_dict(
     not part of an encoder and is left out, with a warning.
 
     Residual deformable attention: the authors' pretraining ran modality 2 through modality 1's
-    blocks (``da1_*``) and never trained ``da2_*``. By default modality ``i`` gets ``da{i}_*``
-    (its own blocks; a warning says that ``da2_*`` are untrained); ``rda_blocks=1`` takes
-    ``da1_*``, the blocks modality 2 actually ran through during their pretraining.
+    blocks (``da1_*``) and never trained ``da2_*``. By default the modality at position ``k``
+    gets ``da{k}_*`` (its own blocks; a warning says that ``da2_*`` are untrained);
+    ``rda_blocks=1`` takes ``da1_*``, the blocks modality 2 actually ran through during their
+    pretraining.
 
     Args:
         source: a path (file or export folder), a torchgeo ``WeightsEnum`` member or its name,
             or an already loaded checkpoint / state dict.
-        modality: ``1`` or ``2``, or a modality name where the source records names (Lightning
-            checkpoints, export folders). ``None`` for sources holding one encoder.
+        modality: a modality name the source records, or a 1-based position; ``None`` for
+            sources holding one encoder.
         rda_blocks: which attention blocks (``1``: ``da1_*``, ``2``: ``da2_*``) to take from
-            the authors' RDA files; ``None``: the modality's own.
+            the authors' RDA files; ``None``: the modality's own. Other sources ignore it.
 
     Returns:
         The encoder's state dict (tensors on the CPU).
 
     Raises:
         FileNotFoundError: if a path does not exist and is not a torchgeo weight name either.
-        ValueError: if ``modality`` is needed and missing or unknown, or the source's layout is
-            not one of the above (the message lists what it found).
+        ValueError: if ``modality`` is needed and missing or unknown (the message lists the
+            source's modalities), or the source's layout is not one of the above (the message
+            lists what it found).
 
     Example:
         >>> sd = load_encoder_state_dict("runs/pretrain/version_0/checkpoints/last.ckpt", "s1")  # doctest: +SKIP
         >>> encoder = create_encoder("resnet50", in_channels=2)  # doctest: +SKIP
         >>> load_state_dict_strictly(encoder, sd)  # doctest: +SKIP
     """
-    if rda_blocks not in (None, 1, 2):
-        raise ValueError(f"rda_blocks must be None, 1 or 2; got {rda_blocks!r}.")
+    if rda_blocks is not None and (isinstance(rda_blocks, bool) or not isinstance(rda_blocks, int) or rda_blocks < 1):
+        raise ValueError(
+            f"rda_blocks must be None or a block-group number k >= 1 (the authors' da<k>_* blocks); got {rda_blocks!r}."
+        )
+    options = {"rda_blocks": rda_blocks}
     if isinstance(source, Mapping):
-        return _from_loaded(source, modality, "the given dict", rda_blocks)
+        return _from_loaded(source, modality, "the given dict", options)
     if hasattr(source, "get_state_dict"):
         return _from_torchgeo(source)
     if not isinstance(source, (str, Path)):
@@ -253,7 +425,7 @@ def load_encoder_state_dict(
         return _from_export_folder(path, modality)
     if path.is_file():
         _check_export_file_modality(path, modality)
-        return _from_loaded(_torch_load(path), modality, str(path), rda_blocks)
+        return _from_loaded(_torch_load(path), modality, str(path), options)
     return _from_torchgeo(_torchgeo_weight_by_name(str(source)))
 
 
@@ -263,40 +435,27 @@ def load_state_dict_strictly(
     """Load ``state_dict`` into ``encoder``, every key accounted for.
 
     Raises :class:`EncoderWeightsMismatchError` with the missing, unexpected and mis-shaped keys
-    when the weights do not fit. Two documented exceptions, each with a warning where weights
-    stay at their initialisation:
+    when the weights do not fit. An encoder family may relax this through two hooks (methods
+    of the encoder, looked up by name), each warning where weights stay at their
+    initialisation:
 
-    - a ``*_rda`` encoder (:class:`~decur_lightning.models.ResNetRDA`) given plain ResNet
-      weights (no ``da_*`` keys): the trunk is loaded, the attention blocks keep their
-      initialisation (close to the identity);
-    - a MiT encoder (:class:`~decur_lightning.models.MiTEncoder`) given trunk-only MiT weights
-      (the authors' MiT files drop the head; the head only serves the pooled ``forward``, not
-      the segmentation feature maps) or ImageNet weights with a 1000-class ``head``: the head
-      keeps its initialisation.
+    - ``encoder.checkpoint_filter_fn(state_dict, source) -> state_dict`` adapts the weights
+      first (:class:`~decur_lightning.models.MiTEncoder` drops a classifier ``head`` of another
+      shape, e.g. ImageNet's 1000 classes);
+    - ``encoder.optional_keys(state_dict, source) -> prefixes`` names keys the weights may lack
+      (:class:`~decur_lightning.models.ResNetRDA` given a plain ResNet: the attention blocks;
+      :class:`~decur_lightning.models.MiTEncoder` given a head-less MiT file: the head).
+
+    A module's ``_extra_state`` (an RDA block's reference grid) may be missing too: the module
+    then keeps what it was built with.
     """
     state_dict = dict(state_dict)
+    filter_fn = getattr(encoder, "checkpoint_filter_fn", None)
+    if callable(filter_fn):
+        state_dict = dict(filter_fn(state_dict, source))
+    optional_fn = getattr(encoder, "optional_keys", None)
+    optional = tuple(optional_fn(state_dict, source)) if callable(optional_fn) else ()
     expected = encoder.state_dict()
-    optional: tuple[str, ...] = ()
-    if isinstance(encoder, ResNetRDA) and not any(k.startswith(("da_l3.", "da_l4.")) for k in state_dict):
-        optional = ("da_l3.", "da_l4.")
-        warnings.warn(
-            f"{source} holds a plain ResNet (no da_l3/da_l4 attention blocks): loading the trunk; the "
-            "residual deformable attention blocks keep their initialisation (close to the identity).",
-            stacklevel=2,
-        )
-    if isinstance(encoder, MiTEncoder):
-        head = state_dict.get("head.weight")
-        if head is not None and head.shape != expected["head.weight"].shape:
-            warnings.warn(
-                f"{source} has a MiT head of shape {tuple(head.shape)} (a classifier), not this encoder's "
-                f"{tuple(expected['head.weight'].shape)} projection: the head keeps its initialisation.",
-                stacklevel=2,
-            )
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        if not any(k.startswith("head.") for k in state_dict):
-            optional = ("head.",)
-    # '<block>._extra_state' (an RDA block's reference grid) is optional: without it the block
-    # keeps the grid it was built with (state dicts from before the switch, plain trunks).
     missing = [
         k for k in expected if k not in state_dict and not k.startswith(optional) and not k.endswith("._extra_state")
     ]
@@ -304,18 +463,28 @@ def load_state_dict_strictly(
     mismatched = [
         (k, tuple(v.shape), tuple(expected[k].shape))
         for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+        if k in expected and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
         raise EncoderWeightsMismatchError(source, missing, unexpected, mismatched)
-    # Every key is checked above; strict=False only lets the documented optional blocks stay.
+    # Every key is checked above; strict=False only lets the documented optional keys stay.
     encoder.load_state_dict(state_dict, strict=False)
 
 
 def load_pretrained_encoder(
     encoder: nn.Module, source: WeightsSource, modality: ModalitySelector = None, *, rda_blocks: int | None = None
 ) -> None:
-    """:func:`load_encoder_state_dict` followed by :func:`load_state_dict_strictly`."""
+    """:func:`load_encoder_state_dict` followed by :func:`load_state_dict_strictly`.
+
+    This is how a built encoder gets weights from any source but ImageNet (which
+    ``create_encoder(..., weights="imagenet")`` applies at construction); modules do it for
+    ``modalities={name: {"weights": source, "weights_modality": ...}}``.
+
+    Example:
+        >>> encoder = create_encoder("resnet50", in_channels=2)  # doctest: +SKIP
+        >>> load_pretrained_encoder(encoder, "ResNet50_Weights.SENTINEL1_ALL_DECUR")  # doctest: +SKIP
+        >>> load_pretrained_encoder(encoder, "exported/", "s1")  # doctest: +SKIP
+    """
     state_dict = load_encoder_state_dict(source, modality, rda_blocks=rda_blocks)
     where = _describe(source) + (f" (modality {modality!r})" if modality is not None else "")
     load_state_dict_strictly(encoder, state_dict, where)
@@ -350,7 +519,7 @@ def _torchgeo_weight_by_name(name: str) -> Any:
     except (ValueError, KeyError, AttributeError) as err:
         raise FileNotFoundError(
             f"Weight source {name!r} is neither an existing file or folder nor a torchgeo weight name "
-            "such as 'ResNet50_Weights.SENTINEL1_ALL_DECUR'. Pass a DeCUR Lightning checkpoint (.ckpt), "
+            "such as 'ResNet50_Weights.SENTINEL1_ALL_DECUR'. Pass a Lightning checkpoint of this package (.ckpt), "
             "a folder or file written by export_encoders, an authors' checkpoint (.pth), or a torchgeo weight."
         ) from err
 
@@ -359,57 +528,60 @@ def _from_torchgeo(weights: Any) -> dict[str, torch.Tensor]:
     return _drop_classifier(dict(weights.get_state_dict(progress=True)), f"torchgeo weight {weights}")
 
 
-def _from_export_folder(folder: Path, modality: ModalitySelector) -> dict[str, torch.Tensor]:
+def _export_entries(folder: Path) -> tuple[list[_Entry], Path]:
+    """The entries of an export folder's ``encoders.json`` (also version 0.1's ``modality_index``)."""
     manifest_path = folder / "encoders.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(
             f"{folder} is a folder without encoders.json: pass the folder export_encoders wrote, or a file."
         )
-    manifest: dict[str, dict[str, Any]] = json.loads(manifest_path.read_text())
-    if modality is None:
-        if len(manifest) != 1:
-            raise ValueError(
-                f"{folder} holds the encoders of {sorted(manifest)}: pass modality=1, 2 or one of these names."
-            )
-        entry = next(iter(manifest.values()))
-    elif isinstance(modality, str):
-        if modality not in manifest:
-            raise ValueError(f"{folder} has no encoder for modality {modality!r}; it has {sorted(manifest)}.")
-        entry = manifest[modality]
-    else:
-        matches = [e for e in manifest.values() if e.get("modality_index") == modality]
-        if len(matches) != 1:
-            raise ValueError(f"{folder} has no encoder number {modality}; encoders.json lists {manifest}.")
-        entry = matches[0]
-    return dict(torch.load(folder / entry["file"], map_location="cpu", weights_only=True))
+    manifest = json.loads(manifest_path.read_text())
+    if not isinstance(manifest, Mapping) or not all(isinstance(e, Mapping) and "file" in e for e in manifest.values()):
+        raise ValueError(
+            f"{manifest_path} is not an encoders.json written by export_encoders (name -> {{'file', ...}})."
+        )
+    entries = []
+    for order, (name, entry) in enumerate(manifest.items(), start=1):
+        position = entry.get("position", entry.get("modality_index", order))
+        description = _description({**entry, "bands": entry.get("bands", entry.get("in_channels"))})
+        entries.append(_Entry(str(name), int(position), file=str(entry["file"]), description=description))
+    return entries, manifest_path
+
+
+def _from_export_folder(folder: Path, modality: ModalitySelector) -> dict[str, torch.Tensor]:
+    entries, _ = _export_entries(folder)
+    entry = _select(entries, modality, str(folder))
+    return dict(torch.load(folder / str(entry.file), map_location="cpu", weights_only=True))
 
 
 def _check_export_file_modality(path: Path, modality: ModalitySelector) -> None:
     """Refuse an exported ``encoder_<m>.pt`` asked for as another modality (its encoders.json says)."""
-    manifest_path = path.parent / "encoders.json"
-    if modality is None or not manifest_path.is_file():
+    if modality is None or not (path.parent / "encoders.json").is_file():
         return
-    for name, entry in json.loads(manifest_path.read_text()).items():
-        if entry.get("file") != path.name:
-            continue
-        if modality not in (name, entry.get("modality_index")):
+    try:
+        entries, manifest_path = _export_entries(path.parent)
+    except ValueError:
+        return  # an encoders.json of something else: the file speaks for itself
+    for entry in entries:
+        if entry.file == path.name and modality not in (entry.name, entry.position):
             raise ValueError(
-                f"{path} is the encoder of modality {name!r} (number {entry.get('modality_index')}) according "
-                f"to {manifest_path}, but modality {modality!r} was asked for."
+                f"{path} is the encoder of modality {entry.name!r} (position {entry.position}) according to "
+                f"{manifest_path}, but modality {modality!r} was asked for."
             )
 
 
 def _from_loaded(
-    obj: Mapping[str, Any], modality: ModalitySelector, where: str, rda_blocks: int | None
+    obj: Mapping[str, Any], modality: ModalitySelector, where: str, options: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where} holds a {type(obj).__name__}, not a checkpoint or state dict.")
     if "state_dict" in obj and "hyper_parameters" in obj:
-        return _from_lightning(obj, modality, where)
+        entries = _state_dict_entries(obj["state_dict"], obj["hyper_parameters"] or {}, where)
+        return _entry_state_dict(obj["state_dict"], _select(entries, modality, where))
     if isinstance(obj.get("model"), Mapping):  # the authors' {'epoch', 'model', 'optimizer'}
-        return _from_loaded(obj["model"], modality, f"{where} ['model']", rda_blocks)
+        return _from_loaded(obj["model"], modality, f"{where} ['model']", options)
     if isinstance(obj.get("state_dict"), Mapping):
-        return _from_loaded(obj["state_dict"], modality, f"{where} ['state_dict']", rda_blocks)
+        return _from_loaded(obj["state_dict"], modality, f"{where} ['state_dict']", options)
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors or not obj:
         raise ValueError(
@@ -418,126 +590,71 @@ def _from_loaded(
             "state dict of tensors."
         )
     state_dict = _strip_prefix(dict(obj), "module.")
-    if _has_prefix(state_dict, ("backbone_1.", "backbone_2.")):
-        return _from_authors_joint(state_dict, modality, where, rda_blocks)
-    if _has_prefix(state_dict, ("encoder1.", "encoder2.")):
-        index = _index_without_names(modality, where, "encoder1.* / encoder2.*")
-        return encoder_state_dict_from_checkpoint({"state_dict": state_dict}, index)
+    if any(_AUTHORS_BACKBONE.match(k) for k in state_dict):
+        return _from_authors_joint(state_dict, modality, where, options)
+    legacy = tuple(f"encoder{p}." for p in _LEGACY_POSITIONS)
+    if _has_prefix(state_dict, ("encoders.", *legacy)):  # a module's state dict without hyper-parameters
+        entries = _state_dict_entries(state_dict, {}, where)
+        return _entry_state_dict(state_dict, _select(entries, modality, where))
     if _has_prefix(state_dict, ("backbone.",)):
-        return _from_authors_rda_backbone(state_dict, modality, where, rda_blocks)
+        return _from_authors_backbone(state_dict, modality, where, options)
     return _drop_classifier(state_dict, where)
 
 
-def _from_lightning(checkpoint: Mapping[str, Any], modality: ModalitySelector, where: str) -> dict[str, torch.Tensor]:
-    hparams = checkpoint["hyper_parameters"]
-    names = {index: hparams.get(f"modality{index}") for index in (1, 2)}
-    present = _encoder_indices(checkpoint)
-    if modality is None:
-        if len(present) != 1:
-            raise ValueError(
-                f"{where} holds two encoders ({names[1]!r}, {names[2]!r}): pass modality=1, 2 or a name."
-            )
-        index = present[0]
-    elif isinstance(modality, str):
-        matches = [i for i, name in names.items() if name == modality]
-        if not matches:
-            raise ValueError(
-                f"{where} has no modality {modality!r}; its modalities are {names[1]!r} (1) and {names[2]!r} (2)."
-            )
-        index = matches[0]
-    else:
-        index = _check_index(modality)
-    return encoder_state_dict_from_checkpoint(checkpoint, index)
-
-
 def _from_authors_joint(
-    state_dict: dict[str, torch.Tensor], modality: ModalitySelector, where: str, rda_blocks: int | None
+    state_dict: dict[str, torch.Tensor], modality: ModalitySelector, where: str, options: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    index = _index_without_names(modality, where, "the authors' backbone_1 / backbone_2")
-    prefix = f"backbone_{index}."
-    trunk = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not trunk:
-        raise ValueError(f"{where} has no '{prefix}*' weights; its prefixes are {_prefixes(state_dict)}.")
-    return {**_drop_classifier(trunk, where), **_rda_blocks(state_dict, index, where, rda_blocks)}
+    """The authors' joint checkpoint: ``backbone_<k>.*`` per modality (k = position, no names)."""
+    positions = sorted({int(m.group(1)) for k in state_dict if (m := _AUTHORS_BACKBONE.match(k))})
+    entries = [_Entry(None, k, prefix=f"backbone_{k}.") for k in positions]
+    entry = _select(entries, modality, where)
+    trunk = _entry_state_dict(state_dict, entry)
+    # One modality's view of the file: its backbone as 'backbone.*' beside the family parts
+    # (e.g. RDA blocks) that the converters may claim; the other backbones and the projectors go.
+    single = {f"backbone.{k}": v for k, v in trunk.items()}
+    single.update(
+        {
+            k: v
+            for k, v in state_dict.items()
+            if not _AUTHORS_BACKBONE.match(k) and not k.startswith(_AUTHORS_NOT_ENCODER)
+        }
+    )
+    converted = _convert_authors(single, entry.position, f"{where} ({entry.prefix}*)", options)
+    return _drop_classifier(trunk if converted is None else converted, where)
 
 
-def _from_authors_rda_backbone(
-    state_dict: dict[str, torch.Tensor], modality: ModalitySelector, where: str, rda_blocks: int | None
+def _from_authors_backbone(
+    state_dict: dict[str, torch.Tensor], modality: ModalitySelector, where: str, options: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    trunk = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-    groups = [i for i in (1, 2) if _has_prefix(state_dict, (f"da{i}_l3.", f"da{i}_l4."))]
-    known = ("backbone.", "da1_l3.", "da1_l4.", "da2_l3.", "da2_l4.")
-    others = [k for k in state_dict if not k.startswith(known)]
+    """An authors' backbone file with ``backbone.*`` keys (plus a family's parts, e.g. RDA blocks)."""
+    converted = _convert_authors(state_dict, modality, where, options)
+    if converted is not None:
+        return _drop_classifier(converted, where)
+    others = [k for k in state_dict if not k.startswith("backbone.")]
     if others:
         raise ValueError(
-            f"{where} looks like an authors' RDA backbone file (backbone.*, da1_*/da2_*) but also holds "
-            f"{others[:20]}; nothing is dropped silently: remove them or map the file yourself."
+            f"{where} looks like an authors' backbone file (backbone.*) but also holds {others[:20]}, which no "
+            "encoder family's converter claims; nothing is dropped silently: remove them or map the file yourself."
         )
-    if rda_blocks is not None or len(groups) != 1:
-        index = rda_blocks if rda_blocks is not None else _index_without_names(
-            modality, where, "the blocks da1_* / da2_*"
-        )
-    else:
-        index = groups[0]
-    blocks = _rda_blocks(state_dict, index, where, rda_blocks=index) if groups else {}
-    return {**_drop_classifier(trunk, where), **blocks}
+    return _drop_classifier({k[len("backbone.") :]: v for k, v in state_dict.items()}, where)
 
 
-def _rda_blocks(
-    state_dict: dict[str, torch.Tensor], index: int, where: str, rda_blocks: int | None
-) -> dict[str, torch.Tensor]:
-    """``da{k}_l3.* / da{k}_l4.*`` renamed to ``da_l3.* / da_l4.*`` (k = ``rda_blocks`` or ``index``)."""
-    if not _has_prefix(state_dict, ("da1_", "da2_")):
-        return {}
-    source_index = rda_blocks if rda_blocks is not None else index
-    blocks: dict[str, torch.Tensor] = {}
-    for level in _RDA_LEVELS:
-        prefix = f"da{source_index}_{level}."
-        blocks.update({f"da_{level}.{k[len(prefix):]}": v for k, v in state_dict.items() if k.startswith(prefix)})
-    if not blocks:
-        raise ValueError(f"{where} has no 'da{source_index}_l3.*' / 'da{source_index}_l4.*' attention blocks.")
-    for level in _RDA_LEVELS:
-        if any(k.startswith(f"da_{level}.") for k in blocks):
-            blocks[f"da_{level}._extra_state"] = reference_points_state("dat")
-    warnings.warn(
-        f"The attention blocks of {where} were trained with DAT's reference grid ((i + 0.5) / (H_G - 1)): "
-        "the encoder switches to rda_reference_points='dat' (saved with its state dict).",
-        stacklevel=3,
-    )
-    if source_index == 2:
-        warnings.warn(
-            f"Loading the da2_* attention blocks of {where}: the authors' pretraining code ran modality 2 "
-            "through modality 1's blocks (da1_*) and never trained da2_*, so these are untrained. "
-            "Use load_encoder_state_dict(..., rda_blocks=1) for the blocks modality 2 ran through.",
-            stacklevel=3,
-        )
-    return blocks
+def _convert_authors(
+    state_dict: dict[str, torch.Tensor], position: ModalitySelector, where: str, options: Mapping[str, Any]
+) -> dict[str, torch.Tensor] | None:
+    for converter in AUTHORS_STATE_DICT_CONVERTERS:
+        converted = converter(state_dict, position, source=where, **options)
+        if converted is not None:
+            return converted
+    return None
 
 
 def _drop_classifier(state_dict: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     dropped = [k for k in state_dict if k.startswith(_CLASSIFIER_PREFIXES)]
     if not dropped:
         return state_dict
-    warnings.warn(
-        f"Leaving out {dropped} of {where}: a classifier, not part of the encoder.", stacklevel=3
-    )
+    warnings.warn(f"Leaving out {dropped} of {where}: a classifier, not part of the encoder.", stacklevel=3)
     return {k: v for k, v in state_dict.items() if k not in dropped}
-
-
-def _check_index(modality: int) -> int:
-    if modality not in (1, 2) or isinstance(modality, bool):
-        raise ValueError(f"modality must be 1, 2 or a modality name; got {modality!r}.")
-    return int(modality)
-
-
-def _index_without_names(modality: ModalitySelector, where: str, what: str) -> int:
-    if modality is None or isinstance(modality, str):
-        raise ValueError(
-            f"{where} holds two encoders ({what}) and records no modality names, so modality "
-            f"{modality!r} cannot be resolved: pass modality=1 or 2 (in the authors' SAR-optical "
-            "checkpoints 1 is SAR, 2 optical; downstream modules: weights_modality1/2)."
-        )
-    return _check_index(modality)
 
 
 def _has_prefix(state_dict: Mapping[str, Any], prefixes: tuple[str, ...]) -> bool:

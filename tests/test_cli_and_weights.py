@@ -86,17 +86,40 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def test_exported_encoders_load_into_timm_strictly(checkpoint, tmp_path):
-    paths = export_encoders(checkpoint, tmp_path / "exported")
-    assert set(paths) == {"sar", "optical"}
+def _three_modality_checkpoint() -> tuple[dict, dict[str, torch.nn.Module]]:
+    """A checkpoint in this package's module layout (encoders.<name>.*, projectors.<name>.*,
+    hyper_parameters.modalities), three modalities, with trained-looking (perturbed) encoders."""
+    from decur_lightning.models import create_encoder
+
+    specs = {"sar": ("resnet18", 2, "sar"), "optical": ("resnet18", 4, "optical"), "dem": ("resnet18", 1, "generic")}
+    encoders, state_dict = {}, {}
+    for name, (encoder_name, bands, _) in specs.items():
+        encoder = create_encoder(encoder_name, bands)
+        with torch.no_grad():
+            for tensor in [*encoder.parameters(), *encoder.buffers()]:
+                if tensor.is_floating_point():
+                    tensor.add_(torch.randn_like(tensor) * 0.1)
+        encoders[name] = encoder
+        state_dict.update({f"encoders.{name}.{k}": v for k, v in encoder.state_dict().items()})
+        state_dict[f"projectors.{name}.0.weight"] = torch.randn(16, 512)
+    modalities = {name: {"bands": bands, "encoder": enc, "view": view} for name, (enc, bands, view) in specs.items()}
+    return {"state_dict": state_dict, "hyper_parameters": {"modalities": modalities}}, encoders
+
+
+def test_exported_encoders_load_into_timm_strictly(tmp_path):
+    checkpoint, encoders = _three_modality_checkpoint()
+    torch.save(checkpoint, tmp_path / "decur.ckpt")
+    paths = export_encoders(tmp_path / "decur.ckpt", tmp_path / "exported")
+    assert list(paths) == ["sar", "optical", "dem"]
     manifest = json.loads((tmp_path / "exported" / "encoders.json").read_text())
-    assert manifest["sar"] == {"file": "encoder_sar.pt", "encoder": "resnet18", "in_channels": 2, "modality_index": 1}
-    trained = DeCURModule.load_from_checkpoint(checkpoint).eval()
-    for modality, channels, index in (("sar", 2, 1), ("optical", 4, 2)):
+    assert manifest["sar"] == {"file": "encoder_sar.pt", "encoder": "resnet18", "bands": 2, "view": "sar", "position": 1}
+    assert [entry["position"] for entry in manifest.values()] == [1, 2, 3]
+    for name, channels in (("sar", 2), ("optical", 4), ("dem", 1)):
         encoder = timm.create_model("resnet18", in_chans=channels, num_classes=0)
-        encoder.load_state_dict(torch.load(paths[modality]), strict=True)
+        encoder.load_state_dict(torch.load(paths[name]), strict=True)
         x = torch.rand(2, channels, 32, 32)
-        torch.testing.assert_close(encoder.eval()(x), trained(x, index))
+        with torch.no_grad():
+            torch.testing.assert_close(encoder.eval()(x), encoders[name].eval()(x))
 
 
 def test_load_from_checkpoint_restores_weights(checkpoint):

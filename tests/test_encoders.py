@@ -18,8 +18,8 @@ from decur_lightning.models import (
     encoder_feature_channels,
     encoder_feature_maps,
     encoder_feature_strides,
-    load_encoder_weights,
 )
+from decur_lightning.weights import load_pretrained_encoder
 
 # (name, in_channels, image side, num_features): tiny inputs, any channel count.
 ENCODERS = [
@@ -120,7 +120,7 @@ def test_resnet_rda_loads_plain_resnet_weights_into_its_trunk(tmp_path):
     torch.save(source.state_dict(), path)
     encoder = create_encoder("resnet18_rda", in_channels=2)
     with pytest.warns(UserWarning, match="keep their initialisation"):
-        load_encoder_weights(encoder, path)
+        load_pretrained_encoder(encoder, path)
     torch.testing.assert_close(encoder.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
 
 
@@ -132,7 +132,8 @@ def test_resnet_rda_full_state_dict_round_trips_and_wrong_weights_fail(tmp_path)
     torch.save(encoder.state_dict(), path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        clone = create_encoder("resnet18_rda", in_channels=2, weights=path)
+        clone = create_encoder("resnet18_rda", in_channels=2)
+        load_pretrained_encoder(clone, path)
     torch.testing.assert_close(clone.da_l4.proj_out.weight, encoder.da_l4.proj_out.weight)
 
     wrong = {k: v for k, v in encoder.state_dict().items() if k != "da_l3.rpe_table"}
@@ -197,7 +198,10 @@ def test_mit_full_state_dict_with_head_round_trips(tmp_path):
     encoder = create_encoder("mit_b0", in_channels=4)
     path = tmp_path / "mit.pth"
     torch.save(encoder.state_dict(), path)
-    clone = create_encoder("mit_b0", in_channels=4, weights=path)
+    clone = create_encoder("mit_b0", in_channels=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 2048-wide head is this encoder's: no head rule applies
+        load_pretrained_encoder(clone, path)
     x = torch.randn(1, 4, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(clone.eval()(x), encoder.eval()(x))
@@ -263,25 +267,21 @@ def test_resnet_rda_input_too_small_says_which_size_is_needed():
 
 
 def _decur_step(name: str) -> None:
-    from decur_lightning import DeCURModule
+    """One DeCUR loss step (eq. 6) through an EncoderSet, the encoders of every module."""
+    from decur_lightning.encoder_set import EncoderSet
+    from decur_lightning.losses import decur_loss
+    from decur_lightning.modalities import Modality
 
     torch.manual_seed(0)
-    model = DeCURModule(
-        encoder1=name,
-        encoder2=name,
-        in_channels1=2,
-        in_channels2=3,
-        modality1="a",
-        modality2="b",
-        projector_dims=(64, 64),
-    )
+    encoders = EncoderSet({"a": Modality(bands=2, encoder=name), "b": Modality(bands=3, encoder=name)})
+    projectors = nn.ModuleDict({m: nn.Linear(width, 64) for m, width in encoders.num_features.items()})
     batch = {"image_a": torch.rand(4, 2, 64, 64), "image_b": torch.rand(4, 3, 64, 64)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached
-        loss = model.training_step(batch, 0)
+    views = {m: [projectors[m](encoders.encode(x + 0.05 * k * torch.randn_like(x), m)) for k in (0, 1)]
+             for m, x in encoders.inputs(batch).items()}
+    loss = decur_loss(*views["a"], *views["b"], common_dims=48).total
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    for encoder in (model.encoder1, model.encoder2):
+    for encoder in encoders.values():
         grads = [p.grad for p in encoder.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads)
 

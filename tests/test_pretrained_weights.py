@@ -1,4 +1,8 @@
-"""Pretrained encoder weights from a path, a torchgeo weight enum, its name, or ImageNet (no network)."""
+"""Pretrained encoder weights from a path, a torchgeo weight enum, its name, or ImageNet (no network).
+
+Modules hold their encoders in an EncoderSet (one per named modality); these tests build it
+directly, as every module does from ``modalities={name: {"weights": ...}}``.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import torch
 from timm.models import adapt_input_conv
 from torchgeo.models import ResNet50_Weights
 
-from decur_lightning import DeCURModule
-from decur_lightning.downstream import MultimodalClassificationModule
+from decur_lightning.encoder_set import EncoderSet
+from decur_lightning.modalities import Modality
 from decur_lightning.models import MiTEncoder, create_encoder
 from decur_lightning.models.encoders import ImageNetWeightsError
+from decur_lightning.weights import load_pretrained_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,18 +26,27 @@ def test_weights_from_a_state_dict_file(tmp_path):
     source = timm.create_model("resnet18", in_chans=3, num_classes=0)
     path = tmp_path / "enc.pt"
     torch.save(source.state_dict(), path)
-    encoder = create_encoder("resnet18", 3, weights=str(path))
+    encoder = create_encoder("resnet18", 3)
+    load_pretrained_encoder(encoder, str(path))
     for key, value in source.state_dict().items():
         torch.testing.assert_close(encoder.state_dict()[key], value)
+    # the same through a module's encoder set (the modality's name is ignored by a one-encoder file)
+    encoders = EncoderSet({"rgb": Modality(bands=3, encoder="resnet18", weights=str(path))})
+    torch.testing.assert_close(encoders["rgb"].layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    # create_encoder itself only builds ImageNet weights in
+    with pytest.raises(ValueError, match="load_pretrained_encoder"):
+        create_encoder("resnet18", 3, weights=str(path))
 
 
 def test_weights_that_do_not_fit_list_the_keys(tmp_path):
     path = tmp_path / "enc.pt"
     torch.save(timm.create_model("resnet18", in_chans=3, num_classes=0).state_dict(), path)
     with pytest.raises(RuntimeError, match=r"(?s)do not fit this encoder.*missing keys \(\d+\): \['layer1.2"):
-        create_encoder("resnet34", 3, weights=str(path))
+        load_pretrained_encoder(create_encoder("resnet34", 3), str(path))
+    with pytest.raises(RuntimeError, match=r"(?s)do not fit this encoder.*missing keys \(\d+\): \['layer1.2"):
+        EncoderSet({"rgb": Modality(bands=3, encoder="resnet34", weights=str(path))})
     with pytest.raises(FileNotFoundError, match="neither an existing file or folder nor a torchgeo weight name"):
-        create_encoder("resnet18", 3, weights="no/such/file.pt")
+        load_pretrained_encoder(create_encoder("resnet18", 3), "no/such/file.pt")
 
 
 def test_torchgeo_decur_weights_by_enum_and_by_name(monkeypatch):
@@ -48,9 +62,10 @@ def test_torchgeo_decur_weights_by_enum_and_by_name(monkeypatch):
 
     monkeypatch.setattr(type(ResNet50_Weights.SENTINEL1_ALL_DECUR), "get_state_dict", fake_get_state_dict)
     for weights in (ResNet50_Weights.SENTINEL1_ALL_DECUR, "ResNet50_Weights.SENTINEL1_ALL_DECUR"):
-        model = DeCURModule("resnet50", "resnet18", in_channels1=2, in_channels2=3, modality1="s1",
-                            modality2="rgb", projector_dims=(32,), weights1=weights)
-        torch.testing.assert_close(model.encoder1.conv1.weight, reference.conv1.weight)
+        encoders = EncoderSet({"s1": Modality(bands=2, encoder="resnet50", weights=weights),
+                               "rgb": Modality(bands=3, encoder="resnet18")})
+        torch.testing.assert_close(encoders["s1"].conv1.weight, reference.conv1.weight)
+        torch.testing.assert_close(encoders["s1"].layer4[2].bn3.running_mean, reference.layer4[2].bn3.running_mean)
     assert calls == ["SENTINEL1_ALL_DECUR", "SENTINEL1_ALL_DECUR"]
 
 
@@ -117,15 +132,17 @@ def test_imagenet_weights_with_rda_switches(tmp_path):
 
 
 def test_imagenet_weights_in_modules(tmp_path):
+    """Per-modality ImageNet weights in a module's encoder set: each modality's first convolution adapted."""
     path, imagenet, _ = _imagenet_file("resnet18", tmp_path)
-    model = MultimodalClassificationModule("resnet18", "resnet18", in_channels1=2, in_channels2=13,
-                                           weights1=f"imagenet:{path}", num_classes=4)
-    torch.testing.assert_close(model.encoder1.conv1.weight, adapt_input_conv(2, imagenet["conv1.weight"]))
-    torch.testing.assert_close(model.encoder1.layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])
-    assert not torch.equal(model.encoder2.layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])  # random
-    ssl = DeCURModule("resnet18", "resnet18", in_channels1=2, in_channels2=3, modality1="s1", modality2="rgb",
-                      projector_dims=(32,), weights2=f"imagenet:{path}")
-    torch.testing.assert_close(ssl.encoder2.conv1.weight, imagenet["conv1.weight"])
+    encoders = EncoderSet({
+        "s1": Modality(bands=2, encoder="resnet18", weights=f"imagenet:{path}"),
+        "s2": Modality(bands=13, encoder="resnet18"),
+        "rgb": Modality(bands=3, encoder="resnet18", weights=f"imagenet:{path}"),
+    })
+    torch.testing.assert_close(encoders["s1"].conv1.weight, adapt_input_conv(2, imagenet["conv1.weight"]))
+    torch.testing.assert_close(encoders["s1"].layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])
+    assert not torch.equal(encoders["s2"].layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])  # random
+    torch.testing.assert_close(encoders["rgb"].conv1.weight, imagenet["conv1.weight"])
 
 
 def test_imagenet_weights_without_network_say_what_was_tried(tmp_path, monkeypatch):

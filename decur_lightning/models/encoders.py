@@ -22,29 +22,40 @@ Names (paper, Section 4 and Appendix B.1):
 - ``mit_b0`` ... ``mit_b5``: :class:`MiTEncoder`, smp MiT with a 2048-wide linear head
   (RGB-depth, Appendix B.1; train with AdamW, lr 1e-4).
 
-Every encoder starts from random weights unless ``weights`` says otherwise; ``weights="imagenet"``
-is the ImageNet initialisation of the authors' released pretraining runs (the paper does not
-mention it): see :func:`create_encoder`.
+Every encoder starts from random weights unless ``weights="imagenet"`` (the ImageNet
+initialisation of the authors' released pretraining runs; the paper does not mention it): see
+:func:`create_encoder`. Every other weight source (checkpoints, exports, torchgeo weights, the
+authors' files) is read by :mod:`decur_lightning.weights`, which this package does not import:
+each encoder family keeps its own checkpoint knowledge beside it (timm's ``checkpoint_filter_fn``
+pattern), and :mod:`decur_lightning.weights` dispatches to it without knowing the families:
+
+- an encoder's ``checkpoint_filter_fn(state_dict, source)`` adapts a state dict to it (e.g.
+  :class:`MiTEncoder` drops a classifier head) and ``optional_keys(state_dict, source)`` names the
+  key prefixes it may lack (e.g. :class:`ResNetRDA`'s attention blocks for a plain trunk);
+- :data:`AUTHORS_STATE_DICT_CONVERTERS` map the authors' released layouts onto this package's
+  keys (e.g. :func:`~decur_lightning.models.resnet_rda.convert_authors_state_dict`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import timm
 import torch
 from torch import nn
 
 from .mit import MIT_NAMES, MiTEncoder, mit_imagenet_source
-from .resnet_rda import ResNetRDA
+from .resnet_rda import ResNetRDA, convert_authors_state_dict
 
 __all__ = [
+    "AUTHORS_STATE_DICT_CONVERTERS",
     "IMAGENET",
+    "AuthorsStateDictConverter",
     "ImageNetWeightsError",
     "SPECIAL_ENCODER_NAMES",
     "create_encoder",
@@ -52,8 +63,16 @@ __all__ = [
     "encoder_feature_channels",
     "encoder_feature_maps",
     "encoder_feature_strides",
-    "load_encoder_weights",
 ]
+
+#: ``converter(state_dict, position, *, source, **options) -> state dict | None``: maps one
+#: encoder family's layout in the authors' released files (a flat state dict with ``backbone.*``
+#: keys; ``position`` the modality's 1-based position, or what was asked for) onto this
+#: package's keys, or returns ``None`` when the layout is not its family's.
+AuthorsStateDictConverter = Callable[..., Optional[dict[str, torch.Tensor]]]
+#: The converters :mod:`decur_lightning.weights` tries, in order, on the authors' files; append
+#: a family's converter here to teach it another layout.
+AUTHORS_STATE_DICT_CONVERTERS: list[AuthorsStateDictConverter] = [convert_authors_state_dict]
 
 #: Names with DeCUR-specific construction; every other timm name works as well.
 SPECIAL_ENCODER_NAMES: tuple[str, ...] = ("resnet18_rda", "resnet50_rda", "vit_small_patch16_224", *MIT_NAMES)
@@ -77,7 +96,7 @@ def is_imagenet_source(weights: Any) -> bool:
 def create_encoder(
     name: str,
     in_channels: int,
-    weights: str | Path | Any | None = None,
+    weights: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a modality encoder by name.
@@ -88,9 +107,11 @@ def create_encoder(
             ``"mit_b5"`` (see the module docstring).
         in_channels: number of input bands of this modality (2 for Sentinel-1 VV/VH,
             13 for Sentinel-2 L1C, 3 for RGB, ...).
-        weights: optional pretrained weights: a path to a state dict, a torchgeo
-            ``WeightsEnum`` member, or its name (``"ResNet50_Weights.SENTINEL1_ALL_DECUR"``);
-            or ``"imagenet"`` / ``"imagenet:<file>"`` (below).
+        weights: ``None`` (random initialisation) or ``"imagenet"`` / ``"imagenet:<file>"``
+            (below), which need the encoder's construction. Other sources (a checkpoint, an
+            export, a torchgeo weight, an authors' file) are loaded after construction with
+            :func:`decur_lightning.weights.load_pretrained_encoder`, or by a module from
+            ``modalities={name: {"weights": ...}}``.
         **kwargs: passed to ``timm.create_model`` (plain timm names), to :class:`ResNetRDA`
             (``img_size`` and timm arguments) or to :class:`MiTEncoder` (``num_features``).
             ViTs default to ``global_pool="token"`` and ``dynamic_img_size=True``.
@@ -132,6 +153,13 @@ def create_encoder(
     """
     if in_channels < 1:
         raise ValueError(f"in_channels must be a positive band count, got {in_channels}.")
+    if weights is not None and not is_imagenet_source(weights):
+        raise ValueError(
+            f"create_encoder takes weights=None, 'imagenet' or 'imagenet:<file>' only; got {weights!r}. Load other "
+            "weight sources (a checkpoint, an export folder or file, a torchgeo weight, an authors' file) into the "
+            "built encoder with decur_lightning.weights.load_pretrained_encoder(encoder, source, modality), or give "
+            "them to a module as modalities={name: {'weights': source}}."
+        )
     if is_imagenet_source(weights):
         return _create_imagenet_encoder(name, in_channels, _imagenet_file(weights), **kwargs)
     if name.endswith(_RDA_SUFFIX):
@@ -142,8 +170,6 @@ def create_encoder(
         model = MiTEncoder(name, in_channels=in_channels, **kwargs)
     else:
         model = _create_timm_encoder(name, in_channels, **kwargs)
-    if weights is not None:
-        load_encoder_weights(model, weights)
     return model
 
 
@@ -312,33 +338,3 @@ def _timm_feature_indices(encoder: nn.Module) -> list[int]:
         raise TypeError(f"{type(encoder).__name__} is not a timm model with feature_info.")
     levels = len(encoder.feature_info)
     return list(range(max(levels - _TIMM_FEATURE_LEVELS, 0), levels))
-
-
-def load_encoder_weights(encoder: nn.Module, weights: str | Path | Any) -> None:
-    """Load pretrained ``weights`` into ``encoder`` strictly.
-
-    ``weights`` is any single-encoder source of
-    :func:`decur_lightning.weights.load_encoder_state_dict`: a state-dict file, an export of
-    this package, a torchgeo ``WeightsEnum`` member or its name
-    (``"ResNet50_Weights.SENTINEL2_ALL_DECUR"``), or an authors' backbone file. Weights that do
-    not fit raise :class:`~decur_lightning.weights.EncoderWeightsMismatchError` (a
-    ``RuntimeError``) listing the missing, unexpected and mis-shaped keys; a classifier
-    (``fc.*``) is left out with a warning.
-
-    :class:`ResNetRDA` also takes a plain ResNet state dict (attention blocks keep their initialisation),
-    :class:`MiTEncoder` also takes official MiT weights (``head.*`` ignored).
-
-    ImageNet weights (``"imagenet"``) need the encoder's construction (the first convolution
-    is adapted to the band count): use ``create_encoder(name, in_channels, weights="imagenet")``.
-    """
-    from ..weights import load_pretrained_encoder  # weights.py imports this package
-
-    if is_imagenet_source(weights):
-        raise ValueError(
-            f"weights={weights!r} is applied when an encoder is built: use "
-            "create_encoder(name, in_channels, weights='imagenet'), or weights1/weights2='imagenet' in a module."
-        )
-
-    load_pretrained_encoder(encoder, weights)
-
-

@@ -5,10 +5,16 @@ names equal the official SegFormer/MiT ones. Its modules are registered on the e
 so the state dict is the official layout (``patch_embed1.proj.weight``,
 ``block1.0.attn.q.weight``, ..., ``norm4.weight``) plus ``head.*``: the same keys as the
 authors' ``mit_b2(num_classes=2048)`` backbones.
+
+Checkpoint knowledge of this family (used generically by :mod:`decur_lightning.weights`):
+:meth:`MiTEncoder.checkpoint_filter_fn` drops a classifier ``head`` (ImageNet's 1000 classes) and
+:meth:`MiTEncoder.optional_keys` lets head-less files (the authors' MiT backbones) load.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +120,32 @@ class MiTEncoder(nn.Module):
             in_channels = self.patch_embed1.proj.in_channels
             state_dict[stem] = adapt_input_conv(in_channels, state_dict[stem], base_chans=3)
         self.load_mit_state_dict(state_dict)
+
+    def checkpoint_filter_fn(
+        self, state_dict: Mapping[str, torch.Tensor], source: str = "the state dict"
+    ) -> dict[str, torch.Tensor]:
+        """``state_dict`` without a ``head`` of another shape (:mod:`decur_lightning.weights` hook).
+
+        A head that is not this encoder's ``(num_features, C)`` projection is a classifier (the
+        official ImageNet MiT's 1000 classes): it is left out with a warning and the head keeps
+        its initialisation. Everything else passes unchanged.
+        """
+        state_dict = dict(state_dict)
+        head = state_dict.get("head.weight")
+        if head is not None and tuple(head.shape) != tuple(self.head.weight.shape):
+            warnings.warn(
+                f"{source} has a MiT head of shape {tuple(head.shape)} (a classifier), not this encoder's "
+                f"{tuple(self.head.weight.shape)} projection: the head keeps its initialisation.",
+                stacklevel=3,
+            )
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        return state_dict
+
+    def optional_keys(self, state_dict: Mapping[str, Any], source: str = "the state dict") -> tuple[str, ...]:
+        """Key prefixes ``state_dict`` may lack (:mod:`decur_lightning.weights` hook): ``head.*``
+        when it has no head at all (the authors' MiT files drop it; it only serves the pooled
+        ``forward``, not the segmentation feature maps): the head keeps its initialisation."""
+        return () if any(k.startswith("head.") for k in state_dict) else ("head.",)
 
     def load_pretrained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights strictly: a full ``MiTEncoder`` state dict when its ``head.weight`` has

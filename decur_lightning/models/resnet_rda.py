@@ -4,11 +4,18 @@ The trunk is a timm ResNet; its modules are registered on the encoder itself, so
 state-dict keys stay bare (``conv1.weight``, ``layer3.0.conv1.weight``, ...) and load plain
 torchvision / timm ResNet weights (e.g. torchgeo's ``ResNet50_Weights.SENTINEL1_ALL_DECUR``).
 The two attention blocks live under ``da_l3.*`` and ``da_l4.*``.
+
+Checkpoint knowledge of this family (timm's ``checkpoint_filter_fn`` pattern, used generically
+by :mod:`decur_lightning.weights`): :func:`convert_authors_state_dict` maps the authors' RDA
+layouts (``backbone.*`` plus ``da{k}_l3.*`` / ``da{k}_l4.*``) onto this encoder's keys, and
+:meth:`ResNetRDA.optional_keys` lets a plain ResNet trunk load without the attention blocks.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import timm
@@ -16,9 +23,9 @@ import torch
 from timm.models import ResNet
 from torch import nn
 
-from .rda import DEFAULT_INIT_GAIN, ReferencePoints, ResidualDeformableAttention
+from .rda import DEFAULT_INIT_GAIN, ReferencePoints, ResidualDeformableAttention, reference_points_state
 
-__all__ = ["ResNetRDA", "RDA_LAYER3", "RDA_LAYER4"]
+__all__ = ["ResNetRDA", "RDA_LAYER3", "RDA_LAYER4", "convert_authors_state_dict"]
 
 #: Appendix B.1 settings of the block after layer3 (14x14 map at 224 px).
 RDA_LAYER3: dict[str, int] = {"num_heads": 8, "num_groups": 4, "offset_stride": 2, "offset_kernel_size": 5}
@@ -124,6 +131,23 @@ class ResNetRDA(nn.Module):
         ``timm.create_model(trunk, in_chans=C, num_classes=0)`` (or torchvision without ``fc``)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("da_l3.", "da_l4."))}
 
+    def optional_keys(self, state_dict: Mapping[str, Any], source: str = "the state dict") -> tuple[str, ...]:
+        """Key prefixes ``state_dict`` may lack when loaded strictly (:mod:`decur_lightning.weights` hook).
+
+        A plain ResNet state dict (no ``da_l3.*`` / ``da_l4.*``: torchvision, timm, torchgeo, the
+        authors' backbone-only files) loads into the trunk; the attention blocks keep their
+        initialisation (close to the identity), with a warning. A state dict with attention
+        blocks must hold all of them.
+        """
+        if any(k.startswith(_BLOCK_PREFIXES) for k in state_dict):
+            return ()
+        warnings.warn(
+            f"{source} holds a plain ResNet (no da_l3/da_l4 attention blocks): loading the trunk; the "
+            "residual deformable attention blocks keep their initialisation (close to the identity).",
+            stacklevel=3,
+        )
+        return _BLOCK_PREFIXES
+
     def load_pretrained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights strictly: a full ``ResNetRDA`` state dict, or a plain ResNet one.
 
@@ -150,6 +174,98 @@ class ResNetRDA(nn.Module):
                 "deformable attention blocks keep their initialisation (close to the identity).",
                 stacklevel=2,
             )
+
+
+_BLOCK_PREFIXES: tuple[str, ...] = ("da_l3.", "da_l4.")
+_AUTHORS_BLOCK = re.compile(r"^da(\d+)_(l3|l4)\.")
+
+
+def convert_authors_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    position: int | str | None = None,
+    *,
+    source: str = "the state dict",
+    rda_blocks: int | None = None,
+    **_: Any,
+) -> dict[str, torch.Tensor] | None:
+    """The authors' RDA layout mapped onto :class:`ResNetRDA`'s keys, or ``None`` if not that layout.
+
+    The authors' code (github.com/zhu-xlab/DeCUR) keeps the attention blocks beside the
+    backbone: ``backbone.*`` (the ResNet; in a joint checkpoint the chosen ``backbone_<k>``)
+    plus ``da1_l3.*``, ``da1_l4.*`` (modality 1's blocks) and/or ``da2_l3.*``, ``da2_l4.*``.
+    They become the trunk's bare keys and ``da_l3.*`` / ``da_l4.*``, and the blocks'
+    ``_extra_state`` is set to DAT's reference grid ``"dat"`` (the grid they were trained
+    with; a warning says so). The authors' pretraining ran modality 2 through modality 1's
+    blocks and never trained ``da2_*``: taking them warns.
+
+    Args:
+        state_dict: a flat state dict (``module.`` stripped) with ``backbone.*`` keys.
+        position: the modality's 1-based position (``k`` of ``da{k}_*``); needed when both
+            block groups are present. A file holding one group gives it to any position (with a
+            warning when the numbers differ).
+        source: how to name the source in messages.
+        rda_blocks: take ``da{rda_blocks}_*`` whatever the position (``1``: the blocks modality
+            2 actually ran through in the authors' pretraining).
+
+    Returns:
+        The encoder's state dict (trunk and blocks, classifier not removed), or ``None`` when
+        ``state_dict`` has no ``da{k}_l3/l4`` blocks (not this family's layout).
+
+    Raises:
+        ValueError: other keys beside ``backbone.*`` and the blocks (nothing is dropped
+            silently), or an ambiguous / unknown block group.
+    """
+    groups = sorted({int(m.group(1)) for k in state_dict if (m := _AUTHORS_BLOCK.match(k))})
+    if not groups:
+        return None
+    if rda_blocks is not None and (isinstance(rda_blocks, bool) or rda_blocks not in groups):
+        raise ValueError(
+            f"rda_blocks={rda_blocks!r}: {source} holds the attention blocks of groups {groups} (da<k>_*)."
+        )
+    others = [k for k in state_dict if not k.startswith("backbone.") and not _AUTHORS_BLOCK.match(k)]
+    if others:
+        raise ValueError(
+            f"{source} looks like an authors' RDA backbone file (backbone.*, da<k>_l3/l4.*) but also holds "
+            f"{others[:20]}; nothing is dropped silently: remove them or map the file yourself."
+        )
+    if rda_blocks is not None:
+        group = rda_blocks
+    elif len(groups) == 1:
+        group = groups[0]
+        if isinstance(position, int) and not isinstance(position, bool) and position != group:
+            warnings.warn(
+                f"{source} holds only the attention blocks da{group}_*: taking them for the modality at position "
+                f"{position}.",
+                stacklevel=3,
+            )
+    elif isinstance(position, int) and not isinstance(position, bool) and position in groups:
+        group = position
+    else:
+        raise ValueError(
+            f"{source} holds the attention blocks {[f'da{g}_*' for g in groups]} and records no modality names, "
+            f"so modality {position!r} cannot be resolved: pass modality=1 or 2 (the position; in the authors' "
+            "SAR-optical checkpoints 1 is SAR, 2 optical), or rda_blocks."
+        )
+    converted = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    for level in ("l3", "l4"):
+        prefix = f"da{group}_{level}."
+        block = {f"da_{level}.{k[len(prefix):]}": v for k, v in state_dict.items() if k.startswith(prefix)}
+        if block:
+            converted.update(block)
+            converted[f"da_{level}._extra_state"] = reference_points_state("dat")
+    warnings.warn(
+        f"The attention blocks of {source} were trained with DAT's reference grid ((i + 0.5) / (H_G - 1)): "
+        "the encoder switches to rda_reference_points='dat' (saved with its state dict).",
+        stacklevel=3,
+    )
+    if group == 2:
+        warnings.warn(
+            f"Loading the da2_* attention blocks of {source}: the authors' pretraining code ran modality 2 "
+            "through modality 1's blocks (da1_*) and never trained da2_*, so these are untrained. "
+            "Use load_encoder_state_dict(..., rda_blocks=1) for the blocks modality 2 ran through.",
+            stacklevel=3,
+        )
+    return converted
 
 
 class _Trunk(nn.Module):
