@@ -42,8 +42,7 @@ def test_cli_fit_quickstart_fast_dev_run(tmp_path):
 def test_cli_accepts_short_class_names(tmp_path):
     main([
         "fit", "--model=DeCURModule", "--data=SyntheticMultimodalDataModule",
-        "--model.encoder1=resnet18", "--model.encoder2=resnet18", "--model.in_channels1=2",
-        "--model.in_channels2=4", "--model.modality1=sar", "--model.modality2=optical",
+        "--model.encoder=resnet18",
         "--model.projector_dims=[32,32]", "--data.num_train=32", "--data.num_val=16", "--data.batch_size=8",
         "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
@@ -55,6 +54,9 @@ def test_cli_accepts_short_class_names(tmp_path):
     assert checkpoint["decur_lightning"]["method"] == "DeCURModule"
     assert checkpoint["hyper_parameters"]["projector_dims"] == [32, 32]
     assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == 8
+    # the modalities came from the datamodule and are recorded, resolved, for load_from_checkpoint
+    assert list(checkpoint["hyper_parameters"]["modalities"]) == ["sar", "optical"]
+    assert checkpoint["hyper_parameters"]["modalities"]["optical"]["bands"] == 4
     assert checkpoint["global_step"] == 1
 
 

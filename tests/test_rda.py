@@ -15,6 +15,7 @@ from decur_lightning.models import create_encoder
 from decur_lightning.models.rda import ResidualDeformableAttention
 from decur_lightning.ssl.base import build_projector
 from decur_lightning.optim import build_optimizer
+from decur_lightning.weights import load_pretrained_encoder
 
 from helpers import tiny_decur
 
@@ -314,13 +315,15 @@ def test_authors_rda_weights_switch_to_dats_grid_and_keep_it_through_save_and_ch
     torch.manual_seed(0)
     authors_rda_file(tmp_path / "rda_s1.pth", create_encoder("resnet18_rda", 2))
     with pytest.warns(UserWarning, match="DAT's reference grid"):
-        encoder = create_encoder("resnet18_rda", 2, weights=tmp_path / "rda_s1.pth")
+        encoder = create_encoder("resnet18_rda", 2)
+        load_pretrained_encoder(encoder, tmp_path / "rda_s1.pth")
     assert encoder.da_l3.reference_points == encoder.da_l4.reference_points == "dat"
 
     torch.save(encoder.state_dict(), tmp_path / "encoder.pt")  # this package's export
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        clone = create_encoder("resnet18_rda", 2, weights=tmp_path / "encoder.pt")
+        clone = create_encoder("resnet18_rda", 2)
+        load_pretrained_encoder(clone, tmp_path / "encoder.pt")
     assert clone.da_l3.reference_points == clone.da_l4.reference_points == "dat"
 
     with pytest.warns(UserWarning, match="DAT's reference grid"):
