@@ -61,7 +61,7 @@ def test_every_datamodule_describes_its_modalities() -> None:
         assert cls.modality_specs is not DescribesModalities.modality_specs, cls.__name__
         assert not hasattr(cls, "modality_kinds"), cls.__name__
     with pytest.raises(NotImplementedError, match="does not describe its modalities"):
-        DescribesModalities().modality_specs
+        _ = DescribesModalities().modality_specs
 
 
 def test_seasonal_band_names() -> None:

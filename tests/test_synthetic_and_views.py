@@ -115,6 +115,9 @@ def test_synthetic_modality_specs():
     assert specs["thermal"].band_names == ["T1", "T2"]
     specs["sar"].bands = 99  # a copy: the datamodule keeps its description
     assert dm.modality_specs["sar"].bands == 2
+    default = SyntheticMultimodalDataModule()
+    default.hparams.modalities["sar"] = 7  # the hyper-parameters hold a copy of the shared default
+    assert SyntheticMultimodalDataModule().modality_specs["sar"].bands == 2
 
 
 def test_factor_sharing_across_three_modalities():

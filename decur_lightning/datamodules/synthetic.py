@@ -23,6 +23,7 @@ same seeds.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -62,7 +63,7 @@ def _identifier(name: Any, what: str) -> str:
     return name
 
 
-def synthetic_modality_specs(modalities: SyntheticModalities | None = None) -> dict[str, Modality]:
+def _synthetic_specs(modalities: SyntheticModalities | None = None) -> dict[str, Modality]:
     """Check the synthetic data's ``modalities`` argument and describe each modality.
 
     Args:
@@ -121,7 +122,7 @@ def synthetic_modality_specs(modalities: SyntheticModalities | None = None) -> d
     return specs
 
 
-def check_subsets(
+def _check_subsets(
     subset_shared: Mapping[str, Sequence[str]] | None, modalities: Sequence[str]
 ) -> dict[str, tuple[str, ...]]:
     """Check ``subset_shared`` (subset name -> the modalities that share its factors).
@@ -231,9 +232,9 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         seed: int = 0,
         render_seed: int = 0,
     ) -> None:
-        self.specs = synthetic_modality_specs(modalities)
+        self.specs = _synthetic_specs(modalities)
         self.modalities = tuple(self.specs)
-        self.subsets = check_subsets(subset_shared, self.modalities)
+        self.subsets = _check_subsets(subset_shared, self.modalities)
         _check_counts(num_shared=num_shared, num_private=num_private, num_subset_shared=num_subset_shared)
         if num_samples < 1 or size < 4:
             raise ValueError(f"Need num_samples >= 1 and size >= 4; got {num_samples} and {size}.")
@@ -349,10 +350,11 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
     ) -> None:
         super().__init__()
         # Checked here, so a wrong configuration fails when the datamodule is built, not at setup.
-        self._specs = synthetic_modality_specs(modalities)
-        self._subsets = check_subsets(subset_shared, tuple(self._specs))
+        self._specs = _synthetic_specs(modalities)
+        self._subsets = _check_subsets(subset_shared, tuple(self._specs))
         _check_counts(num_shared=num_shared, num_private=num_private, num_subset_shared=num_subset_shared)
         self.save_hyperparameters()
+        self.hparams["modalities"] = copy.deepcopy(dict(modalities))  # not the shared default object
         self.modalities = tuple(self._specs)
         """The modality names, in order."""
         self.datasets: dict[str, SyntheticMultimodalDataset] = {}
