@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from data_factories import bigearthnet_s1_values, bigearthnet_s2_value, make_bigearthnet
-from test_datamodules_common import block_batch
+from test_datamodules_common import assert_specs_describe_batch, block_batch
 from torchgeo.datasets import BigEarthNet, DatasetNotFoundError
 
 from decur_lightning.datamodules import BigEarthNetMM, BigEarthNetMMDataModule
@@ -98,6 +98,11 @@ def test_augmentation_on_device(bigearthnet: tuple[Path, dict[str, list[int]]]) 
     datamodule.setup("fit")
     loaded = next(iter(datamodule.train_dataloader()))
     assert loaded["image_s2"].shape == (4, 13, 120, 120)
+    assert_specs_describe_batch(
+        datamodule, loaded, {"s1": (2, "sar", ["VV", "VH"]), "s2": (13, "optical", list(S2_L1C_BANDS))}
+    )
+    assert datamodule.modality_specs["s2"].band_names[B10_INDEX] == "B10"  # the inserted empty band
+    assert torch.count_nonzero(loaded["image_s2"][:, B10_INDEX]) == 0
     blocks = block_batch()["image_rgb"]
     batch = {
         "image_s1": blocks[:, :2].clone(),

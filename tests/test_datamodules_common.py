@@ -1,4 +1,5 @@
-"""Shared datamodule helpers: normalisation, seeded subsets, paired augmentation, read errors."""
+"""Shared datamodule helpers: modality descriptions, normalisation, seeded subsets, paired augmentation,
+read errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from data_factories import write_geotiff
 from rasterio.errors import RasterioIOError
 from torch.utils.data import Subset
 
+import decur_lightning.datamodules as datamodules
 from decur_lightning.datamodules._common import (
+    DescribesModalities,
     PairedAugmentation,
     ReadErrorGuard,
     check_enough_for_a_batch,
@@ -22,10 +25,48 @@ from decur_lightning.datamodules._common import (
     normalize_sar,
     percentile_min_max,
     scale_mean_std,
+    seasonal_band_names,
     seeded_subset,
     unreadable_files,
 )
 from decur_lightning.datamodules.samplers import EpochIndex, EpochSeededRandomSampler
+
+
+def assert_specs_describe_batch(
+    datamodule: DescribesModalities,
+    batch: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, str, list[str] | None]],
+) -> None:
+    """``modality_specs`` is ``expected`` (name -> bands, view, band names, in order) and fits the batch.
+
+    Every ``image_<name>`` key of the batch is a described modality, in the same order, with
+    ``bands`` channels (second views ``image2_<name>`` too); the module's fields are left unset.
+    """
+    specs = datamodule.modality_specs
+    assert {name: (spec.bands, spec.view, spec.band_names) for name, spec in specs.items()} == expected
+    assert list(specs) == list(expected)
+    assert [key[len("image_"):] for key in batch if key.startswith("image_")] == list(specs)
+    for name, spec in specs.items():
+        assert batch[f"image_{name}"].shape[1] == spec.bands, name
+        if f"image2_{name}" in batch:
+            assert batch[f"image2_{name}"].shape[1] == spec.bands, name
+        assert (spec.encoder, spec.weights, spec.weights_modality, spec.encoder_kwargs) == (None,) * 4
+
+
+def test_every_datamodule_describes_its_modalities() -> None:
+    classes = [getattr(datamodules, name) for name in datamodules.__all__ if name.endswith("DataModule")]
+    assert len(classes) == 7  # SSL4EO, GeoNRW x2, BigEarthNet, RGB-D x2, synthetic
+    for cls in classes:
+        assert issubclass(cls, DescribesModalities), cls.__name__
+        assert cls.modality_specs is not DescribesModalities.modality_specs, cls.__name__
+        assert not hasattr(cls, "modality_kinds"), cls.__name__
+    with pytest.raises(NotImplementedError, match="does not describe its modalities"):
+        _ = DescribesModalities().modality_specs
+
+
+def test_seasonal_band_names() -> None:
+    assert seasonal_band_names(["VV", "VH"], 1) == ["VV", "VH"]
+    assert seasonal_band_names(("VV", "VH"), 2) == ["VV_season1", "VH_season1", "VV_season2", "VH_season2"]
 
 
 def test_scale_mean_std_maps_two_std_range_to_unit_interval() -> None:

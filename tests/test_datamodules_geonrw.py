@@ -11,7 +11,7 @@ import pytest
 import torch
 from data_factories import make_geonrw
 from PIL import Image
-from test_datamodules_common import assert_moved_together, block_batch
+from test_datamodules_common import assert_moved_together, assert_specs_describe_batch, block_batch
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import GeoNRWMM, GeoNRWMMDataModule, GeoNRWMMPretrainDataModule
@@ -164,16 +164,27 @@ def test_segmentation_batch_from_loader(geonrw: tuple[Path, dict[str, dict[str, 
     batch = next(iter(datamodule.val_dataloader()))
     assert batch["image_rgb"].shape == (4, 3, PATCH, PATCH) and batch["image_dem"].shape == (4, 3, PATCH, PATCH)
     assert batch["mask"].shape == (4, PATCH, PATCH) and batch["mask"].dtype == torch.int64
+    assert_specs_describe_batch(
+        datamodule, batch, {"rgb": (3, "aerial_rgb", ["R", "G", "B"]), "dem": (3, "dem", ["DEM"] * 3)}
+    )
+    single = GeoNRWMMDataModule(geonrw[0], patch_size=PATCH, tile_size=TILE).modality_specs
+    assert (single["dem"].bands, single["dem"].band_names) == (1, ["DEM"])
 
 
 def test_pretrain_datamodule_batch(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:
     datamodule = GeoNRWMMPretrainDataModule(geonrw[0], batch_size=4, patch_size=PATCH, tile_size=TILE)
-    assert datamodule.modality_kinds == {"rgb": "aerial_rgb", "dem": "dem"}
     datamodule.setup("fit")
     assert len(datamodule.train_dataset) == len(TRAIN_CITIES) * (TILE // PATCH) ** 2
     batch = next(iter(datamodule.train_dataloader()))
     assert set(batch) == {"image_rgb", "image_dem"}
     assert batch["image_rgb"].shape == (4, 3, PATCH, PATCH) and batch["image_dem"].shape == (4, 1, PATCH, PATCH)
+    assert_specs_describe_batch(datamodule, batch, {"rgb": (3, "aerial_rgb", ["R", "G", "B"]), "dem": (1, "dem", ["DEM"])})
+    tripled = GeoNRWMMPretrainDataModule(geonrw[0], batch_size=4, patch_size=PATCH, tile_size=TILE, dem_channels=3)
+    tripled.setup("fit")
+    assert_specs_describe_batch(
+        tripled, next(iter(tripled.train_dataloader())),
+        {"rgb": (3, "aerial_rgb", ["R", "G", "B"]), "dem": (3, "dem", ["DEM"] * 3)},
+    )
 
 
 def test_decur_fit_fast_dev_run(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from data_factories import make_rgbd
 from PIL import Image
-from test_datamodules_common import assert_moved_together, block_batch
+from test_datamodules_common import assert_moved_together, assert_specs_describe_batch, block_batch
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import RGBDMM, RGBDMMDataModule, RGBDMMPretrainDataModule
@@ -323,15 +323,22 @@ def test_segmentation_batch_from_loader(sunrgbd: tuple[Path, dict[str, list[str]
     assert datamodule.num_classes == 37
     val = next(iter(datamodule.val_dataloader()))
     assert val["mask"].shape == (1, *SIZE)
+    assert_specs_describe_batch(datamodule, batch, RGBD_SPECS)
+
+
+RGBD_SPECS = {
+    "rgb": (3, "indoor_rgb", ["R", "G", "B"]),
+    "hha": (3, "hha", ["horizontal_disparity", "height_above_ground", "angle_with_gravity"]),
+}
 
 
 def test_pretrain_datamodule_batch(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
     datamodule = RGBDMMPretrainDataModule(sunrgbd[0], batch_size=4, split="all", image_size=SIZE)
-    assert datamodule.modality_kinds == {"rgb": "indoor_rgb", "hha": "hha"}
     datamodule.setup("fit")
     assert len(datamodule.train_dataset) == 11
     batch = next(iter(datamodule.train_dataloader()))
     assert set(batch) == {"image_rgb", "image_hha"} and batch["image_hha"].shape == (4, 3, *SIZE)
+    assert_specs_describe_batch(datamodule, batch, RGBD_SPECS)
 
 
 def test_decur_fit_fast_dev_run(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:

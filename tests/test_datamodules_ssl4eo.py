@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_factories import SSL4EO_SEASON_DATES, make_ssl4eo_s12, ssl4eo_s1_value, ssl4eo_s2_value
+from test_datamodules_common import assert_specs_describe_batch
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import SSL4EOS12MM, SSL4EOS12MMDataModule
@@ -261,13 +262,30 @@ def test_invalid_seasons_rejected(root: Path) -> None:
         SSL4EOS12MM(root, seasons=5)
 
 
+S2_NAMES = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+
+
 def test_datamodule_batch(root: Path) -> None:
     datamodule = SSL4EOS12MMDataModule(root, batch_size=2)
-    assert datamodule.modality_kinds == {"s1": "sar", "s2": "optical"}
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image_s1"].shape == (2, 2, 264, 264) and batch["image_s2"].shape == (2, 13, 264, 264)
     assert datamodule.on_after_batch_transfer(batch, 0) is batch
+    assert_specs_describe_batch(datamodule, batch, {"s1": (2, "sar", ["VV", "VH"]), "s2": (13, "optical", S2_NAMES)})
+
+
+def test_modality_specs_follow_seasons_and_the_files_band_order(root: Path) -> None:
+    datamodule = SSL4EOS12MMDataModule(root, batch_size=2, seasons=2, season_per_view=True)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert_specs_describe_batch(datamodule, batch, {
+        "s1": (4, "sar", ["VV_season1", "VH_season1", "VV_season2", "VH_season2"]),
+        "s2": (26, "optical", [f"{band}_season{k}" for k in (1, 2) for band in S2_NAMES]),
+    })
+    # The names follow the order the band files are read in (torchgeo's band lists).
+    read = SSL4EOS12MM(root).datasets
+    assert [f"B{int(b[1:]):02d}" if b[1:].isdigit() else b for b in read["s2"].bands] == S2_NAMES
+    assert list(read["s1"].bands) == ["VV", "VH"]
 
 
 def test_decur_fit_fast_dev_run(root: Path) -> None:

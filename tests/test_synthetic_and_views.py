@@ -11,10 +11,10 @@ from decur_lightning.datamodules import SyntheticMultimodalDataModule, Synthetic
 
 
 def test_synthetic_sample_layout_and_ranges():
-    ds = SyntheticMultimodalDataset(num_samples=8, modalities=("sar", "optical"), channels=(2, 4), size=32,
+    ds = SyntheticMultimodalDataset(num_samples=8, modalities={"sar": 2, "optical": 4}, size=32,
                                     num_shared=3, num_private=2)
     sample = ds[0]
-    assert set(sample) == {"image_sar", "image_optical", "shared", "private_sar", "private_optical"}
+    assert list(sample) == ["image_sar", "image_optical", "shared", "private_sar", "private_optical"]
     assert sample["image_sar"].shape == (2, 32, 32) and sample["image_optical"].shape == (4, 32, 32)
     assert sample["image_sar"].dtype == torch.float32
     assert sample["shared"].shape == (3,) and sample["private_optical"].shape == (2,)
@@ -34,6 +34,138 @@ def test_synthetic_is_reproducible_and_splits_differ():
     assert not torch.equal(dm.datasets["train"].shared[:8], dm.datasets["val"].shared)
 
 
+def _checksums(tensors: list[torch.Tensor]) -> tuple[float, float]:
+    """Sum and position-weighted sum (catches permutations) of stacked samples, in float64."""
+    t = torch.stack(tensors).double().flatten()
+    weights = torch.arange(1, t.numel() + 1, dtype=torch.float64) / t.numel()
+    return float(t.sum()), float((t * weights).sum())
+
+
+# Checksums computed with the code of version 0.1 (before modalities became a mapping, commit
+# 25d8920, modalities=("sar", "optical"), channels=(2, 4)). The quickstart's results depend on
+# these tensors: the default two-modality data must stay the same for the same seeds. (Checked
+# bit for bit against tensors saved from that code; the sums allow for float rounding of other
+# CPUs.)
+UNCHANGED_DATASET_16 = {
+    "image_sar": (16051.366266469005, 8340.789210793791),
+    "image_optical": (33685.582129329734, 17106.018654657986),
+    "shared": (5.003015995025635, 2.4655150547623634),
+    "private_sar": (-2.971626043319702, -0.964463621377945),
+    "private_optical": (2.7493555545806885, 0.9365171976387501),
+}
+UNCHANGED_QUICKSTART_TRAIN = {
+    "image_sar": (1044098.2801117902, 525098.0450229889),
+    "image_optical": (2100585.864656436, 1049164.0573585834),
+    "shared": (-39.2271386384964, -36.24441545479931),
+    "private_sar": (15.751619458198547, -2.201513847510796),
+    "private_optical": (10.755813241004944, 5.2833209543605335),
+}
+
+
+def test_default_two_modality_data_is_unchanged():
+    ds = SyntheticMultimodalDataset(num_samples=16)
+    assert list(ds[0]) == list(UNCHANGED_DATASET_16)
+    for key, expected in UNCHANGED_DATASET_16.items():
+        assert _checksums([ds[i][key] for i in range(16)]) == pytest.approx(expected, rel=1e-9, abs=1e-9), key
+    assert float(ds[3]["image_sar"][1, 5, 7]) == pytest.approx(0.4706838130950928, abs=1e-7)
+    assert float(ds[11]["image_optical"][2, 30, 1]) == pytest.approx(0.9316784739494324, abs=1e-7)
+    # The training split of examples/configs/quickstart.yaml's datamodule.
+    dm = SyntheticMultimodalDataModule(modalities={"sar": 2, "optical": 4}, size=32, num_train=1024, num_val=256,
+                                       batch_size=64)
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    for key, expected in UNCHANGED_QUICKSTART_TRAIN.items():
+        assert _checksums([train[i][key] for i in range(len(train))]) == pytest.approx(expected, rel=1e-9), key
+
+
+THREE = {"sar": 2, "optical": 4, "elevation": {"bands": 1, "view": "dem"}}
+
+
+def test_three_modality_batches_shapes_and_keys():
+    dm = SyntheticMultimodalDataModule(modalities=THREE, subset_shared={"sar_elevation": ["sar", "elevation"]},
+                                       num_shared=3, num_private=2, num_subset_shared=1, size=16, num_train=16,
+                                       num_val=8, num_test=8, batch_size=8)
+    assert dm.modalities == ("sar", "optical", "elevation")
+    batch = next(iter(dm.train_dataloader()))
+    assert list(batch) == ["image_sar", "image_optical", "image_elevation", "shared", "private_sar",
+                           "private_optical", "private_elevation", "shared_sar_elevation"]
+    assert batch["image_sar"].shape == (8, 2, 16, 16)
+    assert batch["image_optical"].shape == (8, 4, 16, 16)
+    assert batch["image_elevation"].shape == (8, 1, 16, 16)
+    assert batch["shared"].shape == (8, 3) and batch["private_elevation"].shape == (8, 2)
+    assert batch["shared_sar_elevation"].shape == (8, 1)
+    for name, spec in dm.modality_specs.items():
+        assert batch[f"image_{name}"].shape[1] == spec.bands
+        assert 0.0 <= float(batch[f"image_{name}"].min()) and float(batch[f"image_{name}"].max()) <= 1.0
+    val = next(iter(dm.val_dataloader()))
+    assert set(val) == set(batch) and not torch.equal(val["shared"], batch["shared"])
+
+
+def test_synthetic_modality_specs():
+    specs = SyntheticMultimodalDataModule().modality_specs
+    assert list(specs) == ["sar", "optical"]
+    assert (specs["sar"].bands, specs["sar"].view) == (2, "sar")
+    assert (specs["optical"].bands, specs["optical"].view) == (4, "optical")
+    assert all(spec.encoder is None and spec.weights is None and spec.band_names is None for spec in specs.values())
+    dm = SyntheticMultimodalDataModule(modalities={**THREE, "thermal": {"bands": 2, "band_names": ["T1", "T2"]}})
+    specs = dm.modality_specs
+    assert list(specs) == ["sar", "optical", "elevation", "thermal"]
+    assert [spec.bands for spec in specs.values()] == [2, 4, 1, 2]
+    assert [spec.view for spec in specs.values()] == ["sar", "optical", "dem", "generic"]
+    assert specs["thermal"].band_names == ["T1", "T2"]
+    specs["sar"].bands = 99  # a copy: the datamodule keeps its description
+    assert dm.modality_specs["sar"].bands == 2
+    default = SyntheticMultimodalDataModule()
+    default.hparams.modalities["sar"] = 7  # the hyper-parameters hold a copy of the shared default
+    assert SyntheticMultimodalDataModule().modality_specs["sar"].bands == 2
+
+
+def test_factor_sharing_across_three_modalities():
+    """Shared factors are in every modality, a subset's in its members only, a private one in its own only."""
+    ds = SyntheticMultimodalDataset(num_samples=1200, modalities=THREE, size=16, noise=0.02,
+                                    subset_shared={"sar_elevation": ["sar", "elevation"]})
+    groups = {"shared": (ds.shared, {"sar", "optical", "elevation"}),
+              "shared_sar_elevation": (ds.subset_shared["sar_elevation"], {"sar", "elevation"})}
+    groups.update({f"private_{name}": (ds.private[name], {name}) for name in ds.modalities})
+    for name, images in ds.images.items():
+        # Band means and the band-averaged amplitude spectrum: crop- and phase-invariant statistics
+        # from which a factor's magnitude is recoverable when the modality renders it.
+        spectrum = torch.fft.rfft2(images - images.mean((-2, -1), keepdim=True)).abs().mean(1).flatten(1)
+        features = torch.cat([images.mean((-2, -1)), spectrum], 1)
+        for group, (factors, members) in groups.items():
+            r2 = _ridge_r2(features, factors.abs(), 1000)
+            if name in members:  # random loadings may render one factor faintly, not the group
+                assert float(r2.max()) > 0.8 and float(r2.mean()) > 0.3, (name, group, r2)
+            else:
+                assert float(r2.max()) < 0.05, (name, group, r2)
+
+
+def test_synthetic_yaml_three_modalities():
+    """The YAML of a three-modality run parses (LightningCLI's jsonargparse) into the datamodule."""
+    from jsonargparse import ArgumentParser
+    from lightning import LightningDataModule
+
+    config = """
+data:
+  class_path: decur_lightning.datamodules.SyntheticMultimodalDataModule
+  init_args:
+    modalities:
+      sar: 2
+      optical: 4
+      elevation: {bands: 1, view: dem}
+    subset_shared:
+      sar_elevation: [sar, elevation]
+"""
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=LightningDataModule)
+    dm = parser.instantiate_classes(parser.parse_string(config)).data
+    assert isinstance(dm, SyntheticMultimodalDataModule)
+    assert {name: (spec.bands, spec.view) for name, spec in dm.modality_specs.items()} == {
+        "sar": (2, "sar"), "optical": (4, "optical"), "elevation": (1, "dem")}
+    dm.setup()
+    assert set(dm.datasets["train"][0]) >= {"image_elevation", "private_elevation", "shared_sar_elevation"}
+
+
 def _ridge_r2(features: torch.Tensor, targets: torch.Tensor, train: int) -> torch.Tensor:
     x = torch.cat([features, torch.ones(len(features), 1)], 1).double()
     y = targets.double()
@@ -49,22 +181,43 @@ def _texture_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_factors_are_in_the_images_and_private_ones_only_in_their_modality():
-    ds = SyntheticMultimodalDataset(num_samples=600, channels=(2, 4), size=16, noise=0.02)
-    f_sar, f_opt = _texture_features(ds.images[0]), _texture_features(ds.images[1])
+    ds = SyntheticMultimodalDataset(num_samples=600, modalities={"sar": 2, "optical": 4}, size=16, noise=0.02)
+    f_sar, f_opt = _texture_features(ds.images["sar"]), _texture_features(ds.images["optical"])
     # The shared factors' magnitudes are recoverable from either modality, private ones from their own only.
     r2_shared = _ridge_r2(f_sar, ds.shared.abs(), 500)
-    r2_private_own = _ridge_r2(f_opt, ds.private[1].abs(), 500)
-    r2_private_other = _ridge_r2(f_sar, ds.private[1].abs(), 500)
+    r2_private_own = _ridge_r2(f_opt, ds.private["optical"].abs(), 500)
+    r2_private_other = _ridge_r2(f_sar, ds.private["optical"].abs(), 500)
     assert r2_shared.mean() > 0.5
     assert r2_private_own.mean() > 0.5
     assert r2_private_other.mean() < 0.1
 
 
-def test_synthetic_validation():
-    with pytest.raises(ValueError, match="must differ"):
-        SyntheticMultimodalDataset(modalities=("a", "a"))
-    with pytest.raises(ValueError, match="exactly two"):
-        SyntheticMultimodalDataset(modalities=("a", "b", "c"))
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"modalities": {"sar": 2}}, ValueError, "at least two modalities"),
+        ({"modalities": ("sar", "optical")}, TypeError, r"modalities=\{'sar': 2, 'optical': 4\}"),
+        ({"modalities": {"sar": 2, "image-optical": 4}}, ValueError, "identifiers"),
+        ({"modalities": {"sar": 0, "optical": 4}}, ValueError, "positive int"),
+        ({"modalities": {"sar": 2, "optical": {"view": "optical"}}}, ValueError, "band count"),
+        ({"modalities": {"sar": 2, "optical": {"bands": 4, "encoder": "resnet18"}}}, ValueError, "not the data's"),
+        ({"modalities": {"sar": 2, "optical": {"bands": 4, "view": "thermal"}}}, ValueError, "view='thermal'"),
+        ({"modalities": {"sar": 2, "optical": "4"}}, TypeError, "band count or a dict"),
+        ({"modalities": THREE, "subset_shared": {"s": ["sar", "sar"]}}, ValueError, "more than once"),
+        ({"modalities": THREE, "subset_shared": {"s": ["sar", "lidar"]}}, ValueError, "not among the modalities"),
+        ({"modalities": THREE, "subset_shared": {"s": ["sar"]}}, ValueError, "at least two"),
+        ({"modalities": THREE, "subset_shared": {"s": ["sar", "optical", "elevation"]}}, ValueError, "not all 3"),
+        ({"modalities": THREE, "subset_shared": {"a": ["sar", "optical"], "b": ["optical", "sar"]}}, ValueError,
+         "same modalities"),
+        ({"modalities": THREE, "subset_shared": {"a": "sar"}}, TypeError, "list of modality names"),
+        ({"num_private": -1}, ValueError, "num_private must be a non-negative int"),
+    ],
+)
+def test_synthetic_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SyntheticMultimodalDataset(**kwargs)
+    with pytest.raises(error, match=match):  # the datamodule fails when built, not at setup
+        SyntheticMultimodalDataModule(**kwargs)
 
 
 CASES = [(kind, c) for kind in VIEW_KINDS for c in (1, 2, 3, 13) if "rgb" not in kind or c == 3]

@@ -1,4 +1,8 @@
-"""Helpers shared by the multimodal datamodules: normalisation, subsets, paired augmentation.
+"""Helpers shared by the multimodal datamodules: modality descriptions, normalisation, subsets,
+paired augmentation.
+
+Every datamodule of this package describes the modalities its batches hold
+(:class:`DescribesModalities`: the :attr:`~DescribesModalities.modality_specs` contract).
 
 Normalisation follows the DeCUR paper (Appendix B.1/B.2): optical bands are "compressed to 8-bit
 by band-wise mean and standard deviation", i.e. ``[mean - 2 std, mean + 2 std]`` is mapped
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import kornia.augmentation as K
 import numpy as np
@@ -27,11 +31,57 @@ from torch.utils.data import DataLoader, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchgeo.datamodules import NonGeoDataModule
 
-from ..augmentations import VIEW_KINDS
+from ..modalities import Modality
 from .samplers import EpochIndex, EpochSeededDistributedSampler, EpochSeededRandomSampler
 
-MODALITY_KINDS = VIEW_KINDS
-"""Augmentation kinds understood by DeCURModule's per-modality view pipelines (Appendix B.1)."""
+S1_BANDS: tuple[str, ...] = ("VV", "VH")
+"""Sentinel-1 GRD polarisations, in the order the datamodules deliver them."""
+
+S2_L1C_BANDS: tuple[str, ...] = (
+    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
+)
+"""Sentinel-2 L1C bands as SSL4EO-S12 orders them (B8A after B08, B10 present), zero-padded names."""
+
+RGB_BANDS: tuple[str, ...] = ("R", "G", "B")
+"""Red, green, blue."""
+
+HHA_BANDS: tuple[str, ...] = ("horizontal_disparity", "height_above_ground", "angle_with_gravity")
+"""HHA depth encoding (Gupta et al., ECCV 2014) in the channel order of its files read as RGB: its
+tools store disparity in the red, height in the green and angle in the blue channel."""
+
+
+def seasonal_band_names(bands: Sequence[str], seasons: int) -> list[str]:
+    """Band names of ``seasons`` stacked acquisitions: the names as they are for one, else
+    ``<band>_season<k>`` (``k = 1..seasons``) in stacking order (season-major)."""
+    if seasons == 1:
+        return list(bands)
+    return [f"{band}_season{k}" for k in range(1, seasons + 1) for band in bands]
+
+
+class DescribesModalities:
+    """The contract every datamodule of this package keeps: it describes its modalities.
+
+    :attr:`modality_specs` is an ordered ``dict`` *modality name -> :class:`~decur_lightning.modalities.Modality`*:
+
+    * one entry per modality, named as in the batch keys (``image_<name>``), in the order of the
+      paper's modality 1, 2, ... (SAR before optical, RGB before DEM/HHA);
+    * ``bands``: the channel count of ``image_<name>`` in this datamodule's batches, following its
+      band selection arguments (e.g. SSL4EO-S12's ``seasons``, GeoNRW's ``dem_channels``);
+    * ``view``: the kind of view pipeline that suits the modality
+      (:data:`~decur_lightning.augmentations.VIEW_KINDS`; paper Appendix B.1);
+    * ``band_names``: the bands in channel order where known, else ``None``;
+    * ``encoder``, ``weights`` and the other fields are ``None``: they are the module's choice.
+
+    It is known from the constructor's arguments alone (no ``setup()``, no file read), so a
+    LightningModule can build its encoders from it
+    (:func:`~decur_lightning.modalities.resolve_modalities`) and a YAML run states the modalities
+    once. Every access returns new objects: changing them does not change the datamodule.
+    """
+
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """Ordered modality name -> :class:`~decur_lightning.modalities.Modality` (see the class)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its modalities (modality_specs).")
 
 
 def _band_stats(values: Sequence[float] | Tensor, image: Tensor) -> Tensor:
@@ -171,18 +221,16 @@ class PairedAugmentation(nn.Module):
         return {**batch, **augmented}
 
 
-class PretrainDataModule(NonGeoDataModule):
+class PretrainDataModule(DescribesModalities, NonGeoDataModule):
     """Base of the pretraining datamodules: a training set only, batches passed through as read.
 
     DeCUR pretraining has no validation split (the paper judges encoders downstream):
     ``val_dataloader`` is Lightning's unimplemented default again (torchgeo's base defines one),
-    so the Trainer skips validation. No augmentation runs
-    here: DeCURModule makes the two views per modality on the device and reads
-    :attr:`modality_kinds` (modality name -> one of :data:`MODALITY_KINDS`) to choose each
-    modality's pipeline (paper B.1).
+    so the Trainer skips validation. No augmentation runs here: the SSL module makes the two views
+    per modality on the device, choosing each modality's pipeline from the ``view`` kind of
+    :attr:`modality_specs` (paper B.1), which every subclass defines
+    (:class:`DescribesModalities`).
     """
-
-    modality_kinds: ClassVar[dict[str, str]] = {}
 
     val_dataloader = LightningDataModule.val_dataloader
 

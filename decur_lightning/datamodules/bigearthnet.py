@@ -24,8 +24,12 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import BigEarthNet
 from torchgeo.datasets.utils import Path
 
+from ..modalities import Modality
 from ._common import (
     DEFAULT_MAX_READ_ERRORS,
+    S1_BANDS,
+    S2_L1C_BANDS,
+    DescribesModalities,
     PairedAugmentation,
     ReadErrorGuard,
     check_enough_for_a_batch,
@@ -48,9 +52,8 @@ def check_num_classes(num_classes: int) -> None:
             f"got {num_classes!r}"
         )
 
-S1_BANDS: tuple[str, ...] = ("VV", "VH")
-S2_L2A_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
-S2_L1C_BANDS: tuple[str, ...] = S2_L2A_BANDS[:10] + ("B10",) + S2_L2A_BANDS[10:]
+S2_L2A_BANDS: tuple[str, ...] = tuple(band for band in S2_L1C_BANDS if band != "B10")
+"""The 12 Sentinel-2 L2A bands of BigEarthNet (no cirrus band B10), in file order."""
 B10_INDEX: int = S2_L1C_BANDS.index("B10")
 """Position of the inserted empty cirrus band: after B09, before B11 (index 10)."""
 
@@ -179,7 +182,7 @@ class BigEarthNetMM(BigEarthNet):
         return torch.from_numpy(np.stack(arrays).astype(np.float32))
 
 
-class BigEarthNetMMDataModule(NonGeoDataModule):
+class BigEarthNetMMDataModule(DescribesModalities, NonGeoDataModule):
     """BigEarthNet-MM S1 + S2 multi-label classification datamodule (paper Section 4, B.2).
 
     Uses the official train/val/test CSV splits. ``train_fraction`` (the paper reports 1 %,
@@ -192,7 +195,8 @@ class BigEarthNetMMDataModule(NonGeoDataModule):
     whole patch to ``size`` without cropping.
 
     Batch keys: ``image_s1`` ``(B, 2, size, size)``, ``image_s2`` ``(B, 13, size, size)``,
-    ``label`` ``(B, num_classes)`` int64.
+    ``label`` ``(B, num_classes)`` int64. Modalities (:attr:`modality_specs`): ``s1`` (view kind
+    ``"sar"``, bands VV, VH) then ``s2`` (``"optical"``, :data:`S2_L1C_BANDS`, B10 empty).
 
     Args:
         root: dataset directory (see :class:`BigEarthNetMM`).
@@ -250,6 +254,14 @@ class BigEarthNetMMDataModule(NonGeoDataModule):
             K.RandomHorizontalFlip(p=0.5),
         )
         self.aug = PairedAugmentation(K.Resize((size, size)))
+
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """``s1`` (SAR: VV, VH) then ``s2`` (optical: 13 L1C bands, B10 empty); see :class:`DescribesModalities`."""
+        return {
+            "s1": Modality(bands=len(S1_BANDS), view="sar", band_names=list(S1_BANDS)),
+            "s2": Modality(bands=len(S2_L1C_BANDS), view="optical", band_names=list(S2_L1C_BANDS)),
+        }
 
     def setup(self, stage: str) -> None:
         """Create the (subsampled) training split and the official val/test splits.

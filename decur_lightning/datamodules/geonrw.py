@@ -27,8 +27,11 @@ from torchgeo.datamodules.utils import group_shuffle_split
 from torchgeo.datasets import GeoNRW
 from torchgeo.datasets.utils import Path
 
+from ..modalities import Modality
 from ._common import (
     DEFAULT_MAX_READ_ERRORS,
+    RGB_BANDS,
+    DescribesModalities,
     PairedAugmentation,
     PretrainDataModule,
     ReadErrorGuard,
@@ -67,6 +70,15 @@ def read_window(path: str, window: Window, expected_size: int) -> np.ndarray:
                     "GeoNRW tiles are 1000 px; pass tile_size= to match your files"
                 )
             return src.read(window=window)
+
+
+def _geonrw_specs(dem_channels: int) -> dict[str, Modality]:
+    """GeoNRW's modalities: ``rgb`` (aerial RGB, bands R, G, B) then ``dem`` (``dem_channels``
+    copies of the lidar elevation band ``DEM``), with their view kinds (paper B.1)."""
+    return {
+        "rgb": Modality(bands=3, view="aerial_rgb", band_names=list(RGB_BANDS)),
+        "dem": Modality(bands=dem_channels, view="dem", band_names=["DEM"] * dem_channels),
+    }
 
 
 class GeoNRWMM(GeoNRW):
@@ -204,8 +216,9 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
     """GeoNRW training split as 250 px RGB + DEM patches for DeCUR pretraining (paper B.1).
 
     Batches hold ``image_rgb`` ``(B, 3, p, p)`` and ``image_dem`` ``(B, dem_channels, p, p)`` in
-    [0, 1]; no mask and no augmentation (DeCURModule makes the views and reads
-    :attr:`modality_kinds`). All 40 training cities are used, as in the paper.
+    [0, 1]; no mask and no augmentation (the SSL module makes the views). All 40 training cities
+    are used, as in the paper. Modalities (:attr:`modality_specs`): ``rgb`` (view kind
+    ``"aerial_rgb"``, bands R, G, B) then ``dem`` (``"dem"``, ``dem_channels`` bands ``DEM``).
 
     Args:
         root: dataset directory (see :class:`GeoNRWMM`).
@@ -221,8 +234,6 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
             :class:`~decur_lightning.datamodules._common.ReadErrorGuard`).
         max_read_errors: most unreadable patches ``'skip'`` tolerates per process (default 100).
     """
-
-    modality_kinds: ClassVar[dict[str, str]] = {"rgb": "aerial_rgb", "dem": "dem"}
 
     def __init__(
         self,
@@ -252,6 +263,11 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
             checksum=checksum,
         )
 
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """``rgb`` (aerial RGB) then ``dem`` (``dem_channels`` bands); see :class:`DescribesModalities`."""
+        return _geonrw_specs(int(self.kwargs["dem_channels"]))
+
     def setup(self, stage: str) -> None:
         """Create the training dataset (train split, no mask).
 
@@ -266,7 +282,7 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
         self.train_dataset = ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors, "GeoNRWMM train")
 
 
-class GeoNRWMMDataModule(NonGeoDataModule):
+class GeoNRWMMDataModule(DescribesModalities, NonGeoDataModule):
     """GeoNRW RGB + DEM semantic segmentation on 250 px patches (paper Section 4, B.2).
 
     Splits: the test split's cities (Duesseldorf, Herne, Neuss) for testing; the 40 training
@@ -280,7 +296,9 @@ class GeoNRWMMDataModule(NonGeoDataModule):
     Validation and test patches are not augmented.
 
     Batch keys: ``image_rgb``, ``image_dem``, ``mask`` (see :class:`GeoNRWMM`); ignore label
-    :attr:`ignore_index` (background), :attr:`num_classes` = 10.
+    :attr:`ignore_index` (background), :attr:`num_classes` = 10. Modalities
+    (:attr:`modality_specs`): ``rgb`` (R, G, B) then ``dem`` (``dem_channels`` bands), as in
+    :class:`GeoNRWMMPretrainDataModule`.
 
     Args:
         root: dataset directory.
@@ -351,6 +369,11 @@ class GeoNRWMMDataModule(NonGeoDataModule):
             K.RandomHorizontalFlip(p=0.5),
         )
         self.aug = PairedAugmentation()
+
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """``rgb`` (aerial RGB) then ``dem`` (``dem_channels`` bands); see :class:`DescribesModalities`."""
+        return _geonrw_specs(int(self.kwargs["dem_channels"]))
 
     def split_indices(self, dataset: GeoNRWMM) -> tuple[list[int], list[int]]:
         """Train and validation patch indices of the training split, grouped by city.

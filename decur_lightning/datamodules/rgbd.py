@@ -23,8 +23,12 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import DatasetNotFoundError, NonGeoDataset
 from torchgeo.datasets.utils import Path
 
+from ..modalities import Modality
 from ._common import (
     DEFAULT_MAX_READ_ERRORS,
+    HHA_BANDS,
+    RGB_BANDS,
+    DescribesModalities,
     PairedAugmentation,
     PretrainDataModule,
     ReadErrorGuard,
@@ -225,6 +229,14 @@ def _pair(size: Sequence[int], name: str) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+def _rgbd_specs() -> dict[str, Modality]:
+    """``rgb`` (indoor RGB: R, G, B) then ``hha`` (depth as HHA, 3 bands), with their view kinds."""
+    return {
+        "rgb": Modality(bands=3, view="indoor_rgb", band_names=list(RGB_BANDS)),
+        "hha": Modality(bands=3, view="hha", band_names=list(HHA_BANDS)),
+    }
+
+
 class RGBDMM(NonGeoDataset):
     """Indoor RGB + HHA (+ semantic mask) from CMX's SUN-RGBD / NYU-Depth v2 release.
 
@@ -392,7 +404,9 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
     """RGB + HHA pairs for DeCUR RGB-depth pretraining (paper Section 4, B.1).
 
     Batches hold ``image_rgb`` and ``image_hha`` ``(B, 3, H, W)`` in [0, 1]; no mask and no
-    augmentation (DeCURModule makes the views and reads :attr:`modality_kinds`). The paper
+    augmentation (the SSL module makes the views). Modalities (:attr:`modality_specs`): ``rgb``
+    (view kind ``"indoor_rgb"``, bands R, G, B) then ``hha`` (``"hha"``, bands
+    :data:`~decur_lightning.datamodules._common.HHA_BANDS`). The paper
     pretrains on all 10,335 SUN-RGBD pairs: ``split='all'``; the default ``'train'`` keeps the
     test images out of pretraining.
 
@@ -408,8 +422,6 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
             :class:`~decur_lightning.datamodules._common.ReadErrorGuard`).
         max_read_errors: most unreadable samples ``'skip'`` tolerates per process (default 100).
     """
-
-    modality_kinds: ClassVar[dict[str, str]] = {"rgb": "indoor_rgb", "hha": "hha"}
 
     def __init__(
         self,
@@ -436,6 +448,11 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
         )
         self.split = split
 
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """``rgb`` (indoor RGB) then ``hha`` (3 bands); see :class:`DescribesModalities`."""
+        return _rgbd_specs()
+
     def setup(self, stage: str) -> None:
         """Create the training dataset (no mask).
 
@@ -450,7 +467,7 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
         self.train_dataset = ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors, f"RGBDMM {self.split}")
 
 
-class RGBDMMDataModule(NonGeoDataModule):
+class RGBDMMDataModule(DescribesModalities, NonGeoDataModule):
     """SUN-RGBD / NYU-Depth v2 RGB + HHA semantic segmentation (paper Section 4, B.2).
 
     The paper's CMX runs "follow the same settings of CMX" (B.2); by default this module follows
@@ -487,7 +504,8 @@ class RGBDMMDataModule(NonGeoDataModule):
     normalisation run in the DataLoader (per sample), not on the device.
 
     Batch keys: ``image_rgb``, ``image_hha``, ``mask`` (255 = ignore); :attr:`num_classes` is 37
-    (SUN-RGBD) or 40 (NYUDv2).
+    (SUN-RGBD) or 40 (NYUDv2). Modalities (:attr:`modality_specs`): ``rgb`` then ``hha``, as in
+    :class:`RGBDMMPretrainDataModule`.
 
     Args:
         root: dataset directory (see :class:`RGBDMM`).
@@ -569,6 +587,11 @@ class RGBDMMDataModule(NonGeoDataModule):
         self.collate_fn = pad_collate
         # Everything runs per sample in the DataLoader: no batch augmentation on the device.
         self.aug = PairedAugmentation()
+
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """``rgb`` (indoor RGB) then ``hha`` (3 bands); see :class:`DescribesModalities`."""
+        return _rgbd_specs()
 
     def _dataloader_factory(self, split: str) -> DataLoader[dict[str, Tensor]]:
         """torchgeo's loaders; evaluation loaders shard without repeats when distributed."""

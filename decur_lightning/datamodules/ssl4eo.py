@@ -25,14 +25,17 @@ from torch import Tensor
 from torchgeo.datasets import NonGeoDataset, Sentinel1, Sentinel2, SSL4EOS12
 from torchgeo.datasets.utils import Path, disambiguate_timestamp
 
+from ..modalities import Modality
 from ._common import (
     DEFAULT_MAX_READ_ERRORS,
+    S1_BANDS,
     PretrainDataModule,
     ReadErrorGuard,
     check_enough_for_a_batch,
     check_read_error_policy,
     normalize_sar,
     scale_mean_std,
+    seasonal_band_names,
 )
 
 # Sentinel-1 GRD (VV, VH) in dB, as stored in SSL4EO-S12's s1 GeoTIFFs (Earth Engine's
@@ -59,6 +62,11 @@ S2C_STD: tuple[float, ...] = (
 )
 
 _LOCATION_FOLDER = re.compile(r"^\d{7}$")
+
+
+def sentinel2_band_names(bands: list[str] | tuple[str, ...]) -> list[str]:
+    """Sentinel-2 band names with zero-padded numbers (``B1`` -> ``B01``, ``B8A`` stays), in the given order."""
+    return [f"B{int(band[1:]):02d}" if band[1:].isdigit() else band for band in bands]
 
 
 class SSL4EOS12MM(NonGeoDataset):
@@ -298,10 +306,15 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
     Serves :class:`SSL4EOS12MM` as the training set; there is no validation split (pretraining is
     judged on downstream tasks). Batches are dicts with ``image_s1`` ``(B, 2, 264, 264)`` and
     ``image_s2`` ``(B, 13, 264, 264)`` in [0, 1]; no augmentation runs here: DeCURModule makes the
-    views on the device and reads :attr:`modality_kinds` to choose each modality's pipeline.
+    views on the device, each modality's pipeline chosen from its ``view`` kind in
+    :attr:`modality_specs`.
     With ``season_per_view=True`` batches also hold ``image2_s1``/``image2_s2``, the second views'
     independently drawn seasons (the authors' released code; see :class:`SSL4EOS12MM`). Season
     draws are seeded by the datamodule's :attr:`shuffle_seed` and the epoch.
+
+    Modalities (:attr:`modality_specs`): ``s1`` (view kind ``"sar"``, bands VV, VH) then ``s2``
+    (``"optical"``, the 13 L1C bands B01..B12 with B8A after B08, as SSL4EO-S12 orders them), each
+    stacked ``seasons`` times (band names ``<band>_season<k>`` when ``seasons > 1``).
 
     Args:
         root: dataset directory (see :class:`SSL4EOS12MM`).
@@ -324,7 +337,7 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
           init_args: {root: /data/ssl4eo-s12, batch_size: 256, num_workers: 8}
     """
 
-    modality_kinds: ClassVar[dict[str, str]] = {"s1": "sar", "s2": "optical"}
+    _VIEWS: ClassVar[dict[str, str]] = {"s1": "sar", "s2": "optical"}
 
     def __init__(
         self,
@@ -353,6 +366,18 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
         )
         self.on_read_error = on_read_error
         self.max_read_errors = max_read_errors
+
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """``s1`` (SAR: VV, VH) and ``s2`` (optical: 13 L1C bands), times ``seasons`` (see the class)."""
+        seasons = int(self.kwargs["seasons"])
+        bands = {"s1": S1_BANDS, "s2": sentinel2_band_names(SSL4EOS12.metadata["s2c"]["bands"])}
+        return {
+            name: Modality(
+                bands=len(bands[name]) * seasons, view=view, band_names=seasonal_band_names(bands[name], seasons)
+            )
+            for name, view in self._VIEWS.items()
+        }
 
     def setup(self, stage: str) -> None:
         """Create the training dataset (every stage uses the same pairs).

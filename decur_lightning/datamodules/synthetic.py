@@ -1,20 +1,33 @@
-"""A synthetic two-modality dataset with known shared and private factors.
+"""A synthetic multimodal dataset (M >= 2 modalities) with known shared and private factors.
 
 Generated in memory from a seed (no files, no network), it lets the quickstart run anywhere
 and lets decoupling be measured: every sample carries the factor values it was rendered from.
 
 Rendering: each latent factor ``f_j`` (uniform in [-1, 1]) owns a sinusoidal grating with its
 own spatial frequency and orientation, and a per-channel loading vector for each modality that
-sees it. Shared factors are seen by both modalities (with different loadings: the modalities
-are different sensors of the same scene); a private factor is seen by one modality only. A
-modality's image is ``0.5 + sum_j f_j * (a_j[c] * grating_j + b_j[c]) + noise`` clipped to
-[0, 1]; the grating phase is random per sample, so the factors are properties of the texture
-and of the band means, not of pixel positions, and survive crops and flips.
+sees it. Factors come in three groups:
+
+* **shared** factors are seen by every modality (with different loadings: the modalities are
+  different sensors of the same scene), the common information DeCUR aligns (paper Section 3);
+* **private** factors are seen by one modality only (``num_private`` per modality), the unique
+  information DeCUR decouples;
+* optional **subset-shared** factors are seen by some modalities but not all (e.g. SAR and
+  elevation both see surface roughness, optical does not), ``num_subset_shared`` per subset.
+
+A modality's image is ``0.5 + sum_j f_j * (a_j[c] * grating_j + b_j[c]) + noise`` over the
+factors it sees, clipped to [0, 1]; the grating phase is random per sample, so the factors are
+properties of the texture and of the band means, not of pixel positions, and survive crops and
+flips. With two modalities and no subsets the tensors are exactly those of version 0.1 for the
+same seeds.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from lightning import LightningDataModule
@@ -23,64 +36,215 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..augmentations import VIEW_KINDS
+from ..modalities import Modality
+from ._common import DescribesModalities
 from .samplers import EpochSeededRandomSampler
 
-__all__ = ["SyntheticMultimodalDataModule", "SyntheticMultimodalDataset"]
+__all__ = ["DEFAULT_MODALITIES", "SyntheticModalities", "SyntheticMultimodalDataModule", "SyntheticMultimodalDataset"]
+
+#: How the synthetic data's modalities are given: an ordered mapping name -> band count, or
+#: name -> dict of the data-side :class:`~decur_lightning.modalities.Modality` fields
+#: (``bands``, required; ``view``; ``band_names``), e.g. ``{"sar": 2, "elevation": {"bands": 1, "view": "dem"}}``.
+SyntheticModalities = Mapping[str, Union[int, Mapping[str, Any]]]
+
+#: The default modalities: a 2-band "sar" and a 4-band "optical" sensor (the quickstart's).
+DEFAULT_MODALITIES: dict[str, int] = {"sar": 2, "optical": 4}
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DATA_FIELDS = ("bands", "view", "band_names")
+_EXAMPLE = "{'sar': 2, 'optical': 4, 'elevation': {'bands': 1, 'view': 'dem'}}"
+
+
+def _identifier(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"{what} names are identifiers (letters, digits, '_'; they name batch keys); got {name!r}."
+        )
+    return name
+
+
+def _synthetic_specs(modalities: SyntheticModalities | None = None) -> dict[str, Modality]:
+    """Check the synthetic data's ``modalities`` argument and describe each modality.
+
+    Args:
+        modalities: :data:`SyntheticModalities`; ``None``: :data:`DEFAULT_MODALITIES`.
+
+    Returns:
+        ordered name -> :class:`~decur_lightning.modalities.Modality` with ``bands``, ``view``
+        (given, else the name when it is a view kind, else ``"generic"``) and ``band_names``
+        (given, else ``None``).
+
+    Raises:
+        TypeError: ``modalities`` is not a mapping (e.g. the 0.1 form ``("sar", "optical")`` with
+            ``channels=(2, 4)``), or a value is neither a band count nor a dict.
+        ValueError: fewer than two modalities, a name that is not an identifier, a band count
+            below 1, an unknown view kind, or a field that is not the data's to give.
+    """
+    if modalities is None:
+        modalities = DEFAULT_MODALITIES
+    if not isinstance(modalities, Mapping):
+        raise TypeError(
+            "modalities must be an ordered mapping name -> band count (or dict with 'bands', 'view', "
+            f"'band_names'), e.g. {_EXAMPLE}; got {modalities!r}. (Version 0.1's modalities=('sar', "
+            "'optical') with channels=(2, 4) is now modalities={'sar': 2, 'optical': 4}.)"
+        )
+    specs: dict[str, Modality] = {}
+    for name, value in modalities.items():
+        _identifier(name, "Modality")
+        default_view = name if name in VIEW_KINDS else "generic"
+        if isinstance(value, int) and not isinstance(value, bool):
+            fields: dict[str, Any] = {"bands": value}
+        elif isinstance(value, Mapping):
+            fields = dict(value)
+            extra = sorted(set(fields) - set(_DATA_FIELDS))
+            if extra:
+                raise ValueError(
+                    f"Synthetic modality {name!r}: {extra} are not the data's to give (encoder and weights "
+                    f"belong in the model's modalities); give {list(_DATA_FIELDS)}."
+                )
+            if "bands" not in fields:
+                raise ValueError(f"Synthetic modality {name!r}: give its band count, e.g. {{'bands': 1}}.")
+        else:
+            raise TypeError(
+                f"Synthetic modality {name!r}: expected a band count or a dict with 'bands'; got {value!r}."
+            )
+        bands = fields["bands"]
+        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+            raise ValueError(f"Synthetic modality {name!r}: bands must be a positive int; got {bands!r}.")
+        specs[name] = Modality(
+            bands=bands, view=fields.get("view") or default_view, band_names=fields.get("band_names")
+        )
+    if len(specs) < 2:
+        raise ValueError(
+            f"The synthetic data needs at least two modalities (it is multimodal); got {list(specs)}. "
+            f"Give e.g. modalities={_EXAMPLE}."
+        )
+    return specs
+
+
+def _check_subsets(
+    subset_shared: Mapping[str, Sequence[str]] | None, modalities: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
+    """Check ``subset_shared`` (subset name -> the modalities that share its factors).
+
+    Each subset names at least two different modalities and not all of them (factors every
+    modality sees are the ``num_shared`` ones); two subsets may not name the same modalities.
+
+    Returns:
+        subset name -> member names in the order given.
+
+    Raises:
+        ValueError: an unknown or repeated modality, too few or too many members, a subset name
+            that is not an identifier, or two subsets of the same modalities.
+        TypeError: members not given as a list of names.
+    """
+    if not subset_shared:
+        return {}
+    if not isinstance(subset_shared, Mapping):
+        raise TypeError(
+            "subset_shared must be a mapping subset name -> list of modality names, e.g. "
+            f"{{'sar_elevation': ['sar', 'elevation']}}; got {subset_shared!r}."
+        )
+    subsets: dict[str, tuple[str, ...]] = {}
+    seen: dict[frozenset[str], str] = {}
+    for name, members in subset_shared.items():
+        _identifier(name, "Subset")
+        if isinstance(members, str) or not isinstance(members, Sequence):
+            raise TypeError(f"subset_shared[{name!r}] must be a list of modality names; got {members!r}.")
+        members = tuple(members)
+        unknown = [m for m in members if m not in modalities]
+        if unknown:
+            raise ValueError(
+                f"subset_shared[{name!r}] names {unknown}, not among the modalities {list(modalities)}."
+            )
+        if len(set(members)) != len(members):
+            raise ValueError(f"subset_shared[{name!r}] names a modality more than once: {list(members)}.")
+        if not 2 <= len(members) < len(modalities):
+            raise ValueError(
+                f"subset_shared[{name!r}] = {list(members)}: a subset shares factors between at least two "
+                f"modalities and not all {len(modalities)} (factors all see are num_shared)."
+            )
+        key = frozenset(members)
+        if key in seen:
+            raise ValueError(
+                f"subset_shared[{name!r}] and [{seen[key]!r}] name the same modalities; use one subset "
+                "and num_subset_shared for more factors."
+            )
+        seen[key] = name
+        subsets[name] = members
+    return subsets
+
+
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int; got {value!r}.")
 
 
 class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
-    """Two modalities rendered from shared and modality-private latent factors.
+    """M >= 2 modalities rendered from shared, subset-shared and modality-private latent factors.
 
-    Each sample is a dict with ``image_<name>`` (float32 ``(C, H, W)`` in [0, 1]) per modality,
-    ``shared`` (``num_shared`` factors) and ``private_<name>`` (``num_private`` factors per
-    modality).
+    Each sample is a dict with ``image_<name>`` (float32 ``(bands, size, size)`` in [0, 1]) per
+    modality, ``shared`` (``num_shared`` factors every modality sees), ``private_<name>``
+    (``num_private`` factors only modality ``name`` sees) and, per subset, ``shared_<subset>``
+    (``num_subset_shared`` factors only the subset's modalities see).
 
     Args:
         num_samples: dataset length.
-        modalities: the two modality names (batch keys ``image_<name>``).
-        channels: band count of each modality.
+        modalities: ordered name -> band count (or dict; :data:`SyntheticModalities`); batch keys
+            ``image_<name>``. ``None``: :data:`DEFAULT_MODALITIES` (``{"sar": 2, "optical": 4}``).
         size: image side in pixels.
-        num_shared: number of factors both modalities see.
+        num_shared: number of factors every modality sees.
         num_private: number of factors each modality sees alone.
+        subset_shared: subset name -> the modalities (at least two, not all) that share its
+            factors, e.g. ``{"sar_elevation": ["sar", "elevation"]}``; ``None``: no subsets.
+        num_subset_shared: number of factors of each subset.
         noise: standard deviation of the additive pixel noise.
         seed: the seed of the samples (factors, phases, noise).
         render_seed: the seed of the rendering (gratings and loadings). Keep it equal across
             splits so that train and validation data come from the same "sensors".
 
+    Attributes:
+        specs: name -> :class:`~decur_lightning.modalities.Modality` (bands, view kind).
+        modalities: the names, in order.
+        images: name -> ``(N, bands, size, size)`` images.
+        shared: ``(N, num_shared)`` factors; private: name -> ``(N, num_private)``;
+        subsets: subset name -> its modalities; subset_shared: subset name -> ``(N, num_subset_shared)``.
+
     Example:
-        >>> ds = SyntheticMultimodalDataset(num_samples=4, modalities=("sar", "optical"), channels=(2, 4))
-        >>> sorted(ds[0])
-        ['image_optical', 'image_sar', 'private_optical', 'private_sar', 'shared']
+        >>> ds = SyntheticMultimodalDataset(num_samples=4, modalities={"sar": 2, "optical": 4, "elevation": 1},
+        ...                                 subset_shared={"sar_elevation": ["sar", "elevation"]})
+        >>> sorted(ds[0])  # doctest: +NORMALIZE_WHITESPACE
+        ['image_elevation', 'image_optical', 'image_sar', 'private_elevation', 'private_optical',
+         'private_sar', 'shared', 'shared_sar_elevation']
     """
 
     def __init__(
         self,
         num_samples: int = 512,
-        modalities: tuple[str, str] = ("sar", "optical"),
-        channels: tuple[int, int] = (2, 4),
+        modalities: SyntheticModalities | None = None,
         size: int = 32,
         num_shared: int = 4,
         num_private: int = 2,
+        subset_shared: Mapping[str, Sequence[str]] | None = None,
+        num_subset_shared: int = 2,
         noise: float = 0.05,
         seed: int = 0,
         render_seed: int = 0,
     ) -> None:
-        if len(modalities) != 2 or len(channels) != 2:
-            raise ValueError(
-                f"Give exactly two modality names and two channel counts; got {modalities} and {channels}."
-            )
-        if modalities[0] == modalities[1]:
-            raise ValueError(f"The two modality names must differ; got {modalities}.")
-        if num_samples < 1 or size < 4 or min(channels) < 1:
-            raise ValueError(
-                f"Need num_samples >= 1, size >= 4 and channels >= 1; got {num_samples}, {size}, {channels}."
-            )
-        self.modalities = tuple(modalities)
-        self.channels = tuple(channels)
+        self.specs = _synthetic_specs(modalities)
+        self.modalities = tuple(self.specs)
+        self.subsets = _check_subsets(subset_shared, self.modalities)
+        _check_counts(num_shared=num_shared, num_private=num_private, num_subset_shared=num_subset_shared)
+        if num_samples < 1 or size < 4:
+            raise ValueError(f"Need num_samples >= 1 and size >= 4; got {num_samples} and {size}.")
         render = torch.Generator().manual_seed(render_seed)
         sample = torch.Generator().manual_seed(seed + 1_000_003)
 
-        num_factors = num_shared + 2 * num_private
+        # Factor ids: shared, then num_private per modality, then num_subset_shared per subset. The
+        # random draws keep version 0.1's order, so two modalities without subsets give its tensors.
+        num_modalities = len(self.modalities)
+        num_factors = num_shared + num_modalities * num_private + len(self.subsets) * num_subset_shared
         # Distinct frequencies/orientations per factor, so each factor is a separable texture.
         freq = 2.0 + 4.0 * torch.rand(num_factors, generator=render)
         angle = math.pi * (torch.arange(num_factors) + torch.rand(num_factors, generator=render)) / num_factors
@@ -88,39 +252,48 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         coord = (xs[None] * torch.cos(angle)[:, None, None] + ys[None] * torch.sin(angle)[:, None, None]) / size
 
         self.shared = torch.rand(num_samples, num_shared, generator=sample) * 2 - 1
-        self.private = [torch.rand(num_samples, num_private, generator=sample) * 2 - 1 for _ in range(2)]
+        self.private = {
+            name: torch.rand(num_samples, num_private, generator=sample) * 2 - 1 for name in self.modalities
+        }
+        self.subset_shared = {
+            name: torch.rand(num_samples, num_subset_shared, generator=sample) * 2 - 1 for name in self.subsets
+        }
         phase = 2 * math.pi * torch.rand(num_samples, num_factors, generator=sample)
         # (N, F, H, W) gratings with per-sample phase.
         gratings = torch.cos(2 * math.pi * freq[None, :, None, None] * coord[None] + phase[:, :, None, None])
 
-        self.images: list[Tensor] = []
-        for m, num_channels in enumerate(self.channels):
-            private_slice = slice(num_shared + m * num_private, num_shared + (m + 1) * num_private)
-            factor_ids = list(range(num_shared)) + list(range(private_slice.start, private_slice.stop))
-            factors = torch.cat([self.shared, self.private[m]], dim=1)  # (N, F_m)
-            texture = torch.randn(len(factor_ids), num_channels, generator=render) * 0.35
-            offset = torch.randn(len(factor_ids), num_channels, generator=render) * 0.08
+        subset_start = num_shared + num_modalities * num_private
+        self.images: dict[str, Tensor] = {}
+        for m, (name, spec) in enumerate(self.specs.items()):
+            private_start = num_shared + m * num_private
+            factor_ids = list(range(num_shared)) + list(range(private_start, private_start + num_private))
+            seen = [self.shared, self.private[name]]
+            for k, (subset, members) in enumerate(self.subsets.items()):
+                if name in members:
+                    start = subset_start + k * num_subset_shared
+                    factor_ids += list(range(start, start + num_subset_shared))
+                    seen.append(self.subset_shared[subset])
+            factors = torch.cat(seen, dim=1)  # (N, F_m)
+            texture = torch.randn(len(factor_ids), spec.bands, generator=render) * 0.35
+            offset = torch.randn(len(factor_ids), spec.bands, generator=render) * 0.08
             g = gratings[:, factor_ids]  # (N, F_m, H, W)
             image = 0.5 + torch.einsum("nf,fc,nfhw->nchw", factors, texture, g)
             image = image + (factors @ offset)[:, :, None, None]
             image = image + noise * torch.randn(image.shape, generator=sample)
-            self.images.append(image.clamp_(0.0, 1.0).float())
+            self.images[name] = image.clamp_(0.0, 1.0).float()
 
     def __len__(self) -> int:
         return self.shared.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        m1, m2 = self.modalities
-        return {
-            f"image_{m1}": self.images[0][index],
-            f"image_{m2}": self.images[1][index],
-            "shared": self.shared[index],
-            f"private_{m1}": self.private[0][index],
-            f"private_{m2}": self.private[1][index],
-        }
+        sample = {f"image_{name}": images[index] for name, images in self.images.items()}
+        sample["shared"] = self.shared[index]
+        sample.update({f"private_{name}": factors[index] for name, factors in self.private.items()})
+        sample.update({f"shared_{name}": factors[index] for name, factors in self.subset_shared.items()})
+        return sample
 
 
-class SyntheticMultimodalDataModule(LightningDataModule):
+class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
     """Datamodule over :class:`SyntheticMultimodalDataset`: train / val / test from one seed.
 
     The three splits share the rendering (same "sensors") and draw disjoint samples. Training
@@ -129,13 +302,16 @@ class SyntheticMultimodalDataModule(LightningDataModule):
     ``StatefulDataLoader``, so a run resumed from a checkpoint taken at any step (also inside an
     epoch) sees the batches of an uninterrupted run.
 
+    :attr:`modality_specs` describes the modalities (band counts, view kinds; see
+    :class:`~decur_lightning.datamodules._common.DescribesModalities`), so a module fitted on
+    this datamodule needs no modality arguments.
+
     Args:
-        modalities: the two modality names.
-        channels: band count of each modality.
-        modality_kinds: view augmentation kind per modality (see
-            :mod:`decur_lightning.augmentations`); defaults to the modality names when they
-            are kinds, else ``"generic"``.
-        size, num_shared, num_private, noise: see :class:`SyntheticMultimodalDataset`.
+        modalities: ordered name -> band count, or name -> dict with ``bands`` and optionally
+            ``view`` (view kind; default: the name when it is a kind, else ``"generic"``) and
+            ``band_names``. At least two. Default ``{"sar": 2, "optical": 4}``.
+        size, num_shared, num_private, subset_shared, num_subset_shared, noise: see
+            :class:`SyntheticMultimodalDataset`.
         num_train, num_val, num_test: split sizes.
         batch_size, num_workers: DataLoader settings.
         seed: the seed of everything.
@@ -146,16 +322,24 @@ class SyntheticMultimodalDataModule(LightningDataModule):
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch["image_sar"].shape, batch["image_optical"].shape
         (torch.Size([16, 2, 32, 32]), torch.Size([16, 4, 32, 32]))
+
+    Three modalities in YAML (LightningCLI)::
+
+        data:
+          class_path: decur_lightning.datamodules.SyntheticMultimodalDataModule
+          init_args:
+            modalities: {sar: 2, optical: 4, elevation: {bands: 1, view: dem}}
+            subset_shared: {sar_elevation: [sar, elevation]}
     """
 
     def __init__(
         self,
-        modalities: tuple[str, str] = ("sar", "optical"),
-        channels: tuple[int, int] = (2, 4),
-        modality_kinds: dict[str, str] | None = None,
+        modalities: dict[str, Union[int, dict[str, Any]]] = DEFAULT_MODALITIES,  # noqa: B006 (never mutated)
         size: int = 32,
         num_shared: int = 4,
         num_private: int = 2,
+        subset_shared: dict[str, list[str]] | None = None,
+        num_subset_shared: int = 2,
         noise: float = 0.05,
         num_train: int = 512,
         num_val: int = 128,
@@ -165,22 +349,34 @@ class SyntheticMultimodalDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        # Checked here, so a wrong configuration fails when the datamodule is built, not at setup.
+        self._specs = _synthetic_specs(modalities)
+        self._subsets = _check_subsets(subset_shared, tuple(self._specs))
+        _check_counts(num_shared=num_shared, num_private=num_private, num_subset_shared=num_subset_shared)
         self.save_hyperparameters()
-        self.modalities = tuple(modalities)
-        self.modality_kinds = modality_kinds or {
-            name: name if name in VIEW_KINDS else "generic" for name in self.modalities
-        }
+        self.hparams["modalities"] = copy.deepcopy(dict(modalities))  # not the shared default object
+        self.modalities = tuple(self._specs)
+        """The modality names, in order."""
         self.datasets: dict[str, SyntheticMultimodalDataset] = {}
+
+    @property
+    def modality_specs(self) -> dict[str, Modality]:
+        """Name -> :class:`~decur_lightning.modalities.Modality` (bands, view kind, band names if given)."""
+        return {
+            name: Modality(bands=spec.bands, view=spec.view, band_names=spec.band_names)
+            for name, spec in self._specs.items()
+        }
 
     def _make(self, num_samples: int, offset: int) -> SyntheticMultimodalDataset:
         hp = self.hparams
         return SyntheticMultimodalDataset(
             num_samples=num_samples,
-            modalities=self.modalities,
-            channels=tuple(hp.channels),
+            modalities=hp.modalities,
             size=hp.size,
             num_shared=hp.num_shared,
             num_private=hp.num_private,
+            subset_shared=hp.subset_shared,
+            num_subset_shared=hp.num_subset_shared,
             noise=hp.noise,
             seed=hp.seed * 3 + offset,
             render_seed=hp.seed,
