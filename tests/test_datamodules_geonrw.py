@@ -192,13 +192,8 @@ def test_decur_fit_fast_dev_run(geonrw: tuple[Path, dict[str, dict[str, np.ndarr
 
     from decur_lightning import DeCURModule
 
-    model = DeCURModule(
-        encoder1="resnet18",
-        encoder2="resnet18",
-        in_channels1=3,
-        in_channels2=3,
-        modality1="rgb",
-        modality2="dem",
+    model = DeCURModule(  # modalities, band counts and view kinds from the datamodule
+        encoder="resnet18",
         projector_dims=(64, 64),
         common_ratio=0.75,
         crop_size=32,
@@ -209,6 +204,7 @@ def test_decur_fit_fast_dev_run(geonrw: tuple[Path, dict[str, dict[str, np.ndarr
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule)
     assert trainer.state.finished
+    assert model.encoders["dem"].conv1.in_channels == 3 and model.encoders.specs["rgb"].view == "aerial_rgb"
 
 
 def test_val_fraction_zero_means_no_validation_split(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:

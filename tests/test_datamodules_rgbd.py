@@ -346,13 +346,8 @@ def test_decur_fit_fast_dev_run(sunrgbd: tuple[Path, dict[str, list[str]]]) -> N
 
     from decur_lightning import DeCURModule
 
-    model = DeCURModule(
-        encoder1="resnet18",
-        encoder2="resnet18",
-        in_channels1=3,
-        in_channels2=3,
-        modality1="rgb",
-        modality2="hha",
+    model = DeCURModule(  # modalities, band counts and view kinds from the datamodule
+        encoder="resnet18",
         projector_dims=(64, 64),
         common_ratio=0.75,
         crop_size=32,

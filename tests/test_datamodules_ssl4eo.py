@@ -293,19 +293,17 @@ def test_decur_fit_fast_dev_run(root: Path) -> None:
 
     from decur_lightning import DeCURModule
 
-    model = DeCURModule(
-        encoder1="resnet18",
-        encoder2="resnet18",
-        in_channels1=2,
-        in_channels2=13,
-        modality1="s1",
-        modality2="s2",
+    model = DeCURModule(  # modalities, band counts and view kinds from the datamodule
+        encoder="resnet18",
         projector_dims=(64, 64),
         crop_size=32,
     )
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False)
     trainer.fit(model, SSL4EOS12MMDataModule(root, batch_size=2))
     assert trainer.state.finished
+    assert {name: (spec["bands"], spec["view"]) for name, spec in model.hparams.modalities.items()} == {
+        "s1": (2, "sar"), "s2": (13, "optical")
+    }
 
 
 def test_scenes_are_read_exactly_as_torchgeo_reads_them(root: Path) -> None:

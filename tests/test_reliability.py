@@ -116,7 +116,7 @@ def test_nan_skip_policy_leaves_weights_untouched_in_fit(tmp_path):
     class NaNData(SyntheticMultimodalDataModule):
         def setup(self, stage=None):
             super().setup(stage)
-            self.datasets["train"].images[0][:] = float("nan")
+            self.datasets["train"].images["sar"][:] = float("nan")
 
     model = tiny_decur(nan_policy="skip", projector_dims=(32, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
