@@ -139,3 +139,34 @@ def test_encoder_set_checks_inputs_and_allows_a_missing_modality_when_asked():
         encoders.inputs({**batch, "image_dem": torch.rand(3, 1, 32, 32)}, allow_missing=True)
     with pytest.raises(ValueError, match="'train' cannot name a modality"):
         EncoderSet({"train": Modality(bands=1, encoder="resnet18")})
+
+
+def test_three_modality_config_fits_from_yaml(tmp_path):
+    """examples/configs/three_modalities.yaml (shrunk): 2 steps, 3 encoders, every pair's terms logged."""
+    from pathlib import Path
+
+    import yaml
+
+    from decur_lightning.cli import main
+
+    config_path = Path(__file__).resolve().parents[1] / "examples" / "configs" / "three_modalities.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["init_args"]["projector_dims"] = [32, 32]
+    config["data"]["init_args"].update(num_train=32, num_val=16, batch_size=16)
+    config["trainer"].update(
+        max_epochs=None, max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path), log_every_n_steps=1,
+        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
+    )
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert list(checkpoint["hyper_parameters"]["modalities"]) == ["sar", "optical", "elevation"]
+    assert checkpoint["hyper_parameters"]["modalities"]["elevation"] == {"bands": 1, "encoder": "resnet18", "view": "dem"}
+    assert {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("encoders.")} == {"sar", "optical", "elevation"}
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0]
+    for pair in ("sar_optical", "sar_elevation", "optical_elevation"):
+        assert f"train/common_{pair}_step" in header and f"train/unique_{pair}_step" in header
