@@ -42,6 +42,10 @@ def test_every_paper_run_has_a_config():
     assert names == expected
 
 
+#: The modalities of each dataset's batches, in the paper's order.
+MODALITIES = {"bigearthnet": ["s1", "s2"], "geonrw": ["rgb", "dem"], "sunrgbd": ["rgb", "hha"], "nyudv2": ["rgb", "hha"]}
+
+
 @pytest.mark.parametrize("config", DOWNSTREAM, ids=lambda p: p.stem)
 def test_config_follows_the_paper(config):
     settings = yaml.safe_load(config.read_text())
@@ -49,24 +53,45 @@ def test_config_follows_the_paper(config):
     name = config.stem
     assert settings["trainer"]["logger"]["init_args"]["name"] == name
     single = "_sar_" in name or "_rgb" in name
-    assert (model.get("modality2", "set") is None) == single
+    dataset = next(key for key in MODALITIES if key in name)
+    modalities = model["modalities"]
+    assert list(modalities) == MODALITIES[dataset][: 1 if single else 2]
+    # every encoder starts from the DeCUR pretraining of its modality
+    assert all(spec["weights"].startswith("runs/pretrain_") for spec in modalities.values())
+    frozen = "_linear_" in name or name.endswith("_frozen")
+    assert model["freeze_encoders"] is frozen
+    assert model.get("frozen_batch_norm", "eval") == ("train" if frozen else "eval")
     if "bigearthnet" in name:
-        assert model["lr"] == (0.5 if model["mode"] == "linear" else 0.05)
+        assert model["lr"] == (0.5 if model["freeze_encoders"] else 0.05)
+        assert [spec["bands"] for spec in modalities.values()] == [2, 13][: len(modalities)]
         assert data["train_fraction"] == (0.01 if name.endswith("_1pct") else 1.0)
         assert data["batch_size"] == 256 and settings["trainer"]["max_epochs"] == 100
         assert model["lr_milestones"] == [0.6, 0.8] and model["weight_decay"] == 0.0
     elif "geonrw" in name:
-        assert model["mode"] == ("frozen" if name.endswith("_frozen") else "finetune")
         assert (model["optimizer"], model["lr"], model["weight_decay"]) == ("adamw", 1e-4, 0.01)
         assert data["patch_size"] == 250 and settings["trainer"]["max_epochs"] == 30
         if not single:
-            assert data["dem_channels"] == model["in_channels2"] == 3
+            assert data["dem_channels"] == modalities["dem"]["bands"] == 3
     elif "_cmx_" in name:
-        assert model["head"] == "cmx" and model["encoder1"] == model["encoder2"] == f"mit_{name[-2:]}"
+        assert model["head"] == "cmx" and model["encoder"] == f"mit_{name[-2:]}"
         assert (model["lr"], model["lr_schedule"], data["batch_size"]) == (6e-5, "poly", 8)
     else:
         assert (model["optimizer"], model["lr"], model["weight_decay"]) == ("sgd", 0.01, 1e-5)
         assert settings["trainer"]["max_steps"] == 40000 and data["batch_size"] == 8
+
+
+def _shrunk_config(config: Path, tmp_path: Path) -> Path:
+    """The config without pretrained weights (nothing to download) and with small encoders."""
+    settings = yaml.safe_load(config.read_text())
+    model = settings["model"]["init_args"]
+    model["encoder"] = "mit_b0" if "_cmx_" in config.stem else "resnet18"
+    for spec in model["modalities"].values():
+        del spec["weights"]
+    if "_cmx_" in config.stem:
+        model["decoder_channels"] = 64
+    path = tmp_path / config.name
+    path.write_text(yaml.safe_dump(settings))
+    return path
 
 
 def _overrides(name: str, roots: dict[str, Path], tmp_path: Path) -> list[str]:
@@ -76,13 +101,7 @@ def _overrides(name: str, roots: dict[str, Path], tmp_path: Path) -> list[str]:
         "--trainer.sync_batchnorm=false", f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--data.init_args.root={roots[dataset]}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
-        "--model.init_args.weights1=null", "--model.init_args.weights2=null",
     ]
-    if "_cmx_" in name:
-        args += ["--model.init_args.encoder1=mit_b0", "--model.init_args.encoder2=mit_b0",
-                 "--model.init_args.decoder_channels=64"]
-    else:
-        args += ["--model.init_args.encoder1=resnet18", "--model.init_args.encoder2=resnet18"]
     if dataset in ("sunrgbd", "nyudv2"):
         args += ["--data.init_args.image_size=[64, 64]", "--data.init_args.crop_size=[64, 64]"]
     if dataset == "bigearthnet":
@@ -97,5 +116,5 @@ def _overrides(name: str, roots: dict[str, Path], tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("config", DOWNSTREAM, ids=lambda p: p.stem)
 def test_config_runs_fit(config, roots, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    main(["fit", "--config", str(config), *_overrides(config.stem, roots, tmp_path)])
+    main(["fit", "--config", str(_shrunk_config(config, tmp_path)), *_overrides(config.stem, roots, tmp_path)])
     assert "`Trainer.fit` stopped: `max_steps=1` reached." in caplog.text  # one training step ran
