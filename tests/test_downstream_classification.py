@@ -40,8 +40,12 @@ class EasyMultiLabel(Dataset):
         return len(self.label)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"image_sar": self.sar[index], "image_optical": self.optical[index], "image_dem": self.dem[index],
-                "label": self.label[index]}
+        return {
+            "image_sar": self.sar[index],
+            "image_optical": self.optical[index],
+            "image_dem": self.dem[index],
+            "label": self.label[index],
+        }
 
 
 class EasyDataModule(L.LightningDataModule):
@@ -57,8 +61,9 @@ class EasyDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=self._collate)
+        return DataLoader(
+            self.train, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=self._collate
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self._collate)
@@ -67,8 +72,11 @@ class EasyDataModule(L.LightningDataModule):
 class DescribedDataModule(EasyDataModule):
     """The same data, describing its modalities as the package's datamodules do."""
 
-    modality_specs = {"sar": Modality(bands=2, view="sar"), "optical": Modality(bands=4, view="optical"),
-                      "dem": Modality(bands=1, view="dem")}
+    modality_specs = {
+        "sar": Modality(bands=2, view="sar"),
+        "optical": Modality(bands=4, view="optical"),
+        "dem": Modality(bands=1, view="dem"),
+    }
 
 
 def make_module(**overrides) -> MultimodalClassificationModule:
@@ -78,9 +86,18 @@ def make_module(**overrides) -> MultimodalClassificationModule:
 
 
 def trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, default_root_dir=tmp_path, **kwargs)
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 def evaluate(model, data) -> dict[str, float]:
@@ -93,8 +110,8 @@ def encoder_state(model: MultimodalClassificationModule) -> dict[str, Tensor]:
 
 
 def batch_of(data: EasyMultiLabel, *names: str, start: int = 0, size: int = 8) -> dict[str, Tensor]:
-    batch = {f"image_{name}": getattr(data, name)[start:start + size] for name in names}
-    return {**batch, "label": data.label[start:start + size]}
+    batch = {f"image_{name}": getattr(data, name)[start : start + size] for name in names}
+    return {**batch, "label": data.label[start : start + size]}
 
 
 def test_linear_probe_learns_and_leaves_encoders_untouched(tmp_path):
@@ -192,7 +209,10 @@ def test_modalities_none_takes_the_datamodules_modality_specs(tmp_path):
     assert model.classifier.in_features == 3 * 512
     resolved = model.hparams.modalities
     assert [(name, spec["bands"], spec["view"], spec["encoder"]) for name, spec in resolved.items()] == [
-        ("sar", 2, "sar", "resnet18"), ("optical", 4, "optical", "resnet18"), ("dem", 1, "dem", "resnet18")]
+        ("sar", 2, "sar", "resnet18"),
+        ("optical", 4, "optical", "resnet18"),
+        ("dem", 1, "dem", "resnet18"),
+    ]
     assert modes == [[False, False, False]] * 2  # frozen encoders built at fit start are in eval mode
     assert model.feature_means.batches("dem") == 2
     # a list of names picks those of the datamodule, in that order
@@ -263,8 +283,10 @@ def test_feature_means_are_saved_with_the_checkpoint(tmp_path):
     model.trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
     assert "feature_means.mean_optical" in checkpoint["state_dict"]
-    assert all(key.startswith(("encoders.sar.", "encoders.optical.", "classifier.", "feature_means."))
-               for key in checkpoint["state_dict"])
+    assert all(
+        key.startswith(("encoders.sar.", "encoders.optical.", "classifier.", "feature_means."))
+        for key in checkpoint["state_dict"]
+    )
     restored = MultimodalClassificationModule.load_from_checkpoint(path)
     assert restored.modalities == ("sar", "optical") and restored.feature_means.batches("optical") == 2
     torch.testing.assert_close(restored.feature_means.mean("optical"), model.feature_means.mean("optical"))
@@ -304,16 +326,20 @@ def test_step_schedule_equals_the_former_multistep_schedule(freeze_encoders, lr,
 
 # ------------------------------------------------------------------ pretrained weights
 def test_pretrained_weights_from_state_dicts_and_authors_checkpoints(tmp_path):
-    sar, optical = (EncoderSet({name: Modality(bands=bands, encoder="resnet18")})[name]
-                    for name, bands in (("sar", 2), ("optical", 4)))
+    sar, optical = (
+        EncoderSet({name: Modality(bands=bands, encoder="resnet18")})[name]
+        for name, bands in (("sar", 2), ("optical", 4))
+    )
     torch.save(sar.state_dict(), tmp_path / "sar.pt")
     # the authors' joint checkpoint: backbone_1 (SAR) and backbone_2 (optical), no modality names
     joint = {f"module.backbone_{i}.{k}": v for i, e in ((1, sar), (2, optical)) for k, v in e.state_dict().items()}
     torch.save({"epoch": 99, "model": joint, "optimizer": {}}, tmp_path / "joint.pth")
-    model = make_module(modalities={
-        "optical": {"bands": 4, "weights": str(tmp_path / "joint.pth"), "weights_modality": 2},
-        "sar": {"bands": 2, "weights": str(tmp_path / "sar.pt")},
-    })
+    model = make_module(
+        modalities={
+            "optical": {"bands": 4, "weights": str(tmp_path / "joint.pth"), "weights_modality": 2},
+            "sar": {"bands": 2, "weights": str(tmp_path / "sar.pt")},
+        }
+    )
     for name, source in (("sar", sar), ("optical", optical)):
         for key, value in source.state_dict().items():
             torch.testing.assert_close(model.encoders[name].state_dict()[key], value, rtol=0, atol=0, msg=key)
@@ -325,13 +351,19 @@ def test_pretrained_weights_by_name_from_a_checkpoint_of_this_package(tmp_path):
 
     Needs weights.py to read the named layout (issue 13, task "weights").
     """
-    pretrained = EncoderSet({"sar": Modality(bands=2, encoder="resnet18"), "optical": Modality(bands=4, encoder="resnet18")})
+    pretrained = EncoderSet(
+        {"sar": Modality(bands=2, encoder="resnet18"), "optical": Modality(bands=4, encoder="resnet18")}
+    )
     state = {f"encoders.{name}.{k}": v for name, e in pretrained.items() for k, v in e.state_dict().items()}
-    hparams = {"modalities": {"sar": {"bands": 2, "encoder": "resnet18"}, "optical": {"bands": 4, "encoder": "resnet18"}}}
+    hparams = {
+        "modalities": {"sar": {"bands": 2, "encoder": "resnet18"}, "optical": {"bands": 4, "encoder": "resnet18"}}
+    }
     path = tmp_path / "pretrained.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     # modalities in swapped order: names decide
-    model = make_module(modalities={"optical": {"bands": 4, "weights": str(path)}, "sar": {"bands": 2, "weights": str(path)}})
+    model = make_module(
+        modalities={"optical": {"bands": 4, "weights": str(path)}, "sar": {"bands": 2, "weights": str(path)}}
+    )
     for name in ("sar", "optical"):
         for key, value in pretrained[name].state_dict().items():
             torch.testing.assert_close(model.encoders[name].state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -28,22 +28,39 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     make_geonrw(tmp / "geonrw", size=500)
     make_rgbd(tmp / "sunrgbd", num_classes=37, train=3, test=2)
     make_rgbd(tmp / "nyudv2", num_classes=40, train=3, test=2)
-    return {"bigearthnet": tmp / "bigearthnet", "geonrw": tmp / "geonrw", "sunrgbd": tmp / "sunrgbd",
-            "nyudv2": tmp / "nyudv2"}
+    return {
+        "bigearthnet": tmp / "bigearthnet",
+        "geonrw": tmp / "geonrw",
+        "sunrgbd": tmp / "sunrgbd",
+        "nyudv2": tmp / "nyudv2",
+    }
 
 
 def test_every_paper_run_has_a_config():
     names = {path.stem for path in DOWNSTREAM}
-    expected = {f"downstream_bigearthnet{s}_{m}_{p}" for s in ("", "_sar") for m in ("linear", "finetune")
-                for p in ("1pct", "100pct")}
+    expected = {
+        f"downstream_bigearthnet{s}_{m}_{p}"
+        for s in ("", "_sar")
+        for m in ("linear", "finetune")
+        for p in ("1pct", "100pct")
+    }
     expected |= {f"downstream_geonrw_fcn{s}_{m}" for s in ("", "_rgb") for m in ("frozen", "finetune")}
-    expected |= {"downstream_sunrgbd_cmx_b2", "downstream_nyudv2_cmx_b5", "downstream_sunrgbd_fcn_rgb",
-                 "downstream_nyudv2_fcn_rgb"}
+    expected |= {
+        "downstream_sunrgbd_cmx_b2",
+        "downstream_nyudv2_cmx_b5",
+        "downstream_sunrgbd_fcn_rgb",
+        "downstream_nyudv2_fcn_rgb",
+    }
     assert names == expected
 
 
 #: The modalities of each dataset's batches, in the paper's order.
-MODALITIES = {"bigearthnet": ["s1", "s2"], "geonrw": ["rgb", "dem"], "sunrgbd": ["rgb", "hha"], "nyudv2": ["rgb", "hha"]}
+MODALITIES = {
+    "bigearthnet": ["s1", "s2"],
+    "geonrw": ["rgb", "dem"],
+    "sunrgbd": ["rgb", "hha"],
+    "nyudv2": ["rgb", "hha"],
+}
 
 
 @pytest.mark.parametrize("config", DOWNSTREAM, ids=lambda p: p.stem)
@@ -97,10 +114,15 @@ def _shrunk_config(config: Path, tmp_path: Path) -> Path:
 def _overrides(name: str, roots: dict[str, Path], tmp_path: Path) -> list[str]:
     dataset = next(key for key in roots if key in name)
     args = [
-        "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.devices=1",
-        "--trainer.sync_batchnorm=false", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.fast_dev_run=true",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.sync_batchnorm=false",
+        f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--data.init_args.root={roots[dataset]}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+        f"--data.init_args.root={roots[dataset]}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
     ]
     if dataset in ("sunrgbd", "nyudv2"):
         args += ["--data.init_args.image_size=[64, 64]", "--data.init_args.crop_size=[64, 64]"]

@@ -31,8 +31,12 @@ class Pairs(Dataset):
         return len(self.label)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"image_sar": self.sar[i], "image_optical": self.optical[i], "label": self.label[i],
-                "mask": self.mask[i]}
+        return {
+            "image_sar": self.sar[i],
+            "image_optical": self.optical[i],
+            "label": self.label[i],
+            "mask": self.mask[i],
+        }
 
 
 class Data(L.LightningDataModule):
@@ -63,10 +67,19 @@ def segmenter(**overrides) -> MultimodalSegmentationModule:
 
 
 def run(model: L.LightningModule, data: L.LightningDataModule, tmp_path, steps: int = 2, callbacks=()) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=1, val_check_interval=steps, default_root_dir=tmp_path,
-                        callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
     trainer.fit(model, data)
     return trainer
 

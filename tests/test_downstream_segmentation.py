@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from decur_lightning.downstream import (
@@ -48,8 +48,12 @@ class EasyScenes(Dataset):
         return len(self.mask)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"image_rgb": self.rgb[index], "image_dem": self.dem[index], "image_sar": self.sar[index],
-                "mask": self.mask[index]}
+        return {
+            "image_rgb": self.rgb[index],
+            "image_dem": self.dem[index],
+            "image_sar": self.sar[index],
+            "mask": self.mask[index],
+        }
 
 
 class EasyDataModule(L.LightningDataModule):
@@ -76,9 +80,16 @@ def make_fcn(**overrides) -> MultimodalSegmentationModule:
 
 
 def fit(model: L.LightningModule, data: L.LightningDataModule, steps: int, tmp_path) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, data)
     return trainer
 
@@ -149,9 +160,17 @@ def test_frozen_encoders_stay_unchanged(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             modes.append([e.training for e in pl_module.encoders.values()] + [pl_module.head.training])
 
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[RecordModes()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[RecordModes()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, EasyDataModule())
     for key, value in encoder_state(model).items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
@@ -195,9 +214,16 @@ def test_feature_rectify_and_fusion_modules():
 
 @pytest.fixture(scope="module")
 def cmx_model() -> MultimodalSegmentationModule:
-    return MultimodalSegmentationModule({"rgb": {"bands": 3}, "hha": {"bands": 3}}, encoder="mit_b0", num_classes=5,
-                                        head="cmx", decoder_channels=64, optimizer="adamw", lr=6e-5,
-                                        lr_schedule="poly")
+    return MultimodalSegmentationModule(
+        {"rgb": {"bands": 3}, "hha": {"bands": 3}},
+        encoder="mit_b0",
+        num_classes=5,
+        head="cmx",
+        decoder_channels=64,
+        optimizer="adamw",
+        lr=6e-5,
+        lr_schedule="poly",
+    )
 
 
 def test_cmx_forward_shape(cmx_model):
@@ -208,8 +234,11 @@ def test_cmx_forward_shape(cmx_model):
 
 
 def test_cmx_training_step_updates_branches_and_fusion(cmx_model):
-    batch = {"image_rgb": torch.rand(2, 3, 64, 64), "image_hha": torch.rand(2, 3, 64, 64),
-             "mask": torch.randint(0, 5, (2, 64, 64))}
+    batch = {
+        "image_rgb": torch.rand(2, 3, 64, 64),
+        "image_hha": torch.rand(2, 3, 64, 64),
+        "mask": torch.randint(0, 5, (2, 64, 64)),
+    }
     batch["mask"][:, :8] = IGNORE
     cmx_model.train()
     optimizer = torch.optim.AdamW([p for p in cmx_model.parameters() if p.requires_grad], lr=1e-3)
@@ -236,9 +265,14 @@ def test_cmx_branches_start_from_pretrained_mit(tmp_path):
     torch.save({"epoch": 199, "model": model, "optimizer": {}}, tmp_path / "checkpoint.pth")
     source = str(tmp_path / "checkpoint.pth")
     cmx = MultimodalSegmentationModule(
-        {"rgb": {"bands": 3, "weights": source, "weights_modality": 1},
-         "hha": {"bands": 3, "weights": source, "weights_modality": 2}},
-        encoder="mit_b0", num_classes=5, head="cmx", decoder_channels=64,
+        {
+            "rgb": {"bands": 3, "weights": source, "weights_modality": 1},
+            "hha": {"bands": 3, "weights": source, "weights_modality": 2},
+        },
+        encoder="mit_b0",
+        num_classes=5,
+        head="cmx",
+        decoder_channels=64,
     )
     torch.testing.assert_close(cmx.encoders["rgb"].block2[0].attn.q.weight, rgb.block2[0].attn.q.weight)
     torch.testing.assert_close(cmx.encoders["hha"].block2[0].attn.q.weight, hha.block2[0].attn.q.weight)
@@ -246,7 +280,9 @@ def test_cmx_branches_start_from_pretrained_mit(tmp_path):
 
 def test_cmx_is_rgb_x_and_says_so():
     for modalities in (RGB_ONLY, {**RGB_DEM, "hha": {"bands": 3}}, ["rgb", "hha", "dem"]):
-        with pytest.raises(ValueError, match=r"head='cmx' fuses RGB with one other modality \(RGB-X\): give exactly two"):
+        with pytest.raises(
+            ValueError, match=r"head='cmx' fuses RGB with one other modality \(RGB-X\): give exactly two"
+        ):
             make_fcn(head="cmx", modalities=modalities, encoder="mit_b0")
     with pytest.raises(TypeError, match="mit_b0 ... mit_b5"):
         make_fcn(head="cmx")
@@ -264,7 +300,9 @@ def test_cmx_from_the_datamodule_checks_the_count_when_it_builds(tmp_path):
 def test_cmx_needs_both_modalities_at_evaluation(cmx_model):
     cmx_model.eval()
     batch = {"image_rgb": torch.rand(1, 3, 32, 32), "mask": torch.zeros(1, 32, 32, dtype=torch.long)}
-    with pytest.raises(ValueError, match=r"CMX fuses RGB and X stage by stage and needs both; the batch has no \['image_hha'\]"):
+    with pytest.raises(
+        ValueError, match=r"CMX fuses RGB and X stage by stage and needs both; the batch has no \['image_hha'\]"
+    ):
         cmx_model.validation_step(batch, 0)
 
 
@@ -286,8 +324,10 @@ def test_unused_parameters_are_frozen_for_ddp():
 # ------------------------------------------------------------------ test-time scales and flip (CMX's MS & flip)
 def _rgb_dem(height: int = 40, width: int = 56) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(4)
-    return {"rgb": torch.rand(1, 3, height, width, generator=generator),
-            "dem": torch.rand(1, 1, height, width, generator=generator)}
+    return {
+        "rgb": torch.rand(1, 3, height, width, generator=generator),
+        "dem": torch.rand(1, 1, height, width, generator=generator),
+    }
 
 
 def test_single_scale_testing_is_the_forward():
@@ -305,8 +345,10 @@ def test_multi_scale_flip_testing_averages_the_views_probabilities():
         mirrored = model.test_logits({name: x.flip(-1) for name, x in inputs.items()})
         probabilities = []
         for scale in (0.5, 1.0):
-            scaled = {name: F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-                      for name, x in inputs.items()}
+            scaled = {
+                name: F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                for name, x in inputs.items()
+            }
             for logits in (model(scaled), model({name: x.flip(-1) for name, x in scaled.items()}).flip(-1)):
                 resized = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False)
                 probabilities.append(resized.softmax(1))
@@ -335,15 +377,19 @@ def test_multi_scale_test_step_scores_every_pixel_once():
 def test_fcn_missing_modality_gets_constant_maps_of_its_running_means():
     model = make_fcn(freeze_encoders=True)  # frozen, batch norm in eval: maps are a fixed function of the input
     data = EasyScenes(8, 0, size=64)
-    batches = [{"image_rgb": data.rgb[i:i + 4], "image_dem": data.dem[i:i + 4], "mask": data.mask[i:i + 4]}
-               for i in (0, 4)]
+    batches = [
+        {"image_rgb": data.rgb[i : i + 4], "image_dem": data.dem[i : i + 4], "mask": data.mask[i : i + 4]}
+        for i in (0, 4)
+    ]
     for index, batch in enumerate(batches):
         model.training_step(batch, index)
     model.eval()
     dem_encoder = model.encoders["dem"]
     with torch.no_grad():
-        per_batch = [torch.cat([m.mean(dim=(0, 2, 3)) for m in encoder_feature_maps(dem_encoder, b["image_dem"])[-3:]])
-                     for b in batches]
+        per_batch = [
+            torch.cat([m.mean(dim=(0, 2, 3)) for m in encoder_feature_maps(dem_encoder, b["image_dem"])[-3:]])
+            for b in batches
+        ]
         expected = torch.stack(per_batch).mean(0)
         torch.testing.assert_close(model.feature_means.mean("dem"), expected)
         assert expected.shape == (128 + 256 + 512,)
@@ -355,8 +401,10 @@ def test_fcn_missing_modality_gets_constant_maps_of_its_running_means():
         padded = F.pad(rgb, (0, 14, 0, 14))
         rgb_maps = encoder_feature_maps(model.encoders["rgb"], padded)[-3:]
         dem_means = expected.split([128, 256, 512])
-        levels = [torch.cat([m, mean[None, :, None, None].expand(2, -1, *m.shape[-2:])], dim=1)
-                  for m, mean in zip(rgb_maps, dem_means)]
+        levels = [
+            torch.cat([m, mean[None, :, None, None].expand(2, -1, *m.shape[-2:])], dim=1)
+            for m, mean in zip(rgb_maps, dem_means)
+        ]
         reference = model.head(levels, (64, 64))[..., :50, :50]
     assert logits.shape == (2, NUM_CLASSES, 50, 50) and torch.isfinite(logits).all()
     torch.testing.assert_close(logits, reference)

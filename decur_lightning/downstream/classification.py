@@ -156,17 +156,21 @@ class MultimodalClassificationModule(MultimodalDownstreamModule):
     @staticmethod
     def _make_metrics(task: ClassificationTask, num_classes: int) -> MetricCollection:
         if task == "multilabel":
-            return MetricCollection({
-                "map_micro": MultilabelAveragePrecision(num_labels=num_classes, average="micro"),
-                "map_macro": MultilabelAveragePrecision(num_labels=num_classes, average="macro"),
-                "f1_micro": MultilabelF1Score(num_labels=num_classes, average="micro"),
-                "f1_macro": MultilabelF1Score(num_labels=num_classes, average="macro"),
-            })
-        return MetricCollection({
-            "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "map_macro": MulticlassAveragePrecision(num_classes=num_classes, average="macro"),
-            "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro"),
-        })
+            return MetricCollection(
+                {
+                    "map_micro": MultilabelAveragePrecision(num_labels=num_classes, average="micro"),
+                    "map_macro": MultilabelAveragePrecision(num_labels=num_classes, average="macro"),
+                    "f1_micro": MultilabelF1Score(num_labels=num_classes, average="micro"),
+                    "f1_macro": MultilabelF1Score(num_labels=num_classes, average="macro"),
+                }
+            )
+        return MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                "map_macro": MulticlassAveragePrecision(num_classes=num_classes, average="macro"),
+                "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro"),
+            }
+        )
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Class logits ``(N, num_classes)`` from the modality tensors ``{name: (N, C, H, W)}``.

@@ -160,10 +160,12 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
         self.criterion = nn.CrossEntropyLoss(
             ignore_index=-100 if ignore_index is None else ignore_index, reduction="sum"
         )
-        metrics = MetricCollection({
-            "miou": MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro"),
-            "oa": MulticlassAccuracy(num_classes=num_classes, ignore_index=ignore_index, average="micro"),
-        })
+        metrics = MetricCollection(
+            {
+                "miou": MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro"),
+                "oa": MulticlassAccuracy(num_classes=num_classes, ignore_index=ignore_index, average="micro"),
+            }
+        )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.configure_downstream()
@@ -179,7 +181,9 @@ class MultimodalSegmentationModule(MultimodalDownstreamModule):
                 encoder.head.requires_grad_(False)
         if hp.head == "cmx":
             rgb, other = _check_cmx_modalities(self.modalities)
-            self.head = CMXFusion.for_branches(self.encoders[rgb], self.encoders[other], hp.num_classes, hp.decoder_channels)
+            self.head = CMXFusion.for_branches(
+                self.encoders[rgb], self.encoders[other], hp.num_classes, hp.decoder_channels
+            )
             return
         self.level_channels = self._fcn_level_channels()
         self.head = FCNHead([sum(level) for level in zip(*self.level_channels.values())], hp.num_classes)
