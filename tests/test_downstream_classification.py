@@ -268,6 +268,24 @@ def test_missing_modality_at_evaluation_gets_its_running_mean_features():
         assert torch.isfinite(model.test_step(val, 0))
 
 
+def test_feature_means_agree_across_ranks():
+    """Under DDP each rank's batch means are averaged over the ranks before the update (same buffers everywhere)."""
+    reduced = []
+
+    class Strategy:
+        @staticmethod
+        def reduce(value, reduce_op):
+            reduced.append((value.clone(), reduce_op))
+            return value + 1.0  # stands for the other rank's contribution
+
+    model = make_module()
+    model._trainer = SimpleNamespace(world_size=2, strategy=Strategy())
+    model.update_feature_means({"sar": torch.full((512,), 2.0), "optical": torch.zeros(512)})
+    assert [op for _, op in reduced] == ["mean", "mean"]
+    torch.testing.assert_close(model.feature_means.mean("sar"), torch.full((512,), 3.0))
+    torch.testing.assert_close(model.feature_means.mean("optical"), torch.ones(512))
+
+
 def test_training_batches_need_every_modality():
     model = make_module()
     with pytest.raises(KeyError, match=r"The batch has no \['image_optical'\]"):
