@@ -73,14 +73,15 @@ def test_config_follows_the_paper(config):
     dataset = next(key for key in MODALITIES if key in name)
     modalities = model["modalities"]
     assert list(modalities) == MODALITIES[dataset][: 1 if single else 2]
-    # every encoder starts from the DeCUR pretraining of its modality
-    assert all(spec["weights"].startswith("runs/pretrain_") for spec in modalities.values())
+    # every encoder starts from the DeCUR pretraining of its modality; band counts come from the datamodule
+    assert all(
+        set(spec) == {"weights"} and spec["weights"].startswith("runs/pretrain_") for spec in modalities.values()
+    )
     frozen = "_linear_" in name or name.endswith("_frozen")
     assert model["freeze_encoders"] is frozen
     assert model.get("frozen_batch_norm", "eval") == ("train" if frozen else "eval")
     if "bigearthnet" in name:
         assert model["lr"] == (0.5 if model["freeze_encoders"] else 0.05)
-        assert [spec["bands"] for spec in modalities.values()] == [2, 13][: len(modalities)]
         assert data["train_fraction"] == (0.01 if name.endswith("_1pct") else 1.0)
         assert data["batch_size"] == 256 and settings["trainer"]["max_epochs"] == 100
         assert model["lr_milestones"] == [0.6, 0.8] and model["weight_decay"] == 0.0
@@ -88,7 +89,7 @@ def test_config_follows_the_paper(config):
         assert (model["optimizer"], model["lr"], model["weight_decay"]) == ("adamw", 1e-4, 0.01)
         assert data["patch_size"] == 250 and settings["trainer"]["max_epochs"] == 30
         if not single:
-            assert data["dem_channels"] == modalities["dem"]["bands"] == 3
+            assert data["dem_channels"] == 3  # the DEM repeated to 3 bands, as in pretraining
     elif "_cmx_" in name:
         assert model["head"] == "cmx" and model["encoder"] == f"mit_{name[-2:]}"
         assert (model["lr"], model["lr_schedule"], data["batch_size"]) == (6e-5, "poly", 8)
@@ -135,8 +136,24 @@ def _overrides(name: str, roots: dict[str, Path], tmp_path: Path) -> list[str]:
     return args
 
 
+#: Band counts the datamodules deliver (GeoNRW's DEM repeated to 3 bands by the configs).
+BANDS = {"s1": 2, "s2": 13, "rgb": 3, "dem": 3, "hha": 3}
+
+
 @pytest.mark.parametrize("config", DOWNSTREAM, ids=lambda p: p.stem)
-def test_config_runs_fit(config, roots, tmp_path, caplog):
+def test_config_runs_fit(config, roots, tmp_path, caplog, monkeypatch):
+    from decur_lightning.downstream import MultimodalDownstreamModule
+
+    built = []
+    configure_model = MultimodalDownstreamModule.configure_model
+
+    def record(module):
+        configure_model(module)
+        built.append({name: spec.bands for name, spec in module.encoders.specs.items()})
+
+    monkeypatch.setattr(MultimodalDownstreamModule, "configure_model", record)
     caplog.set_level(logging.INFO)
     main(["fit", "--config", str(_shrunk_config(config, tmp_path)), *_overrides(config.stem, roots, tmp_path)])
     assert "`Trainer.fit` stopped: `max_steps=1` reached." in caplog.text  # one training step ran
+    names = list(yaml.safe_load(config.read_text())["model"]["init_args"]["modalities"])
+    assert built == [{name: BANDS[name] for name in names}]  # encoders built from the datamodule's modality_specs
