@@ -16,6 +16,8 @@ from decur_lightning.downstream import MultimodalClassificationModule, RunningFe
 from decur_lightning.encoder_set import EncoderSet
 from decur_lightning.modalities import Modality
 
+from helpers import tiny_decur
+
 NUM_LABELS = 4
 SAR_OPTICAL = {"sar": {"bands": 2}, "optical": {"bands": 4}}
 
@@ -364,27 +366,23 @@ def test_pretrained_weights_from_state_dicts_and_authors_checkpoints(tmp_path):
     assert model.hparams.modalities["optical"]["weights_modality"] == 2
 
 
-def test_pretrained_weights_by_name_from_a_checkpoint_of_this_package(tmp_path):
-    """Layout ``encoders.<name>.*``: the modality's name picks the encoder, not its position.
-
-    Needs weights.py to read the named layout (issue 13, task "weights").
-    """
-    pretrained = EncoderSet(
-        {"sar": Modality(bands=2, encoder="resnet18"), "optical": Modality(bands=4, encoder="resnet18")}
-    )
-    state = {f"encoders.{name}.{k}": v for name, e in pretrained.items() for k, v in e.state_dict().items()}
-    hparams = {
-        "modalities": {"sar": {"bands": 2, "encoder": "resnet18"}, "optical": {"bands": 4, "encoder": "resnet18"}}
-    }
-    path = tmp_path / "pretrained.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+def test_pretrained_weights_by_name_from_checkpoints_of_this_package(tmp_path):
+    """Layout ``encoders.<name>.*``: the modality's name picks the encoder, not its position."""
+    pretrained = tiny_decur()  # sar (2 bands), optical (4 bands)
+    path = tmp_path / "decur.ckpt"
+    torch.save({"state_dict": pretrained.state_dict(), "hyper_parameters": dict(pretrained.hparams)}, path)
     # modalities in swapped order: names decide
     model = make_module(
         modalities={"optical": {"bands": 4, "weights": str(path)}, "sar": {"bands": 2, "weights": str(path)}}
     )
     for name in ("sar", "optical"):
-        for key, value in pretrained[name].state_dict().items():
+        for key, value in pretrained.encoders[name].state_dict().items():
             torch.testing.assert_close(model.encoders[name].state_dict()[key], value, rtol=0, atol=0, msg=key)
+    # a downstream checkpoint is itself a weight source (e.g. S1 + S2 fine-tuned, then S1 only)
+    downstream = tmp_path / "downstream.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, downstream)
+    single = make_module(modalities={"sar": {"bands": 2, "weights": str(downstream)}})
+    torch.testing.assert_close(single.encoders["sar"].conv1.weight, pretrained.encoders["sar"].conv1.weight)
 
 
 def test_mit_encoders_keep_their_pooled_head_trainable():
