@@ -278,9 +278,7 @@ def test_metrics_score_every_pixel_of_the_original_images_once(
             self.scored.append(int(pl_module.test_metrics["miou"].confmat.sum()))
 
     torch.manual_seed(0)
-    model = MultimodalSegmentationModule(
-        "resnet18", "resnet18", in_channels1=3, in_channels2=3, modality1="rgb", modality2="hha", num_classes=37
-    )
+    model = MultimodalSegmentationModule(modalities={"rgb": 3, "hha": 3}, encoder="resnet18", num_classes=37)
     datamodule = RGBDMMDataModule(sunrgbd[0], eval_batch_size=eval_batch_size)
     counter = Count()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[counter],
@@ -294,7 +292,7 @@ def test_metrics_score_every_pixel_of_the_original_images_once(
     model.eval()
     with torch.no_grad():  # reference: each image alone at its own size
         for sample in samples:
-            prediction = model([sample["image_rgb"][None], sample["image_hha"][None]]).argmax(1)[0]
+            prediction = model({"rgb": sample["image_rgb"][None], "hha": sample["image_hha"][None]}).argmax(1)[0]
             valid = sample["mask"] != 255
             correct += int((prediction[valid] == sample["mask"][valid]).sum())
     if eval_batch_size == 1:

@@ -31,8 +31,12 @@ class Pairs(Dataset):
         return len(self.label)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"image_sar": self.sar[i], "image_optical": self.optical[i], "label": self.label[i],
-                "mask": self.mask[i]}
+        return {
+            "image_sar": self.sar[i],
+            "image_optical": self.optical[i],
+            "label": self.label[i],
+            "mask": self.mask[i],
+        }
 
 
 class Data(L.LightningDataModule):
@@ -47,25 +51,35 @@ class Data(L.LightningDataModule):
         return DataLoader(self.val, batch_size=4)
 
 
+SAR_OPTICAL = {"sar": {"bands": 2}, "optical": {"bands": 3}}
+
+
 def classifier(**overrides) -> MultimodalClassificationModule:
-    kwargs = dict(encoder1="resnet18", encoder2="resnet18", in_channels1=2, in_channels2=3, modality1="sar",
-                  modality2="optical", num_classes=4, mode="linear")
+    kwargs = dict(modalities=SAR_OPTICAL, encoder="resnet18", num_classes=4, freeze_encoders=True)
     kwargs.update(overrides)
     return MultimodalClassificationModule(**kwargs)
 
 
 def segmenter(**overrides) -> MultimodalSegmentationModule:
-    kwargs = dict(encoder1="resnet18", encoder2="resnet18", in_channels1=2, in_channels2=3, modality1="sar",
-                  modality2="optical", num_classes=3, mode="frozen", ignore_index=255)
+    kwargs = dict(modalities=SAR_OPTICAL, encoder="resnet18", num_classes=3, freeze_encoders=True, ignore_index=255)
     kwargs.update(overrides)
     return MultimodalSegmentationModule(**kwargs)
 
 
 def run(model: L.LightningModule, data: L.LightningDataModule, tmp_path, steps: int = 2, callbacks=()) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=1, val_check_interval=steps, default_root_dir=tmp_path,
-                        callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
     trainer.fit(model, data)
     return trainer
 
@@ -75,11 +89,11 @@ def one_batch() -> dict[str, Tensor]:
 
 
 def buffers(model) -> dict[str, Tensor]:
-    return {f"{i}.{k}": v.clone() for i, e in enumerate(model.encoders) for k, v in e.named_buffers()}
+    return {f"{name}.{k}": v.clone() for name, e in model.encoders.items() for k, v in e.named_buffers()}
 
 
 def parameters(model) -> dict[str, Tensor]:
-    return {f"{i}.{k}": v.detach().clone() for i, e in enumerate(model.encoders) for k, v in e.named_parameters()}
+    return {f"{name}.{k}": v.detach().clone() for name, e in model.encoders.items() for k, v in e.named_parameters()}
 
 
 class RecordModes(L.Callback):
@@ -91,7 +105,7 @@ class RecordModes(L.Callback):
 
     @staticmethod
     def _modes(module) -> tuple[bool, bool]:
-        layers = [m for e in module.encoders for m in e.modules()]
+        layers = [m for e in module.encoders.values() for m in e.modules()]
         bn = [m.training for m in layers if isinstance(m, nn.BatchNorm2d)]
         other = [m.training for m in layers if not isinstance(m, nn.BatchNorm2d)]
         assert len(set(bn)) == 1 and len(set(other)) == 1, "mixed modes"
@@ -112,12 +126,12 @@ def test_frozen_batch_norm_train_adapts_running_stats_only(make, tmp_path):
     stats, weights, modes = buffers(model), parameters(model), RecordModes()
     run(model, Data(), tmp_path, callbacks=[modes])
     after = buffers(model)
-    for name in ("0.bn1.running_mean", "1.bn1.running_var", "1.layer4.1.bn2.running_mean"):
+    for name in ("sar.bn1.running_mean", "optical.bn1.running_var", "optical.layer4.1.bn2.running_mean"):
         assert not torch.equal(after[name], stats[name]), name
-    assert after["0.bn1.num_batches_tracked"] == 2
+    assert after["sar.bn1.num_batches_tracked"] == 2
     for key, value in parameters(model).items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0, msg=key)
-    assert all(p.grad is None and not p.requires_grad for e in model.encoders for p in e.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
     # batch norm trains in training steps, nothing else does; everything is in eval mode at validation
     assert modes.train == [(True, False)] * 2 and modes.val == [(False, False)]
 
@@ -136,8 +150,8 @@ def test_frozen_batch_norm_eval_is_the_default_and_keeps_running_stats(make, tmp
 def test_frozen_batch_norm_is_checked_and_ignored_when_fine_tuning():
     with pytest.raises(ValueError, match="frozen_batch_norm must be 'eval'.*or 'train'"):
         classifier(frozen_batch_norm="training")
-    model = classifier(mode="finetune", frozen_batch_norm="train").train()
-    assert all(m.training for e in model.encoders for m in e.modules())
+    model = classifier(freeze_encoders=False, frozen_batch_norm="train").train()
+    assert all(m.training for m in model.encoders.modules())
 
 
 # ------------------------------------------------------------------ non-finite values
@@ -165,7 +179,7 @@ def test_nan_label_is_named():
 @pytest.mark.parametrize("make", [classifier, segmenter], ids=["classification", "segmentation"])
 def test_nan_produced_by_the_model_names_the_logits_and_the_loss(make):
     model = make()
-    model.encoder2.layer1.register_forward_hook(lambda module, args, output: output * float("nan"))
+    model.encoders["optical"].layer1.register_forward_hook(lambda module, args, output: output * float("nan"))
     batch = one_batch()
     with pytest.raises(FloatingPointError, match=r"train step 0 \(batch 0\) in the logits, the loss\. .*diverged"):
         model.training_step(batch, 0)
@@ -176,7 +190,7 @@ def test_nan_produced_by_the_model_names_the_logits_and_the_loss(make):
 @pytest.mark.parametrize("make", [classifier, segmenter], ids=["classification", "segmentation"])
 def test_nan_skip_policy_skips_the_optimiser_step_and_counts(make, tmp_path):
     model = make(nan_policy="skip", frozen_batch_norm="train")
-    head = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("encoder")}
+    head = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("encoders.")}
     stats = buffers(model)
     trainer = run(model, Data(nan=True), tmp_path)  # both training batches hold a NaN
     assert model.skipped_batches == 2
@@ -188,6 +202,8 @@ def test_nan_skip_policy_skips_the_optimiser_step_and_counts(make, tmp_path):
     # inputs are checked before the forward pass: the bad batches never reach the batch-norm statistics
     for key, value in buffers(model).items():
         torch.testing.assert_close(value, stats[key], rtol=0, atol=0, msg=key)
+    # nor the running feature means that stand in for a missing modality
+    assert model.feature_means.batches("sar") == 0 and not model.feature_means.mean("sar").any()
     # validation (clean data) still ran and is finite
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
 
@@ -213,10 +229,10 @@ def test_nan_policy_off_and_bad_values():
 
 def test_segmentation_batch_without_labelled_pixels_has_loss_zero_not_nan():
     """A crop of unlabelled pixels only: plain CrossEntropyLoss gives 0/0 = NaN (then a false alarm)."""
-    model = segmenter(mode="finetune")
+    model = segmenter(freeze_encoders=False)
     batch = one_batch()
     labelled_loss = model.validation_step(batch, 0)
-    logits = model(model.get_inputs(batch))
+    logits = model(model.encoders.inputs(batch))
     expected = torch.nn.functional.cross_entropy(logits, batch["mask"], ignore_index=255)
     torch.testing.assert_close(labelled_loss, expected)
     batch["mask"][:] = 255

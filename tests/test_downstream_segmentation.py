@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from decur_lightning.downstream import (
@@ -15,7 +15,9 @@ from decur_lightning.downstream import (
     FeatureRectifyModule,
     MultimodalSegmentationModule,
 )
+from decur_lightning.modalities import Modality
 from decur_lightning.models import create_encoder
+from decur_lightning.models.encoders import encoder_feature_maps
 
 IGNORE = 255
 NUM_CLASSES = 3
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 class EasyScenes(Dataset):
     """16 px blocks of classes 0..2: RGB band ``c`` is bright where the class is ``c``, the DEM
-    holds ``class / 2``; one block in eight is unlabelled (ignore index)."""
+    holds ``class / 2`` (and a 2-band "SAR" the DEM and its complement); one block in eight is
+    unlabelled (ignore index)."""
 
     def __init__(self, num_samples: int, seed: int, size: int = 64, block: int = 16) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -37,6 +40,7 @@ class EasyScenes(Dataset):
         self.rgb = 0.2 * torch.rand(num_samples, 3, size, size, generator=generator)
         self.rgb += 0.6 * F.one_hot(self.mask, NUM_CLASSES).permute(0, 3, 1, 2)
         self.dem = self.mask[:, None].float() / 2 + 0.1 * torch.rand(num_samples, 1, size, size, generator=generator)
+        self.sar = torch.cat([self.dem, 1 - self.dem], dim=1)  # a third modality
         unlabelled = torch.rand(num_samples, cells, cells, generator=generator) < 0.125
         self.mask[unlabelled.repeat_interleave(block, 1).repeat_interleave(block, 2)] = IGNORE
 
@@ -44,7 +48,12 @@ class EasyScenes(Dataset):
         return len(self.mask)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"image_rgb": self.rgb[index], "image_dem": self.dem[index], "mask": self.mask[index]}
+        return {
+            "image_rgb": self.rgb[index],
+            "image_dem": self.dem[index],
+            "image_sar": self.sar[index],
+            "mask": self.mask[index],
+        }
 
 
 class EasyDataModule(L.LightningDataModule):
@@ -60,17 +69,27 @@ class EasyDataModule(L.LightningDataModule):
         return DataLoader(self.val, batch_size=self.batch_size)
 
 
+RGB_DEM = {"rgb": {"bands": 3}, "dem": {"bands": 1}}
+RGB_ONLY = {"rgb": {"bands": 3}}
+
+
 def make_fcn(**overrides) -> MultimodalSegmentationModule:
-    kwargs = dict(encoder1="resnet18", encoder2="resnet18", in_channels1=3, in_channels2=1, modality1="rgb",
-                  modality2="dem", num_classes=NUM_CLASSES, ignore_index=IGNORE)
+    kwargs = dict(modalities=RGB_DEM, encoder="resnet18", num_classes=NUM_CLASSES, ignore_index=IGNORE)
     kwargs.update(overrides)
     return MultimodalSegmentationModule(**kwargs)
 
 
 def fit(model: L.LightningModule, data: L.LightningDataModule, steps: int, tmp_path) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, data)
     return trainer
 
@@ -81,14 +100,14 @@ def evaluate(model: L.LightningModule, data: L.LightningDataModule) -> dict[str,
 
 
 def encoder_state(model: MultimodalSegmentationModule) -> dict[str, Tensor]:
-    return {f"{i}.{k}": v.clone() for i, e in enumerate(model.encoders) for k, v in e.state_dict().items()}
+    return {f"{name}.{k}": v.clone() for name, e in model.encoders.items() for k, v in e.state_dict().items()}
 
 
 # ------------------------------------------------------------------ FCN
 @pytest.mark.parametrize("size", [250, 64])
 def test_fcn_output_has_the_input_size(size):
-    for model in (make_fcn(), make_fcn(modality2=None)):
-        inputs = [torch.rand(2, c, size, size) for c in model.in_channels]
+    for model in (make_fcn(), make_fcn(modalities=RGB_ONLY)):
+        inputs = {name: torch.rand(2, spec.bands, size, size) for name, spec in model.encoders.specs.items()}
         assert model(inputs).shape == (2, NUM_CLASSES, size, size)
 
 
@@ -107,7 +126,9 @@ def test_fcn_levels_concatenate_both_modalities():
     model = make_fcn()
     channels = [conv.in_channels for conv in model.head.classifiers]
     assert channels == [128 + 128, 256 + 256, 512 + 512]  # ResNet-18 layer2/3/4, both modalities
-    assert [conv.in_channels for conv in make_fcn(modality2=None).head.classifiers] == [128, 256, 512]
+    assert [conv.in_channels for conv in make_fcn(modalities=RGB_ONLY).head.classifiers] == [128, 256, 512]
+    three = make_fcn(modalities={**RGB_DEM, "sar": {"bands": 2}})
+    assert [conv.in_channels for conv in three.head.classifiers] == [3 * 128, 3 * 256, 3 * 512]
 
 
 def test_every_pixel_of_a_250px_patch_is_evaluated():
@@ -121,7 +142,7 @@ def test_every_pixel_of_a_250px_patch_is_evaluated():
 
 
 def test_fcn_finetune_learns_the_easy_scenes(tmp_path):
-    model = make_fcn(mode="finetune", lr=1e-3)
+    model = make_fcn(freeze_encoders=False, lr=1e-3)
     data = EasyDataModule()
     before = evaluate(model, data)
     fit(model, data, 30, tmp_path)
@@ -131,17 +152,25 @@ def test_fcn_finetune_learns_the_easy_scenes(tmp_path):
 
 
 def test_frozen_encoders_stay_unchanged(tmp_path):
-    model = make_fcn(mode="frozen", lr=1e-2)
+    model = make_fcn(freeze_encoders=True, lr=1e-2)
     before, head_before = encoder_state(model), model.head.classifiers[0].weight.clone()
     modes = []
 
     class RecordModes(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            modes.append([e.training for e in pl_module.encoders] + [pl_module.head.training])
+            modes.append([e.training for e in pl_module.encoders.values()] + [pl_module.head.training])
 
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[RecordModes()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[RecordModes()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, EasyDataModule())
     for key, value in encoder_state(model).items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
@@ -150,16 +179,16 @@ def test_frozen_encoders_stay_unchanged(tmp_path):
 
 
 def test_finetuned_encoders_change(tmp_path):
-    model = make_fcn(mode="finetune", modality2=None)
+    model = make_fcn(freeze_encoders=False, modalities=RGB_ONLY)
     before = encoder_state(model)
     fit(model, EasyDataModule(), 2, tmp_path)
     after = encoder_state(model)
-    assert not torch.equal(after["0.conv1.weight"], before["0.conv1.weight"])
-    assert not torch.equal(after["0.bn1.running_mean"], before["0.bn1.running_mean"])
+    assert not torch.equal(after["rgb.conv1.weight"], before["rgb.conv1.weight"])
+    assert not torch.equal(after["rgb.bn1.running_mean"], before["rgb.bn1.running_mean"])
 
 
 def test_adamw_decays_weights_only_and_poly_schedule(tmp_path):
-    model = make_fcn(modality2=None, lr_schedule="poly", warmup_epochs=0.0)
+    model = make_fcn(modalities=RGB_ONLY, lr_schedule="poly", warmup_epochs=0.0)
     trainer = fit(model, EasyDataModule(num_train=16), 4, tmp_path)
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -185,27 +214,37 @@ def test_feature_rectify_and_fusion_modules():
 
 @pytest.fixture(scope="module")
 def cmx_model() -> MultimodalSegmentationModule:
-    return MultimodalSegmentationModule("mit_b0", "mit_b0", in_channels1=3, in_channels2=3, modality1="rgb",
-                                        modality2="hha", num_classes=5, head="cmx", decoder_channels=64,
-                                        optimizer="adamw", lr=6e-5, lr_schedule="poly")
+    return MultimodalSegmentationModule(
+        {"rgb": {"bands": 3}, "hha": {"bands": 3}},
+        encoder="mit_b0",
+        num_classes=5,
+        head="cmx",
+        decoder_channels=64,
+        optimizer="adamw",
+        lr=6e-5,
+        lr_schedule="poly",
+    )
 
 
 def test_cmx_forward_shape(cmx_model):
     for size in ((64, 64), (60, 70)):
-        inputs = [torch.rand(2, 3, *size), torch.rand(2, 3, *size)]
+        inputs = {"rgb": torch.rand(2, 3, *size), "hha": torch.rand(2, 3, *size)}
         assert cmx_model(inputs).shape == (2, 5, *size)
     assert len(cmx_model.head.rectify) == len(cmx_model.head.fuse) == 4
 
 
 def test_cmx_training_step_updates_branches_and_fusion(cmx_model):
-    batch = {"image_rgb": torch.rand(2, 3, 64, 64), "image_hha": torch.rand(2, 3, 64, 64),
-             "mask": torch.randint(0, 5, (2, 64, 64))}
+    batch = {
+        "image_rgb": torch.rand(2, 3, 64, 64),
+        "image_hha": torch.rand(2, 3, 64, 64),
+        "mask": torch.randint(0, 5, (2, 64, 64)),
+    }
     batch["mask"][:, :8] = IGNORE
     cmx_model.train()
     optimizer = torch.optim.AdamW([p for p in cmx_model.parameters() if p.requires_grad], lr=1e-3)
     watched = {
-        "branch1": cmx_model.encoder1.block1[0].attn.q.weight,
-        "branch2": cmx_model.encoder2.patch_embed1.proj.weight,
+        "rgb branch": cmx_model.encoders["rgb"].block1[0].attn.q.weight,
+        "hha branch": cmx_model.encoders["hha"].patch_embed1.proj.weight,
         "frm": cmx_model.head.rectify[2].spatial_mlp[0].weight,
         "ffm": cmx_model.head.fuse[1].cross_attention.kv2.weight,
         "decoder": cmx_model.head.decode_head.classifier.weight,
@@ -217,7 +256,7 @@ def test_cmx_training_step_updates_branches_and_fusion(cmx_model):
     optimizer.step()
     for name, param in watched.items():
         assert not torch.equal(param, before[name]), name
-    assert not cmx_model.encoder1.head.weight.requires_grad  # the pretraining head is unused
+    assert not cmx_model.encoders["rgb"].head.weight.requires_grad  # the pretraining head is unused
 
 
 def test_cmx_branches_start_from_pretrained_mit(tmp_path):
@@ -225,35 +264,70 @@ def test_cmx_branches_start_from_pretrained_mit(tmp_path):
     model = {f"module.backbone_{i}.{k}": v for i, enc in ((1, rgb), (2, hha)) for k, v in enc.state_dict().items()}
     torch.save({"epoch": 199, "model": model, "optimizer": {}}, tmp_path / "checkpoint.pth")
     source = str(tmp_path / "checkpoint.pth")
-    cmx = MultimodalSegmentationModule("mit_b0", "mit_b0", 3, 3, "rgb", "hha", weights1=source, weights2=source,
-                                       weights_modality1=1, weights_modality2=2, num_classes=5, head="cmx",
-                                       decoder_channels=64)
-    torch.testing.assert_close(cmx.encoder1.block2[0].attn.q.weight, rgb.block2[0].attn.q.weight)
-    torch.testing.assert_close(cmx.encoder2.block2[0].attn.q.weight, hha.block2[0].attn.q.weight)
+    cmx = MultimodalSegmentationModule(
+        {
+            "rgb": {"bands": 3, "weights": source, "weights_modality": 1},
+            "hha": {"bands": 3, "weights": source, "weights_modality": 2},
+        },
+        encoder="mit_b0",
+        num_classes=5,
+        head="cmx",
+        decoder_channels=64,
+    )
+    torch.testing.assert_close(cmx.encoders["rgb"].block2[0].attn.q.weight, rgb.block2[0].attn.q.weight)
+    torch.testing.assert_close(cmx.encoders["hha"].block2[0].attn.q.weight, hha.block2[0].attn.q.weight)
+
+
+def test_cmx_is_rgb_x_and_says_so():
+    for modalities in (RGB_ONLY, {**RGB_DEM, "hha": {"bands": 3}}, ["rgb", "hha", "dem"]):
+        with pytest.raises(
+            ValueError, match=r"head='cmx' fuses RGB with one other modality \(RGB-X\): give exactly two"
+        ):
+            make_fcn(head="cmx", modalities=modalities, encoder="mit_b0")
+    with pytest.raises(TypeError, match="mit_b0 ... mit_b5"):
+        make_fcn(head="cmx")
+
+
+def test_cmx_from_the_datamodule_checks_the_count_when_it_builds(tmp_path):
+    class ThreeModalities(EasyDataModule):
+        modality_specs = {"rgb": Modality(bands=3), "dem": Modality(bands=1), "hha": Modality(bands=3)}
+
+    model = make_fcn(head="cmx", modalities=None, encoder="mit_b0", decoder_channels=32)
+    with pytest.raises(ValueError, match=r"give exactly two modalities, RGB first .*got 3: \['rgb', 'dem', 'hha'\]"):
+        fit(model, ThreeModalities(), 1, tmp_path)
+
+
+def test_cmx_needs_both_modalities_at_evaluation(cmx_model):
+    cmx_model.eval()
+    batch = {"image_rgb": torch.rand(1, 3, 32, 32), "mask": torch.zeros(1, 32, 32, dtype=torch.long)}
+    with pytest.raises(
+        ValueError, match=r"CMX fuses RGB and X stage by stage and needs both; the batch has no \['image_hha'\]"
+    ):
+        cmx_model.validation_step(batch, 0)
 
 
 def test_configuration_errors_say_what_to_do():
-    with pytest.raises(ValueError, match="fuses two modalities"):
-        make_fcn(head="cmx", modality2=None)
-    with pytest.raises(TypeError, match="mit_b0 ... mit_b5"):
-        make_fcn(head="cmx")
-    with pytest.raises(ValueError, match="mode must be"):
-        make_fcn(mode="linear")
-    with pytest.raises(KeyError, match="image_dem"):
-        make_fcn().get_inputs({"image_rgb": torch.rand(1, 3, 32, 32)})
+    with pytest.raises(TypeError, match="freeze_encoders must be true or false"):
+        make_fcn(freeze_encoders="frozen")
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        make_fcn(lr_schedule="step")
+    with pytest.raises(KeyError, match=r"The batch has no \['image_dem'\]"):
+        make_fcn().training_step({"image_rgb": torch.rand(1, 3, 32, 32), "mask": torch.zeros(1, 32, 32)}, 0)
 
 
 def test_unused_parameters_are_frozen_for_ddp():
-    model = make_fcn(modality2=None)
-    assert all(isinstance(m, nn.Module) for m in model.encoders)
+    model = make_fcn(modalities=RGB_ONLY)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.startswith("encoder1.layer4") for n in trainable) and any(n.startswith("head.") for n in trainable)
+    assert any(n.startswith("encoders.rgb.layer4") for n in trainable) and any(n.startswith("head.") for n in trainable)
 
 
 # ------------------------------------------------------------------ test-time scales and flip (CMX's MS & flip)
-def _rgb_dem(height: int = 40, width: int = 56) -> list[Tensor]:
+def _rgb_dem(height: int = 40, width: int = 56) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(4)
-    return [torch.rand(1, 3, height, width, generator=generator), torch.rand(1, 1, height, width, generator=generator)]
+    return {
+        "rgb": torch.rand(1, 3, height, width, generator=generator),
+        "dem": torch.rand(1, 1, height, width, generator=generator),
+    }
 
 
 def test_single_scale_testing_is_the_forward():
@@ -268,11 +342,14 @@ def test_multi_scale_flip_testing_averages_the_views_probabilities():
     inputs = _rgb_dem()
     with torch.no_grad():
         out = model.test_logits(inputs)
-        mirrored = model.test_logits([x.flip(-1) for x in inputs])
+        mirrored = model.test_logits({name: x.flip(-1) for name, x in inputs.items()})
         probabilities = []
         for scale in (0.5, 1.0):
-            scaled = [F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False) for x in inputs]
-            for logits in (model(scaled), model([x.flip(-1) for x in scaled]).flip(-1)):
+            scaled = {
+                name: F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                for name, x in inputs.items()
+            }
+            for logits in (model(scaled), model({name: x.flip(-1) for name, x in scaled.items()}).flip(-1)):
                 resized = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False)
                 probabilities.append(resized.softmax(1))
         reference = torch.stack(probabilities).mean(0).log()
@@ -284,13 +361,95 @@ def test_multi_scale_flip_testing_averages_the_views_probabilities():
 
 def test_multi_scale_test_step_scores_every_pixel_once():
     model = make_fcn(test_scales=(0.75, 1.0, 1.25), test_flip=True).eval()
-    rgb, dem = _rgb_dem(30, 44)
+    inputs = _rgb_dem(30, 44)
     mask = torch.randint(0, NUM_CLASSES, (1, 30, 44))
     mask[:, :5] = IGNORE
     with torch.no_grad():
-        loss = model.test_step({"image_rgb": rgb, "image_dem": dem, "mask": mask}, 0)
+        loss = model.test_step({"image_rgb": inputs["rgb"], "image_dem": inputs["dem"], "mask": mask}, 0)
     assert torch.isfinite(loss)
     assert model.test_metrics["miou"].confmat.sum() == (mask != IGNORE).sum()
     assert model.val_metrics["miou"].confmat.sum() == 0
     with pytest.raises(ValueError, match="test_scales"):
         make_fcn(test_scales=())
+
+
+# ------------------------------------------------------------------ a modality missing at evaluation
+def test_fcn_missing_modality_gets_constant_maps_of_its_running_means():
+    model = make_fcn(freeze_encoders=True)  # frozen, batch norm in eval: maps are a fixed function of the input
+    data = EasyScenes(8, 0, size=64)
+    batches = [
+        {"image_rgb": data.rgb[i : i + 4], "image_dem": data.dem[i : i + 4], "mask": data.mask[i : i + 4]}
+        for i in (0, 4)
+    ]
+    for index, batch in enumerate(batches):
+        model.training_step(batch, index)
+    model.eval()
+    dem_encoder = model.encoders["dem"]
+    with torch.no_grad():
+        per_batch = [
+            torch.cat([m.mean(dim=(0, 2, 3)) for m in encoder_feature_maps(dem_encoder, b["image_dem"])[-3:]])
+            for b in batches
+        ]
+        expected = torch.stack(per_batch).mean(0)
+        torch.testing.assert_close(model.feature_means.mean("dem"), expected)
+        assert expected.shape == (128 + 256 + 512,)
+
+        rgb = EasyScenes(2, 1, size=50, block=25).rgb  # 50 px: padded to 64 inside, cropped back
+        with pytest.warns(UserWarning, match="Modality 'dem' is missing"):
+            logits = model({"rgb": rgb})
+        # reference: the paper's FCN on the RGB maps and constant DEM maps of the means
+        padded = F.pad(rgb, (0, 14, 0, 14))
+        rgb_maps = encoder_feature_maps(model.encoders["rgb"], padded)[-3:]
+        dem_means = expected.split([128, 256, 512])
+        levels = [
+            torch.cat([m, mean[None, :, None, None].expand(2, -1, *m.shape[-2:])], dim=1)
+            for m, mean in zip(rgb_maps, dem_means)
+        ]
+        reference = model.head(levels, (64, 64))[..., :50, :50]
+    assert logits.shape == (2, NUM_CLASSES, 50, 50) and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, reference)
+    # the test step scores it too, over the test scales
+    mask = torch.randint(0, NUM_CLASSES, (2, 50, 50))
+    with torch.no_grad():
+        assert torch.isfinite(model.test_step({"image_rgb": rgb, "mask": mask}, 0))
+    assert model.test_metrics["miou"].confmat.sum() == 2 * 50 * 50
+
+
+def test_fcn_over_three_modalities_trains_with_a_datamodule_stub(tmp_path):
+    class ThreeModalities(EasyDataModule):
+        modality_specs = {"rgb": Modality(bands=3), "dem": Modality(bands=1), "sar": Modality(bands=2)}
+
+    data = ThreeModalities(num_train=16, num_val=4)
+    model = make_fcn(modalities=None, freeze_encoders=False)
+    before = model.hparams.modalities
+    fit(model, data, 2, tmp_path)
+    assert before is None and model.modalities == ("rgb", "dem", "sar")
+    assert [conv.in_channels for conv in model.head.classifiers] == [128 + 128 + 128, 3 * 256, 3 * 512]
+    assert model.feature_means.batches("sar") == 2
+    metrics = evaluate(model, data)
+    assert 0.0 <= metrics["val/miou"] <= 1.0
+
+
+@pytest.mark.parametrize("schedule, warmup_epochs", [("poly", 10.0), ("poly", 0.0), ("constant", 2.5)])
+def test_schedule_equals_the_former_warmup_then(schedule, warmup_epochs):
+    """optim.warmup_schedule gives the learning rates of the former segmentation-only warmup_then."""
+    from types import SimpleNamespace
+
+    total, epochs = 200, 50
+    model = make_fcn(modalities=RGB_ONLY, lr_schedule=schedule, warmup_epochs=warmup_epochs, lr=6e-5)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=total, max_epochs=epochs)
+    configured = model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    warmup = min(total - 1, round(warmup_epochs * total / epochs))
+
+    def former(step: int) -> float:  # warmup_then as it was
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return (1.0 - min(1.0, (step - warmup) / max(1, total - warmup))) ** 0.9
+
+    for step in range(total + 1):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(6e-5 * former(step), rel=1e-12, abs=1e-20), step
+        optimizer.step()
+        scheduler.step()

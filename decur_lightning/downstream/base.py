@@ -1,131 +1,168 @@
-"""Shared pieces of the downstream LightningModules: per-modality encoders, weights, freezing.
+"""Shared pieces of the downstream LightningModules: named encoders, freezing, missing modalities.
 
 Paper Section 5 evaluates pretrained encoders with frozen weights ("linear probing" /
-"frozen encoder") and by fine-tuning, with both modalities or with one (modality-missing).
+"frozen encoder") and by fine-tuning, with all modalities or with some missing (Table 1,
+middle: SAR only). The encoders are an :class:`~decur_lightning.encoder_set.EncoderSet` built
+by :class:`~decur_lightning.encoder_set.NamedModalitiesMixin`, one per named modality, so a
+downstream checkpoint (``encoders.<name>.*``) is itself a weight source.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
+import torch
 from lightning import Callback, LightningModule
 from torch import Tensor, nn
 
-from ..models.encoders import create_encoder, is_imagenet_source
+from ..encoder_set import FrozenBatchNorm, NamedModalitiesMixin
 from ..monitors import default_callbacks
 from ..nonfinite import NonFiniteGuard, finite_flag
-from ..weights import ModalitySelector, load_pretrained_encoder
 
-__all__ = ["FrozenBatchNorm", "MultimodalDownstreamModule", "total_training_steps"]
+__all__ = ["FrozenBatchNorm", "MultimodalDownstreamModule", "RunningFeatureMeans", "total_training_steps"]
 
-#: Batch-norm behaviour of frozen encoders during training: ``"eval"`` (running statistics
-#: fixed, the standard protocol) or ``"train"`` (statistics adapt to the downstream data, as
-#: the authors' linear-probe and frozen-FCN scripts do with ``net.train()``).
-FrozenBatchNorm = Literal["eval", "train"]
+#: Weight of a new training batch in the running feature means once ``1 / momentum`` batches
+#: have been seen (batch norm's momentum); before, the means are plain averages of the batches.
+FEATURE_MEAN_MOMENTUM = 0.1
 
 
-class MultimodalDownstreamModule(LightningModule):
-    """Base of the downstream modules: one encoder per modality, pretrained weights, freezing.
+class RunningFeatureMeans(nn.Module):
+    """Running mean of each modality's features over training batches (buffers, saved with the module).
 
-    Subclasses call ``save_hyperparameters()`` and then :meth:`configure_encoders`, which reads
-    ``encoder1/2``, ``in_channels1/2``, ``modality1/2``, ``weights1/2`` and
-    ``weights_modality1/2`` from ``self.hparams``. ``modality2=None`` is the modality-missing
-    (single-modal) setting: one encoder, ``encoder2``/``in_channels2``/``weights2`` unused.
+    A modality missing from a validation, test or predict batch is replaced by these means
+    (see :class:`MultimodalDownstreamModule`). Per modality ``m`` the buffer ``mean_<m>`` holds
+    the mean feature vector and ``batches_<m>`` the training batches seen. The ``t``-th batch mean
+    ``x_t`` updates ``mu <- mu + max(1 / t, momentum) * (x_t - mu)``: the plain average of the
+    first ``1 / momentum`` batches, then an exponential moving average that follows fine-tuned
+    encoders.
 
-    Encoders live at ``encoder1`` / ``encoder2`` (as in DeCURModule), so a checkpoint of a
-    downstream module is itself a weight source for
-    :func:`decur_lightning.weights.load_encoder_state_dict`.
+    Args:
+        widths: feature width per modality.
+        momentum: weight of a new batch after the first ``1 / momentum`` ones.
+    """
 
-    Frozen encoders (``freeze_encoders=True``) have ``requires_grad=False`` and no gradient
-    flows into them. ``hparams.frozen_batch_norm`` decides their mode during training
-    (:meth:`train` is overridden):
+    def __init__(self, widths: Mapping[str, int], momentum: float = FEATURE_MEAN_MOMENTUM) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1]; got {momentum}.")
+        self.momentum = momentum
+        self.names = tuple(widths)
+        for name, width in widths.items():
+            self.register_buffer(f"mean_{name}", torch.zeros(int(width)))
+            self.register_buffer(f"batches_{name}", torch.zeros((), dtype=torch.long))
 
-    - ``"eval"`` (default, the standard linear-probing protocol): the whole encoder stays in
-      eval mode, so its batch-norm running statistics never change;
-    - ``"train"`` (the authors' released linear-probe and frozen-FCN scripts, which freeze the
-      weights but call ``net.train()``): the encoders' batch-norm layers are in training mode
-      in training steps, so they normalise with batch statistics and their running statistics
-      adapt to the downstream data; every other layer (dropout, drop-path) stays in eval mode,
-      which for ResNets is exactly the released behaviour. At validation and test everything is
-      in eval mode. Has no effect on encoders that are not frozen.
+    def mean(self, name: str) -> Tensor:
+        """The running mean of modality ``name`` ``(width,)``."""
+        return getattr(self, f"mean_{name}")
+
+    def batches(self, name: str) -> int:
+        """Training batches that have updated the mean of ``name``."""
+        return int(getattr(self, f"batches_{name}"))
+
+    @torch.no_grad()
+    def update(self, name: str, batch_mean: Tensor) -> None:
+        """Fold one training batch's mean features ``(width,)`` into the running mean."""
+        mean, count = self.mean(name), getattr(self, f"batches_{name}")
+        count += 1
+        weight = (1.0 / count).clamp_min(self.momentum)  # a tensor: no host synchronisation
+        mean += weight * (batch_mean.detach().to(mean.dtype) - mean)
+
+
+class MultimodalDownstreamModule(NamedModalitiesMixin, LightningModule):
+    """Base of the downstream modules: named encoders, freezing, the non-finite policy.
+
+    Subclasses call ``save_hyperparameters()`` (with ``modalities``, ``encoder``,
+    ``encoder_kwargs``, ``freeze_encoders``, ``frozen_batch_norm`` and ``nan_policy`` among
+    them) and then :meth:`configure_downstream`; they build their heads in
+    :meth:`configure_heads`, starting with ``super().configure_heads()`` (which freezes the
+    encoders). The encoders are built at once when every band count is known, else at the
+    start of ``fit`` / ``validate`` / ``test`` / ``predict`` from the datamodule's
+    ``modality_specs`` (:class:`~decur_lightning.encoder_set.NamedModalitiesMixin`).
+
+    Freezing (``freeze_encoders=True``): no gradient, the weights never change; in training
+    steps the encoders' batch norm follows ``frozen_batch_norm``: ``"eval"`` (default, the
+    standard linear-probing protocol: running statistics fixed) or ``"train"`` (the authors'
+    released linear-probe and frozen-FCN scripts, which freeze the weights but call
+    ``net.train()``: the batch-norm running statistics adapt to the downstream data). See
+    :meth:`~decur_lightning.encoder_set.EncoderSet.freeze`.
+
+    A modality missing from a validation, test or predict batch (its key ``image_<name>``
+    absent) is replaced by its running mean features over the training batches
+    (:class:`RunningFeatureMeans`, saved with the checkpoint), with a warning naming it once.
+    The heads on the features are affine (a linear layer, 1x1 convolutions), so this gives the
+    expected logits over the missing modality's training features, given the present ones'.
+    Training batches must hold every modality.
 
     ``hparams.nan_policy`` (``"raise"``, ``"skip"``, ``"off"``) is checked by a
     :class:`~decur_lightning.nonfinite.NonFiniteGuard`: inputs and labels before the forward
     pass, logits and loss after it (see :meth:`inputs_are_finite`, :meth:`outputs_are_finite`).
     """
 
-    encoder1: nn.Module
-    encoder2: nn.Module | None
+    feature_means: RunningFeatureMeans
 
-    def configure_encoders(self, freeze_encoders: bool) -> None:
-        """Create the encoders from ``self.hparams``, load their weights, freeze if asked."""
+    def configure_downstream(self) -> None:
+        """Check the shared hyper-parameters, set up the non-finite guard, build the encoders if possible."""
         hp = self.hparams
-        if hp.modality2 is not None and hp.modality2 == hp.modality1:
-            raise ValueError(
-                f"modality1 and modality2 must differ (they name batch keys image_<name>); got {hp.modality1!r} "
-                "twice. For a single-modal run set modality2=None."
-            )
-        if hp.modality2 is None and (hp.weights2 is not None or hp.weights_modality2 is not None):
-            raise ValueError(
-                "weights2 / weights_modality2 are set, but modality2=None (single-modal run): remove them, "
-                "or set modality2 to use a second encoder."
-            )
-        self.modalities: list[str] = [hp.modality1] + ([hp.modality2] if hp.modality2 is not None else [])
-        self.in_channels: list[int] = [hp.in_channels1, hp.in_channels2][: len(self.modalities)]
-        frozen_batch_norm = hp.get("frozen_batch_norm", "eval")
-        if frozen_batch_norm not in ("eval", "train"):
+        if hp.frozen_batch_norm not in ("eval", "train"):
             raise ValueError(
                 "frozen_batch_norm must be 'eval' (running statistics fixed, the standard protocol) or 'train' "
                 "(statistics adapt to the downstream data, as the authors' released scripts); "
-                f"got {frozen_batch_norm!r}."
+                f"got {hp.frozen_batch_norm!r}."
             )
-        self.frozen_batch_norm: FrozenBatchNorm = frozen_batch_norm
-        self.nonfinite = NonFiniteGuard(hp.get("nan_policy", "raise"))
-        self.freeze_encoders = freeze_encoders
-        self.encoder1 = self._make_encoder(1)
-        self.encoder2 = self._make_encoder(2) if hp.modality2 is not None else None
-        if freeze_encoders:
-            for encoder in self.encoders:
-                encoder.requires_grad_(False)
-            # Lightning keeps the modes it finds at the start of fit (it does not call train()).
-            self._set_frozen_modes(training=self.training)
+        if not isinstance(hp.freeze_encoders, bool):
+            raise TypeError(f"freeze_encoders must be true or false; got {hp.freeze_encoders!r}.")
+        self.nonfinite = NonFiniteGuard(hp.nan_policy)
+        self._warned_missing: set[str] = set()
+        self.build_modalities()
 
-    def _make_encoder(self, index: int) -> nn.Module:
-        hp = self.hparams
-        weights = hp[f"weights{index}"]
-        # ImageNet weights are built in by create_encoder; other sources need the modality selector.
-        imagenet = is_imagenet_source(weights)
-        encoder = create_encoder(
-            hp[f"encoder{index}"], hp[f"in_channels{index}"], weights if imagenet else None, **(hp.get("encoder_kwargs") or {})
-        )
-        if weights is not None and not imagenet:
-            selector: ModalitySelector = hp[f"weights_modality{index}"]
-            if selector is None:
-                selector = hp[f"modality{index}"]
-            load_pretrained_encoder(encoder, weights, selector)
-        return encoder
+    def configure_heads(self) -> None:
+        """Freeze the encoders if asked; subclasses then build their heads (call this first)."""
+        if self.hparams.freeze_encoders:
+            self.encoders.freeze(self.hparams.frozen_batch_norm)
 
-    @property
-    def encoders(self) -> list[nn.Module]:
-        """The encoders in modality order (one or two)."""
-        return [self.encoder1] if self.encoder2 is None else [self.encoder1, self.encoder2]
+    def configure_model(self) -> None:
+        """Build the encoders (and heads) from the datamodule's modalities if not built yet."""
+        super().configure_model()
+        self.train(self.training)  # modules built just now follow the module's mode
 
-    def train(self, mode: bool = True) -> MultimodalDownstreamModule:
-        """Set training mode; frozen encoders follow ``frozen_batch_norm`` (see the class docstring)."""
-        super().train(mode)
-        if getattr(self, "freeze_encoders", False):
-            self._set_frozen_modes(training=mode)
-        return self
+    # ------------------------------------------------------------------ missing modalities
+    def track_feature_means(self, widths: Mapping[str, int]) -> None:
+        """Keep running means of these features per modality (for missing modalities); from configure_heads."""
+        self.feature_means = RunningFeatureMeans(widths)
 
-    def _set_frozen_modes(self, training: bool) -> None:
-        for encoder in self.encoders:
-            encoder.eval()
-            if training and self.frozen_batch_norm == "train":
-                for layer in encoder.modules():
-                    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                        layer.train()
+    def update_feature_means(self, batch_means: Mapping[str, Tensor]) -> None:
+        """Fold one training batch's mean features per modality into the running means (all ranks agree)."""
+        trainer = self._trainer
+        for name, value in batch_means.items():
+            value = value.detach().float()
+            if trainer is not None and trainer.world_size > 1:
+                value = trainer.strategy.reduce(value, reduce_op="mean")
+            self.feature_means.update(name, value)
+
+    def missing_feature_mean(self, name: str) -> Tensor:
+        """The running mean features of a missing modality, with a warning naming it (once)."""
+        if self.feature_means.batches(name) == 0:
+            raise ValueError(
+                f"The batch has no image_{name}, and modality {name!r} has no running mean features to stand in "
+                "for it: they are collected in training steps (on batches with every modality). Train first, "
+                "load a trained checkpoint, or give every modality."
+            )
+        if name not in self._warned_missing:
+            self._warned_missing.add(name)
+            warnings.warn(
+                f"Modality {name!r} is missing from the batch (no image_{name}): its features are replaced by their "
+                f"running mean over {self.feature_means.batches(name)} training batches.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self.feature_means.mean(name)
+
+    def batch_inputs(self, batch: Mapping[str, Any], stage: str) -> dict[str, Tensor]:
+        """The checked modality tensors of a batch; outside training a modality may be missing."""
+        return self.encoders.inputs(batch, allow_missing=stage != "train")
 
     # ------------------------------------------------------------------ non-finite checks
     @property
@@ -147,7 +184,7 @@ class MultimodalDownstreamModule(LightningModule):
         return self._shared_step(batch, "test", batch_idx)
 
     def inputs_are_finite(
-        self, stage: str, batch_idx: int, batch: dict[str, Any], inputs: Sequence[Tensor], target_key: str
+        self, stage: str, batch_idx: int, batch: Mapping[str, Any], inputs: Mapping[str, Tensor], target_key: str
     ) -> bool:
         """Check the modality inputs and a floating-point target before the forward pass.
 
@@ -156,7 +193,7 @@ class MultimodalDownstreamModule(LightningModule):
         """
         if not self.nonfinite.enabled:
             return True
-        flags = [(f"the input {key}", finite_flag(x)) for key, x in zip(self._keys(), inputs)]
+        flags = [(f"the input {self.encoders.key(name)}", finite_flag(x)) for name, x in inputs.items()]
         target = batch.get(target_key)
         if isinstance(target, Tensor) and target.is_floating_point():
             flags.append((f"the {target_key}", finite_flag(target)))
@@ -174,28 +211,6 @@ class MultimodalDownstreamModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite.load_state_dict(checkpoint.get("nonfinite_guard", {}))
-
-    def get_inputs(self, batch: dict[str, Any]) -> list[Tensor]:
-        """The modality tensors of a batch, in modality order, checked against the encoders."""
-        if not isinstance(batch, dict):
-            raise TypeError(f"Expected a batch dict with keys {self._keys()}; got {type(batch).__name__}.")
-        missing = [key for key in self._keys() if key not in batch]
-        if missing:
-            raise KeyError(
-                f"The batch has no {missing}; it has keys {sorted(batch)}. Set modality1/modality2 to the names "
-                "in the batch keys image_<name>."
-            )
-        inputs = [batch[key] for key in self._keys()]
-        for index, (key, x, channels) in enumerate(zip(self._keys(), inputs, self.in_channels), start=1):
-            if x.ndim != 4 or x.shape[1] != channels:
-                raise ValueError(
-                    f"{key} has shape {tuple(x.shape)}, but its encoder expects (N, {channels}, H, W). Set "
-                    f"in_channels{index} to the band count or select the bands in the datamodule."
-                )
-        return inputs
-
-    def _keys(self) -> list[str]:
-        return [f"image_{name}" for name in self.modalities]
 
     def configure_callbacks(self) -> list[Callback]:
         """Default callbacks: an empty training split fails the fit; exact mid-epoch resume.

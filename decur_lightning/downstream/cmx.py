@@ -70,15 +70,15 @@ class FeatureRectifyModule(nn.Module):
             nn.Sigmoid(),
         )
 
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """Rectified ``(x1', x2')``, same shapes as the inputs ``(N, C, H, W)``."""
-        both = torch.cat([x1, x2], dim=1)
+    def forward(self, rgb: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Rectified ``(rgb', x')`` (``x_1'``, ``x_2'`` above), same shapes as the inputs ``(N, C, H, W)``."""
+        both = torch.cat([rgb, x], dim=1)
         pooled = torch.cat([both.mean(dim=(2, 3)), both.amax(dim=(2, 3))], dim=1)
-        channel = self.channel_mlp(pooled).view(x1.shape[0], 2, self.channels, 1, 1)
+        channel = self.channel_mlp(pooled).view(rgb.shape[0], 2, self.channels, 1, 1)
         spatial = self.spatial_mlp(both).unsqueeze(2)  # (N, 2, 1, H, W)
-        out1 = x1 + self.lambda_c * channel[:, 1] * x2 + self.lambda_s * spatial[:, 1] * x2
-        out2 = x2 + self.lambda_c * channel[:, 0] * x1 + self.lambda_s * spatial[:, 0] * x1
-        return out1, out2
+        rgb_out = rgb + self.lambda_c * channel[:, 1] * x + self.lambda_s * spatial[:, 1] * x
+        x_out = x + self.lambda_c * channel[:, 0] * rgb + self.lambda_s * spatial[:, 0] * rgb
+        return rgb_out, x_out
 
 
 class EfficientCrossAttention(nn.Module):
@@ -107,12 +107,13 @@ class EfficientCrossAttention(nn.Module):
         key, value = (self._heads(t) for t in kv(x).chunk(2, dim=-1))
         return (key.transpose(-2, -1) @ value * self.scale).softmax(dim=-2)  # (N, heads, d, d)
 
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attended tokens ``(N, L, dim)`` of each modality."""
-        context1, context2 = self._context(x1, self.kv1), self._context(x2, self.kv2)
-        out1 = self._heads(x1) @ context2
-        out2 = self._heads(x2) @ context1
-        return out1.transpose(1, 2).flatten(2), out2.transpose(1, 2).flatten(2)
+    def forward(self, rgb: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attended tokens ``(N, L, dim)`` of each modality (RGB, then X)."""
+        # kv1 / kv2: CMX's names (its checkpoints' keys) for the RGB and the X branch.
+        rgb_context, x_context = self._context(rgb, self.kv1), self._context(x, self.kv2)
+        rgb_out = self._heads(rgb) @ x_context
+        x_out = self._heads(x) @ rgb_context
+        return rgb_out.transpose(1, 2).flatten(2), x_out.transpose(1, 2).flatten(2)
 
 
 class FeatureFusionModule(nn.Module):
@@ -151,10 +152,13 @@ class FeatureFusionModule(nn.Module):
         )
         self.norm = nn.BatchNorm2d(channels)
 
-    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        """The fused map ``(N, C, H, W)`` of two rectified maps ``(N, C, H, W)``."""
-        batch, channels, height, width = x1.shape
-        t1, t2 = x1.flatten(2).transpose(1, 2), x2.flatten(2).transpose(1, 2)
+    def forward(self, rgb: Tensor, x: Tensor) -> Tensor:
+        """The fused map ``(N, C, H, W)`` of the two rectified maps ``(N, C, H, W)`` (RGB, then X).
+
+        Layers ending in 1 / 2 (CMX's names, its checkpoints' keys) act on the RGB / the X tokens.
+        """
+        batch, channels, height, width = rgb.shape
+        t1, t2 = rgb.flatten(2).transpose(1, 2), x.flatten(2).transpose(1, 2)
         residual1, inter1 = F.relu(self.channel_proj1(t1)).chunk(2, dim=-1)
         residual2, inter2 = F.relu(self.channel_proj2(t2)).chunk(2, dim=-1)
         cross1, cross2 = self.cross_attention(inter1, inter2)
@@ -204,7 +208,7 @@ class SegFormerHead(nn.Module):
 
 
 class CMXFusion(nn.Module):
-    """The CMX network around two MiT branches: FRM + FFM per stage and the MLP decoder.
+    """The CMX network around two MiT branches (RGB and X): FRM + FFM per stage and the MLP decoder.
 
     The branches are passed to :meth:`forward` (they belong to the caller, e.g.
     :class:`~decur_lightning.downstream.MultimodalSegmentationModule`, which initialises each
@@ -239,27 +243,29 @@ class CMXFusion(nn.Module):
 
     @classmethod
     def for_branches(
-        cls, branch1: MiTEncoder, branch2: MiTEncoder, num_classes: int, embed_dim: int = 512
+        cls, rgb_branch: MiTEncoder, x_branch: MiTEncoder, num_classes: int, embed_dim: int = 512
     ) -> CMXFusion:
-        """Build the fusion modules for two MiT branches of the same variant."""
-        for branch in (branch1, branch2):
+        """Build the fusion modules for two MiT branches (RGB and X) of the same variant."""
+        for branch in (rgb_branch, x_branch):
             if not isinstance(branch, MiTEncoder):
                 raise TypeError(
                     f"CMX runs two MiT branches stage by stage; got {type(branch).__name__}. Use encoder names "
                     "mit_b0 ... mit_b5 for both modalities."
                 )
-        if branch1.variant != branch2.variant:
-            raise ValueError(f"CMX needs two branches of one MiT variant; got {branch1.variant} and {branch2.variant}.")
-        return cls(branch1.feature_channels, stage_num_heads(branch1), num_classes, embed_dim)
+        if rgb_branch.variant != x_branch.variant:
+            raise ValueError(
+                f"CMX needs two branches of one MiT variant; got {rgb_branch.variant} and {x_branch.variant}."
+            )
+        return cls(rgb_branch.feature_channels, stage_num_heads(rgb_branch), num_classes, embed_dim)
 
-    def forward(self, x1: Tensor, x2: Tensor, branch1: MiTEncoder, branch2: MiTEncoder) -> Tensor:
-        """Logits at stride 4 ``(N, num_classes, H/4, W/4)`` from the two modalities' images."""
+    def forward(self, rgb: Tensor, x: Tensor, rgb_branch: MiTEncoder, x_branch: MiTEncoder) -> Tensor:
+        """Logits at stride 4 ``(N, num_classes, H/4, W/4)`` from the RGB and the X images."""
         fused = []
         for stage, (rectify, fuse) in enumerate(zip(self.rectify, self.fuse), start=1):
-            x1 = _run_stage(branch1, stage, x1)
-            x2 = _run_stage(branch2, stage, x2)
-            x1, x2 = rectify(x1, x2)
-            fused.append(fuse(x1, x2))
+            rgb = _run_stage(rgb_branch, stage, rgb)
+            x = _run_stage(x_branch, stage, x)
+            rgb, x = rectify(rgb, x)
+            fused.append(fuse(rgb, x))
         return self.decode_head(fused)
 
 
