@@ -262,3 +262,24 @@ class NamedModalitiesMixin:
 
     def configure_heads(self) -> None:
         """Build what sits on the encoders (called once, right after they are built)."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Move the modalities' weight sources out of the checkpoint's hyper-parameters.
+
+        The checkpoint holds the trained weights, so ``load_from_checkpoint`` must not read the
+        pretrained sources again (they may be gone, or be a download). They are kept, for the
+        record, under ``checkpoint["weight_sources"]``.
+        """
+        hparams = checkpoint.get("hyper_parameters")
+        modalities = hparams.get("modalities") if isinstance(hparams, Mapping) else None
+        if not isinstance(modalities, Mapping):
+            return
+        sources = {name: spec["weights"] for name, spec in modalities.items() if isinstance(spec, Mapping) and spec.get("weights")}
+        if not sources:
+            return
+        stripped = {
+            name: {k: v for k, v in spec.items() if k not in ("weights", "weights_modality")} if isinstance(spec, Mapping) else spec
+            for name, spec in modalities.items()
+        }
+        checkpoint["hyper_parameters"] = {**hparams, "modalities": stripped}
+        checkpoint["weight_sources"] = sources

@@ -250,7 +250,8 @@ class CollapseMonitor(Callback):
         stds = getattr(pl_module, "embedding_stds", None)
         if self.threshold is None or self.warned or not stds:
             return
-        if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+        step = int(getattr(pl_module, "embedding_stds_step", trainer.global_step))
+        if step % max(1, trainer.log_every_n_steps) != 0:
             return
         values = dict(zip(stds, torch.stack([s.detach().float() for s in stds.values()]).tolist()))
         low = {name: v for name, v in values.items() if v < self.threshold}
@@ -258,7 +259,7 @@ class CollapseMonitor(Callback):
             self.warned = True
             detail = ", ".join(f"'{name}': {v:.3f}" for name, v in low.items())
             rank_zero_warn(
-                f"Embedding collapse at step {trainer.global_step}: embedding std {detail} is below "
+                f"Embedding collapse at step {step}: embedding std {detail} is below "
                 f"{self.threshold} (about 1 when healthy). Likely causes: a learning rate too high for the batch "
                 "size, too few unique or common dimensions, or views that are too easy (check the augmentations)."
             )

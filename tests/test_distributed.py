@@ -73,7 +73,7 @@ def test_two_process_loss_and_ddp_gradient_equal_single_process(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
         for got, expected in zip(result["grads"], expected_grads):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
 def test_without_gathering_the_loss_differs(tmp_path):

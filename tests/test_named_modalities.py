@@ -170,3 +170,26 @@ def test_three_modality_config_fits_from_yaml(tmp_path):
     header = metrics.read_text().splitlines()[0]
     for pair in ("sar_optical", "sar_elevation", "optical_elevation"):
         assert f"train/common_{pair}_step" in header and f"train/unique_{pair}_step" in header
+
+
+def test_checkpoints_do_not_need_the_pretrained_weight_files_again(tmp_path):
+    """The trained weights are in the checkpoint: load_from_checkpoint must not re-read the sources."""
+    from decur_lightning.models import create_encoder
+
+    source = tmp_path / "sar_encoder.pt"
+    torch.save(create_encoder("resnet18", 2).state_dict(), source)
+    model = DeCURModule(
+        modalities={"sar": {"bands": 2, "weights": str(source)}, "optical": 4}, encoder="resnet18",
+        projector_dims=(16,), crop_size=32, optimizer="adamw", lr=1e-3,
+    )
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, ThreeModalities(bands={"sar": 2, "optical": 4}))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    source.unlink()
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["weight_sources"] == {"sar": str(source)}
+    assert "weights" not in checkpoint["hyper_parameters"]["modalities"]["sar"]
+    assert model.hparams.modalities["sar"]["weights"] == str(source)  # the module itself keeps its description
+    reloaded = DeCURModule.load_from_checkpoint(path)
+    torch.testing.assert_close(reloaded.encoders["sar"].conv1.weight, model.encoders["sar"].conv1.weight)

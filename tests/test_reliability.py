@@ -275,7 +275,7 @@ def test_batch_of_two_with_lars_warns_of_small_batch_and_divergence(tmp_path):
     """The reported case: batch 2, LARS at the paper's learning rates; batch-norm weights explode."""
     with pytest.warns(UserWarning) as record:
         trainer = _monitored_fit(
-            tmp_path, batch_size=2, steps=8, projector_dims=(32, 32), optimizer="lars", lr=0.2, lr_bias=0.0048
+            tmp_path, batch_size=2, steps=16, projector_dims=(32, 32), optimizer="lars", lr=0.2, lr_bias=0.0048
         )
     messages = [str(w.message) for w in record]
     small = [m for m in messages if m.startswith("The global batch is 2")]

@@ -207,6 +207,7 @@ class MultimodalDownstreamModule(NamedModalitiesMixin, LightningModule):
         return self.nonfinite.check(self, stage, batch_idx, flags)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["nonfinite_guard"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

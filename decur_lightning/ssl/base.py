@@ -339,7 +339,7 @@ class MultimodalSSLModule(NamedModalitiesMixin, LightningModule):
         for name, std in stds.items():
             self.log(f"{stage}/embedding_std_{name}", std, batch_size=batch_size, on_step=on_step, on_epoch=True)
         if stage == "train":
-            self.embedding_stds = stds
+            self.embedding_stds, self.embedding_stds_step = stds, self.global_step
         return terms["loss"]
 
     @property
@@ -371,6 +371,7 @@ class MultimodalSSLModule(NamedModalitiesMixin, LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["decur_lightning"] = {
             **self._signature(),
             "view_seed": self.view_seed,
