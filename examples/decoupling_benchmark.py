@@ -74,7 +74,7 @@ def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def datamodule(args: argparse.Namespace, seed: int) -> SyntheticMultimodalDataModule:
     dm = SyntheticMultimodalDataModule(
-        modalities=MODALITIES, size=args.size, num_train=args.num_train,
+        modality_specs=MODALITIES, size=args.size, num_train=args.num_train,
         num_val=args.num_probe, num_test=args.num_probe, batch_size=args.batch_size, seed=seed,
     )
     dm.setup()

@@ -141,7 +141,7 @@ def run_health_check(config: Path, steps: int = 20, schedule_steps: int = 200, b
     hp = module.hparams
     modalities = module.modalities
     data = SyntheticMultimodalDataModule(
-        modalities={name: {"bands": spec["bands"], "view": spec["view"]} for name, spec in hp.modalities.items()},
+        modality_specs={name: {"bands": spec["bands"], "view": spec["view"]} for name, spec in hp.modalities.items()},
         size=hp.crop_size,
         num_train=batch_size * steps,
         num_val=2,

@@ -217,7 +217,7 @@ def test_compare_config_fits_with_every_method(tmp_path, method):
     config["model"]["init_args"].update(encoder="resnet18", projector_dims=[32, 32], crop_size=32)
     config["data"] = {
         "class_path": "decur_lightning.datamodules.SyntheticMultimodalDataModule",
-        "init_args": {"modalities": {"s1": 2, "s2": 4}, "num_train": 16, "num_val": 4, "batch_size": 8},
+        "init_args": {"modality_specs": {"s1": 2, "s2": 4}, "num_train": 16, "num_val": 4, "batch_size": 8},
     }
     config["trainer"] = {
         "accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "logger": False, "enable_progress_bar": False,

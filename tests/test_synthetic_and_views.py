@@ -70,7 +70,7 @@ def test_default_two_modality_data_is_unchanged():
     assert float(ds[3]["image_sar"][1, 5, 7]) == pytest.approx(0.4706838130950928, abs=1e-7)
     assert float(ds[11]["image_optical"][2, 30, 1]) == pytest.approx(0.9316784739494324, abs=1e-7)
     # The training split of examples/configs/quickstart.yaml's datamodule.
-    dm = SyntheticMultimodalDataModule(modalities={"sar": 2, "optical": 4}, size=32, num_train=1024, num_val=256,
+    dm = SyntheticMultimodalDataModule(modality_specs={"sar": 2, "optical": 4}, size=32, num_train=1024, num_val=256,
                                        batch_size=64)
     dm.setup("fit")
     train = dm.datasets["train"]
@@ -82,7 +82,7 @@ THREE = {"sar": 2, "optical": 4, "elevation": {"bands": 1, "view": "dem"}}
 
 
 def test_three_modality_batches_shapes_and_keys():
-    dm = SyntheticMultimodalDataModule(modalities=THREE, subset_shared={"sar_elevation": ["sar", "elevation"]},
+    dm = SyntheticMultimodalDataModule(modality_specs=THREE, subset_shared={"sar_elevation": ["sar", "elevation"]},
                                        num_shared=3, num_private=2, num_subset_shared=1, size=16, num_train=16,
                                        num_val=8, num_test=8, batch_size=8)
     assert dm.modalities == ("sar", "optical", "elevation")
@@ -107,7 +107,7 @@ def test_synthetic_modality_specs():
     assert (specs["sar"].bands, specs["sar"].view) == (2, "sar")
     assert (specs["optical"].bands, specs["optical"].view) == (4, "optical")
     assert all(spec.encoder is None and spec.weights is None and spec.band_names is None for spec in specs.values())
-    dm = SyntheticMultimodalDataModule(modalities={**THREE, "thermal": {"bands": 2, "band_names": ["T1", "T2"]}})
+    dm = SyntheticMultimodalDataModule(modality_specs={**THREE, "thermal": {"bands": 2, "band_names": ["T1", "T2"]}})
     specs = dm.modality_specs
     assert list(specs) == ["sar", "optical", "elevation", "thermal"]
     assert [spec.bands for spec in specs.values()] == [2, 4, 1, 2]
@@ -116,7 +116,7 @@ def test_synthetic_modality_specs():
     specs["sar"].bands = 99  # a copy: the datamodule keeps its description
     assert dm.modality_specs["sar"].bands == 2
     default = SyntheticMultimodalDataModule()
-    default.hparams.modalities["sar"] = 7  # the hyper-parameters hold a copy of the shared default
+    default.hparams.modality_specs["sar"] = 7  # the hyper-parameters hold a copy of the shared default
     assert SyntheticMultimodalDataModule().modality_specs["sar"].bands == 2
 
 
@@ -149,7 +149,7 @@ def test_synthetic_yaml_three_modalities():
 data:
   class_path: decur_lightning.datamodules.SyntheticMultimodalDataModule
   init_args:
-    modalities:
+    modality_specs:
       sar: 2
       optical: 4
       elevation: {bands: 1, view: dem}
@@ -196,7 +196,7 @@ def test_factors_are_in_the_images_and_private_ones_only_in_their_modality():
     ("kwargs", "error", "match"),
     [
         ({"modalities": {"sar": 2}}, ValueError, "at least two modalities"),
-        ({"modalities": ("sar", "optical")}, TypeError, r"modalities=\{'sar': 2, 'optical': 4\}"),
+        ({"modalities": ("sar", "optical")}, TypeError, r"is now \{'sar': 2, 'optical': 4\}"),
         ({"modalities": {"sar": 2, "image-optical": 4}}, ValueError, "identifiers"),
         ({"modalities": {"sar": 0, "optical": 4}}, ValueError, "positive int"),
         ({"modalities": {"sar": 2, "optical": {"view": "optical"}}}, ValueError, "band count"),
@@ -216,8 +216,9 @@ def test_factors_are_in_the_images_and_private_ones_only_in_their_modality():
 def test_synthetic_validation(kwargs, error, match):
     with pytest.raises(error, match=match):
         SyntheticMultimodalDataset(**kwargs)
+    data_kwargs = {("modality_specs" if key == "modalities" else key): value for key, value in kwargs.items()}
     with pytest.raises(error, match=match):  # the datamodule fails when built, not at setup
-        SyntheticMultimodalDataModule(**kwargs)
+        SyntheticMultimodalDataModule(**data_kwargs)
 
 
 CASES = [(kind, c) for kind in VIEW_KINDS for c in (1, 2, 3, 13) if "rgb" not in kind or c == 3]

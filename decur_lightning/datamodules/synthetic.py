@@ -86,7 +86,8 @@ def _synthetic_specs(modalities: SyntheticModalities | None = None) -> dict[str,
         raise TypeError(
             "modalities must be an ordered mapping name -> band count (or dict with 'bands', 'view', "
             f"'band_names'), e.g. {_EXAMPLE}; got {modalities!r}. (Version 0.1's modalities=('sar', "
-            "'optical') with channels=(2, 4) is now modalities={'sar': 2, 'optical': 4}.)"
+            "'optical') with channels=(2, 4) is now {'sar': 2, 'optical': 4}: the datamodule's modality_specs, "
+            "the dataset's modalities.)"
         )
     specs: dict[str, Modality] = {}
     for name, value in modalities.items():
@@ -307,9 +308,12 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
     this datamodule needs no modality arguments.
 
     Args:
-        modalities: ordered name -> band count, or name -> dict with ``bands`` and optionally
-            ``view`` (view kind; default: the name when it is a kind, else ``"generic"``) and
-            ``band_names``. At least two. Default ``{"sar": 2, "optical": 4}``.
+        modality_specs: the modalities to render: ordered name -> band count, or name -> dict
+            with ``bands`` and optionally ``view`` (view kind; default: the name when it is a
+            kind, else ``"generic"``) and ``band_names``. At least two. Default
+            ``{"sar": 2, "optical": 4}``. (Not called ``modalities``: Lightning refuses a
+            datamodule hyper-parameter of the same name as a module's with another value, and
+            the modules' ``modalities`` says what to build on each.)
         size, num_shared, num_private, subset_shared, num_subset_shared, noise: see
             :class:`SyntheticMultimodalDataset`.
         num_train, num_val, num_test: split sizes.
@@ -328,13 +332,13 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
         data:
           class_path: decur_lightning.datamodules.SyntheticMultimodalDataModule
           init_args:
-            modalities: {sar: 2, optical: 4, elevation: {bands: 1, view: dem}}
+            modality_specs: {sar: 2, optical: 4, elevation: {bands: 1, view: dem}}
             subset_shared: {sar_elevation: [sar, elevation]}
     """
 
     def __init__(
         self,
-        modalities: dict[str, Union[int, dict[str, Any]]] = DEFAULT_MODALITIES,  # noqa: B006 (never mutated)
+        modality_specs: dict[str, Union[int, dict[str, Any]]] = DEFAULT_MODALITIES,  # noqa: B006 (never mutated)
         size: int = 32,
         num_shared: int = 4,
         num_private: int = 2,
@@ -350,11 +354,11 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
     ) -> None:
         super().__init__()
         # Checked here, so a wrong configuration fails when the datamodule is built, not at setup.
-        self._specs = _synthetic_specs(modalities)
+        self._specs = _synthetic_specs(modality_specs)
         self._subsets = _check_subsets(subset_shared, tuple(self._specs))
         _check_counts(num_shared=num_shared, num_private=num_private, num_subset_shared=num_subset_shared)
         self.save_hyperparameters()
-        self.hparams["modalities"] = copy.deepcopy(dict(modalities))  # not the shared default object
+        self.hparams["modality_specs"] = copy.deepcopy(dict(modality_specs))  # not the shared default object
         self.modalities = tuple(self._specs)
         """The modality names, in order."""
         self.datasets: dict[str, SyntheticMultimodalDataset] = {}
@@ -371,7 +375,7 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
         hp = self.hparams
         return SyntheticMultimodalDataset(
             num_samples=num_samples,
-            modalities=hp.modalities,
+            modalities=hp.modality_specs,
             size=hp.size,
             num_shared=hp.num_shared,
             num_private=hp.num_private,
