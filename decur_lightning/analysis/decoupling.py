@@ -37,8 +37,8 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     out: dict[str, list[Tensor]] = {}
     try:
         for batch in batches:
-            for index, name in enumerate(model.modalities):
-                feats = model(batch[f"image_{name}"].to(device), index + 1).float().cpu()
+            for name in model.modalities:
+                feats = model(batch[f"image_{name}"].to(device), name).float().cpu()
                 out.setdefault(f"features_{name}", []).append(feats)
             for key, value in batch.items():
                 if key == "shared" or key.startswith("private_"):
@@ -106,8 +106,9 @@ def probe_factors(
 
     Returns:
         ``{modality: {"shared": R2, "private_own": R2, "private_other": R2 | None}}`` with the
-        mean R^2 over the factors of each group (``private_other``: the other modality's
-        private factors, which a modality cannot see; near 0 or below is expected).
+        mean R^2 over the factors of each group (``private_other``: the private factors of
+        every other modality, which a modality cannot see; near 0 or below is expected;
+        ``None`` when no other modality has private factors).
     """
     modalities = [key.removeprefix("features_") for key in train if key.startswith("features_")]
     all_private = [key.removeprefix("private_") for key in train if key.startswith("private_")]
@@ -115,15 +116,16 @@ def probe_factors(
     for name in modalities:
         x_tr, x_te = train[f"features_{name}"], test[f"features_{name}"]
 
-        def r2(key: str) -> float:
-            y_tr = train[key].abs()
+        def r2(keys: list[str]) -> float:
+            y_tr = torch.cat([train[key] for key in keys], 1).abs()
+            y_te = torch.cat([test[key] for key in keys], 1).abs()
             penalty = select_alpha(x_tr, y_tr) if alpha is None else alpha
-            return float(ridge_r2(x_tr, y_tr, x_te, test[key].abs(), penalty).mean())
+            return float(ridge_r2(x_tr, y_tr, x_te, y_te, penalty).mean())
 
-        others = [m for m in all_private if m != name]
+        others = [f"private_{m}" for m in all_private if m != name]
         results[name] = {
-            "shared": r2("shared"),
-            "private_own": r2(f"private_{name}"),
-            "private_other": r2(f"private_{others[0]}") if others else None,
+            "shared": r2(["shared"]),
+            "private_own": r2([f"private_{name}"]),
+            "private_other": r2(others) if others else None,
         }
     return results
