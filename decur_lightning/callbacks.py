@@ -15,7 +15,14 @@ from .analysis.plotting import figure_to_array, save_figure
 from .analysis.tsne import dimension_tsne, dimension_tsne_figure
 from .monitors import DivergenceMonitor, EmptyTrainingCheck, LoaderStateRestore, SmallBatchWarning
 
-__all__ = ["AlignmentHistogram", "DivergenceMonitor", "EmptyTrainingCheck", "LoaderStateRestore", "SmallBatchWarning", "log_figure"]
+__all__ = [
+    "AlignmentHistogram",
+    "DivergenceMonitor",
+    "EmptyTrainingCheck",
+    "LoaderStateRestore",
+    "SmallBatchWarning",
+    "log_figure",
+]
 
 
 def log_figure(trainer: Trainer, tag: str, figure: Figure, step: int | None = None) -> int:
@@ -134,7 +141,9 @@ class AlignmentHistogram(Callback):
             for suffix, names in groups.items():
                 kc = next(iter(counts)) if len(counts) == 1 else common[names]  # type: ignore[index]
                 result = dimension_tsne(
-                    {name: embeddings[name] for name in names}, kc, perplexity=self.tsne_perplexity,
+                    {name: embeddings[name] for name in names},
+                    kc,
+                    perplexity=self.tsne_perplexity,
                     num_threads=self.tsne_threads,
                 )
                 figures[f"embedding_tsne{suffix}"] = dimension_tsne_figure(result)

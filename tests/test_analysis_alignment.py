@@ -20,14 +20,15 @@ from decur_lightning.analysis import (
     alignment_loss_per_dimension,
     alignment_per_pair,
     alignment_statistics,
+    check_modality,
     collect_embeddings,
     figure_to_array,
+    model_pairs,
+    pair_label,
     plot_alignment_histogram,
     save_figure,
     summarize,
 )
-
-from decur_lightning.analysis import check_modality, model_pairs, pair_label
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
 from helpers import tiny_batch, tiny_decur
@@ -59,7 +60,9 @@ class ModalityImages(Dataset):
 
     def __init__(self, bands: dict[str, int], num_samples: int = 16, size: int = 32, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)
-        self.images = {f"image_{name}": torch.rand(num_samples, c, size, size, generator=generator) for name, c in bands.items()}
+        self.images = {
+            f"image_{name}": torch.rand(num_samples, c, size, size, generator=generator) for name, c in bands.items()
+        }
         self.num_samples = num_samples
 
     def __len__(self) -> int:
@@ -69,7 +72,9 @@ class ModalityImages(Dataset):
         return {key: images[index] for key, images in self.images.items()}
 
 
-def modality_data(bands: dict[str, int] = THREE, num_samples: int = 16, size: int = 32, batch_size: int = 8) -> L.LightningDataModule:
+def modality_data(
+    bands: dict[str, int] = THREE, num_samples: int = 16, size: int = 32, batch_size: int = 8
+) -> L.LightningDataModule:
     """A datamodule of :class:`ModalityImages` (same samples in every split)."""
     dataset = ModalityImages(bands, num_samples, size)
     return L.LightningDataModule.from_datasets(
@@ -108,8 +113,9 @@ def test_statistics_of_constructed_embeddings():
 
 def test_summarize_values():
     stats = summarize(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
-    assert stats == pytest.approx({"count": 5, "mean": 3.0, "std": 2**0.5, "min": 1.0, "q25": 2.0,
-                                   "median": 3.0, "q75": 4.0, "max": 5.0})
+    assert stats == pytest.approx(
+        {"count": 5, "mean": 3.0, "std": 2**0.5, "min": 1.0, "q25": 2.0, "median": 3.0, "q75": 4.0, "max": 5.0}
+    )
     assert summarize(torch.tensor([])) == {"count": 0}
     assert summarize(torch.tensor([1.0, float("nan"), 3.0]))["mean"] == 2.0  # NaNs are left out
 
@@ -121,7 +127,9 @@ def test_alignment_for_model_equals_eq7_on_collected_embeddings():
     embeddings = collect_embeddings(model, batches, max_samples=12)
     assert list(embeddings) == ["sar", "optical"] and embeddings["sar"].shape == (12, 64)
     assert list(alignment) == [("sar", "optical")]
-    torch.testing.assert_close(alignment[("sar", "optical")], alignment_loss_per_dimension(embeddings["sar"], embeddings["optical"]))
+    torch.testing.assert_close(
+        alignment[("sar", "optical")], alignment_loss_per_dimension(embeddings["sar"], embeddings["optical"])
+    )
     model.eval()
     with torch.no_grad():
         expected = model.embed(torch.cat([batches[0]["image_optical"], batches[1]["image_optical"]])[:12], "optical")
@@ -171,8 +179,13 @@ def test_comparison_model_end_to_end(tmp_path):
     decur_alignment = alignment_for_model(decur, batches)[("sar", "optical")]
     comparison = alignment_for_model(barlow_like, batches)[("sar", "optical")]
     assert comparison.shape == decur_alignment.shape == (64,)
-    path = plot_alignment_histogram(decur_alignment, decur.common_dims, tmp_path / "sub" / "fig5a.png",
-                                    comparison=comparison, comparison_label="cross-modal BT")
+    path = plot_alignment_histogram(
+        decur_alignment,
+        decur.common_dims,
+        tmp_path / "sub" / "fig5a.png",
+        comparison=comparison,
+        comparison_label="cross-modal BT",
+    )
     assert path == tmp_path / "sub" / "fig5a.png"
     assert_png(path)
 

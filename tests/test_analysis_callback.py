@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from test_analysis_alignment import THREE, assert_png, modality_data, synthetic_data
 
 from decur_lightning.callbacks import AlignmentHistogram, log_figure
 
 from helpers import tiny_decur
-from test_analysis_alignment import THREE, assert_png, modality_data, synthetic_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,12 +48,23 @@ class ImageRecorder(Logger):
         self.images.append((key, images, step))
 
 
-def fit(tmp_path: Path, callback: AlignmentHistogram, logger: Any, epochs: int = 2, model: Any = None,
-        data: Any = None) -> L.Trainer:
-    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
-                        logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=tmp_path,
-                        callbacks=[callback])
+def fit(
+    tmp_path: Path, callback: AlignmentHistogram, logger: Any, epochs: int = 2, model: Any = None, data: Any = None
+) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
     data = data or synthetic_data(num_train=32, num_val=16, batch_size=8)
     trainer.fit(model or tiny_decur(), data)
     return trainer
@@ -66,8 +77,13 @@ def test_tensorboard_gets_histogram_and_tsne_images(tmp_path):
     callback = AlignmentHistogram(every_n_epochs=1, max_samples=16, tsne=True, tsne_threads=1)
     trainer = fit(tmp_path, callback, logger)
     log_dir = Path(trainer.log_dir)
-    for name in ("alignment_histogram.png", "alignment_histogram_epoch0.png", "alignment_histogram_epoch1.png",
-                 "embedding_tsne.png", "embedding_tsne_epoch1.png"):
+    for name in (
+        "alignment_histogram.png",
+        "alignment_histogram_epoch0.png",
+        "alignment_histogram_epoch1.png",
+        "embedding_tsne.png",
+        "embedding_tsne_epoch1.png",
+    ):
         assert_png(log_dir / name)
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
     events.Reload()
@@ -108,8 +124,9 @@ def test_nothing_on_other_ranks(tmp_path, monkeypatch):
 
 
 def test_log_figure_counts_loggers(tmp_path):
-    from decur_lightning.analysis import alignment_histogram_figure
     import torch
+
+    from decur_lightning.analysis import alignment_histogram_figure
 
     recorder = ImageRecorder(tmp_path)
     trainer = L.Trainer(logger=[CSVLogger(tmp_path), recorder, TensorBoardLogger(tmp_path)], accelerator="cpu")
@@ -143,13 +160,16 @@ def test_three_modalities_every_pair_gets_its_histogram(tmp_path):
     epoch_file = AlignmentHistogram(every_n_epochs=1, max_samples=16, log_images=False)
     epoch_file.on_validation_epoch_end(trainer, trainer.lightning_module)
     assert {path.name for path in epoch_file.last_paths.values()} == {
-        f"alignment_histogram_{p}_epoch{trainer.current_epoch}.png" for p in pairs}
+        f"alignment_histogram_{p}_epoch{trainer.current_epoch}.png" for p in pairs
+    }
 
 
 def test_one_modality_writes_nothing(tmp_path):
     from decur_lightning.ssl import SingleModalBarlowTwinsModule
 
-    model = SingleModalBarlowTwinsModule(modalities={"sar": 2}, encoder="resnet18", projector_dims=(64, 64), crop_size=32)
+    model = SingleModalBarlowTwinsModule(
+        modalities={"sar": 2}, encoder="resnet18", projector_dims=(64, 64), crop_size=32
+    )
     callback = AlignmentHistogram(max_samples=16)
     assert callback.figures(model, [{"image_sar": torch.rand(4, 2, 32, 32)}]) == {}
 

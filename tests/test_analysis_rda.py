@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_analysis_alignment import THREE, assert_png, synthetic_data
 
 from decur_lightning.analysis import (
     first_principal_component,
@@ -19,7 +20,6 @@ from decur_lightning.analysis.cli import run
 from decur_lightning.models import create_encoder
 
 from helpers import tiny_decur
-from test_analysis_alignment import THREE, assert_png, synthetic_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,8 +118,14 @@ def test_figure_for_a_two_encoder_module_is_written(tmp_path):
 
 def save_checkpoint(model, path: Path) -> Path:
     """A Lightning-loadable checkpoint without a training run (state dict + hyper-parameters)."""
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return path
 
 
@@ -127,8 +133,18 @@ def test_decur_analyze_writes_the_rda_figure_only_for_rda_checkpoints(tmp_path, 
     torch.manual_seed(0)
     rda_sar = {"sar": {"bands": 2, "encoder": "resnet18_rda"}, "optical": 4}
     rda = save_checkpoint(tiny_decur(modalities=rda_sar, crop_size=64), tmp_path / "rda.ckpt")
-    args = ["--data", "SyntheticMultimodalDataModule", "--data.size=64", "--data.num_train=8", "--data.num_val=8",
-            "--data.batch_size=4", "--max_samples=8", "--saliency_samples=0", "--tsne=false", "--rda_samples=3"]
+    args = [
+        "--data",
+        "SyntheticMultimodalDataModule",
+        "--data.size=64",
+        "--data.num_train=8",
+        "--data.num_val=8",
+        "--data.batch_size=4",
+        "--max_samples=8",
+        "--saliency_samples=0",
+        "--tsne=false",
+        "--rda_samples=3",
+    ]
     stats = run(["--checkpoint", str(rda), "--out", str(tmp_path / "rda"), *args])
     figure = Path(stats["figures"]["rda_feature_points"])
     assert figure == tmp_path / "rda" / "rda_feature_points.png"

@@ -9,14 +9,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-
-from decur_lightning.analysis import analyze, load_ssl_module
-from decur_lightning.analysis.cli import expand_layer_flags, main, run
-
-from helpers import tiny_decur
 from test_analysis_alignment import THREE, assert_png, modality_data, synthetic_data
 from test_analysis_rda import save_checkpoint
 from threads import single_thread
+
+from decur_lightning.analysis import alignment_loss_per_dimension, analyze, collect_embeddings, load_ssl_module
+from decur_lightning.analysis.cli import expand_layer_flags, main, run
+
+from helpers import tiny_decur
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,9 +29,16 @@ def small_data():
 
 
 def fit_checkpoint(path: Path, **overrides) -> Path:
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=path.parent)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=path.parent,
+    )
     trainer.fit(tiny_decur(**overrides), small_data())
     trainer.save_checkpoint(path)
     return path
@@ -46,9 +53,19 @@ def checkpoints(tmp_path_factory):
 
 def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
     decur, all_common = checkpoints
-    stats = analyze(decur, small_data(), tmp_path / "out", max_samples=16, saliency_samples=4, ig_steps=4,
-                    layers="layer3", comparison_checkpoint=all_common, comparison_label="all common",
-                    tsne_threads=1, band_names={"optical": ["B2", "B3", "B4", "B8"]})
+    stats = analyze(
+        decur,
+        small_data(),
+        tmp_path / "out",
+        max_samples=16,
+        saliency_samples=4,
+        ig_steps=4,
+        layers="layer3",
+        comparison_checkpoint=all_common,
+        comparison_label="all common",
+        tsne_threads=1,
+        band_names={"optical": ["B2", "B3", "B4", "B8"]},
+    )
     assert set(stats["figures"]) == FIGURES
     for path in stats["figures"].values():
         assert_png(Path(path))
@@ -92,8 +109,19 @@ def test_load_errors_are_actionable(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="split"):
         analyze(checkpoints[0], small_data(), tmp_path, split="train")
     old = tmp_path / "numbered.ckpt"  # a checkpoint of version 0.1: numbered modalities
-    torch.save({"state_dict": {}, "hyper_parameters": {"encoder1": "resnet18", "encoder2": "resnet18",
-                "modality1": "sar", "modality2": "optical"}, "pytorch-lightning_version": L.__version__}, old)
+    torch.save(
+        {
+            "state_dict": {},
+            "hyper_parameters": {
+                "encoder1": "resnet18",
+                "encoder2": "resnet18",
+                "modality1": "sar",
+                "modality2": "optical",
+            },
+            "pytorch-lightning_version": L.__version__,
+        },
+        old,
+    )
     with pytest.raises(ValueError, match=r"0\.1 \(numbered modalities\).*'weights'"):
         load_ssl_module(old)
 
@@ -103,13 +131,30 @@ def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
 
     ``main`` is the console script: it must return None (a returned dict would become exit status 1).
     """
-    assert main([
-        "--config", str(ROOT / "examples" / "configs" / "quickstart.yaml"),
-        "--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "cli"),
-        "--data.init_args.num_train=16", "--data.init_args.num_val=16", "--data.init_args.batch_size=8",
-        "--max_samples=16", "--saliency_samples=2", "--ig_steps=2", "--tsne=false",
-        "--layer", "sar=layer3", "--layer", "optical=layer3",
-    ]) is None
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "examples" / "configs" / "quickstart.yaml"),
+                "--checkpoint",
+                str(checkpoints[0]),
+                "--out",
+                str(tmp_path / "cli"),
+                "--data.init_args.num_train=16",
+                "--data.init_args.num_val=16",
+                "--data.init_args.batch_size=8",
+                "--max_samples=16",
+                "--saliency_samples=2",
+                "--ig_steps=2",
+                "--tsne=false",
+                "--layer",
+                "sar=layer3",
+                "--layer",
+                "optical=layer3",
+            ]
+        )
+        is None
+    )
     assert "statistics.json" in capsys.readouterr().out
     saved = json.loads((tmp_path / "cli" / "statistics.json").read_text())
     assert saved["num_samples"] == 16 and saved["saliency"]["num_samples"] == 2
@@ -131,9 +176,25 @@ def test_command_line_with_a_data_only_config(checkpoints, tmp_path):
 
 def test_layer_flags_by_name(checkpoints, tmp_path):
     assert expand_layer_flags(["--layer", "sar=layer3", "--layer=optical=layer2", "--layer", "layer4", "--x"]) == [
-        "--layer.sar=layer3", "--layer.optical=layer2", "--layer", "layer4", "--x"]
-    args = ["--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "o"), "--data", "SyntheticMultimodalDataModule",
-            "--data.num_train=8", "--data.num_val=8", "--data.batch_size=4", "--tsne=false", "--saliency_samples=0"]
+        "--layer.sar=layer3",
+        "--layer.optical=layer2",
+        "--layer",
+        "layer4",
+        "--x",
+    ]
+    args = [
+        "--checkpoint",
+        str(checkpoints[0]),
+        "--out",
+        str(tmp_path / "o"),
+        "--data",
+        "SyntheticMultimodalDataModule",
+        "--data.num_train=8",
+        "--data.num_val=8",
+        "--data.batch_size=4",
+        "--tsne=false",
+        "--saliency_samples=0",
+    ]
     with pytest.raises(ValueError, match=r"layers names \['dem'\].*\['sar', 'optical'\]"):
         run([*args, "--layer", "dem=layer3"])
     with pytest.raises(ValueError, match=r"band_names names \['s2'\]"):
@@ -149,27 +210,34 @@ def test_three_modalities_every_pair_gets_figures_and_statistics(tmp_path):
     modalities = {"sar": {"bands": 2, "band_names": ["VV", "VH"]}, "optical": 4, "dem": 1}
     path = save_checkpoint(tiny_decur(modalities=modalities), tmp_path / "three.ckpt")
     data = modality_data(THREE, num_samples=8, batch_size=4)
-    stats = analyze(path, data, tmp_path / "out", max_samples=8, saliency_samples=2, ig_steps=2,
-                    layers={"sar": "layer3", "optical": "layer3", "dem": "layer3"}, tsne_threads=1,
-                    band_names={"optical": ["B2", "B3", "B4", "B8"]})
+    stats = analyze(
+        path,
+        data,
+        tmp_path / "out",
+        max_samples=8,
+        saliency_samples=2,
+        ig_steps=2,
+        layers={"sar": "layer3", "optical": "layer3", "dem": "layer3"},
+        tsne_threads=1,
+        band_names={"optical": ["B2", "B3", "B4", "B8"]},
+    )
     pairs = ["sar_optical", "sar_dem", "optical_dem"]
     assert stats["modalities"] == ["sar", "optical", "dem"] and stats["pairs"] == pairs
     assert stats["common_dims"] == dict.fromkeys(pairs, 48)
-    expected = {f"{kind}_{pair}" for kind in ("alignment_histogram", "saliency_overlap", "saliency_examples")
-                for pair in pairs} | {"embedding_tsne", "band_importance"}
+    expected = {
+        f"{kind}_{pair}" for kind in ("alignment_histogram", "saliency_overlap", "saliency_examples") for pair in pairs
+    } | {"embedding_tsne", "band_importance"}
     assert set(stats["figures"]) == expected
     for name, figure in stats["figures"].items():
         assert Path(figure) == tmp_path / "out" / f"{name}.png"
         assert_png(Path(figure))
     arrays = np.load(tmp_path / "out" / "analysis.npz")
     model = load_ssl_module(path)
-    import decur_lightning.analysis as analysis
-
-    embeddings = analysis.collect_embeddings(model, data.val_dataloader(), 8)
+    embeddings = collect_embeddings(model, data.val_dataloader(), 8)
     for pair in pairs:
         m, n = pair.split("_")
         assert stats["alignment"][pair]["common"]["count"] == 48 and stats["alignment"][pair]["unique"]["count"] == 16
-        expected_alignment = analysis.alignment_loss_per_dimension(embeddings[m], embeddings[n]).numpy()
+        expected_alignment = alignment_loss_per_dimension(embeddings[m], embeddings[n]).numpy()
         np.testing.assert_allclose(arrays[f"alignment_{pair}"], expected_alignment, rtol=1e-5, atol=1e-6)
         for output in ("common", "unique"):
             overlap = stats["saliency"]["overlap"][pair][output]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from test_analysis_alignment import THREE, THREE_PAIRS, assert_png, three_batch
 
 from decur_lightning.analysis import (
     COMMON,
@@ -16,6 +17,7 @@ from decur_lightning.analysis import (
     default_target_layer,
     gradcam,
     integrated_gradients,
+    modality_common_dims,
     overlap_histogram_figure,
     saliency_analysis,
     saliency_examples_figure,
@@ -23,10 +25,7 @@ from decur_lightning.analysis import (
     save_figure,
 )
 
-from decur_lightning.analysis import modality_common_dims
-
 from helpers import tiny_batch, tiny_decur
-from test_analysis_alignment import THREE, THREE_PAIRS, assert_png, three_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,8 +198,7 @@ def test_saliency_analysis_and_figures(model, tmp_path):
     assert [t.get_text() for t in bands.axes[1].get_xticklabels()] == ["B2", "B3", "B4", "B8"]
     assert_png(save_figure(bands, tmp_path / "bands.png"))
     assert_png(save_figure(saliency_examples_figure(result), tmp_path / "examples.png"))
-    without_examples = saliency_analysis(model, batches[:1], max_samples=2, ig_steps=2, num_examples=0,
-                                         layers="layer3")
+    without_examples = saliency_analysis(model, batches[:1], max_samples=2, ig_steps=2, num_examples=0, layers="layer3")
     assert without_examples.examples == {} and without_examples.num_samples == 2
     with pytest.raises(ValueError, match="num_examples"):
         saliency_examples_figure(without_examples)
@@ -228,9 +226,13 @@ def test_three_modalities_every_pair_gets_overlap_statistics(tmp_path):
         assert result.band_importance[name]["unique"].shape == (3, bands)
         torch.testing.assert_close(result.band_importance[name]["common"].sum(1), torch.ones(3))
     for target, output in enumerate(("common", "unique")):
-        maps = {m: gradcam(CommonUniqueOutput.from_model(model, m), batch[f"image_{m}"], target, "layer3") for m in THREE}
+        maps = {
+            m: gradcam(CommonUniqueOutput.from_model(model, m), batch[f"image_{m}"], target, "layer3") for m in THREE
+        }
         for m, n in THREE_PAIRS:
-            torch.testing.assert_close(result.overlap[(m, n)][output], saliency_overlap(maps[m], maps[n]), equal_nan=True)
+            torch.testing.assert_close(
+                result.overlap[(m, n)][output], saliency_overlap(maps[m], maps[n]), equal_nan=True
+            )
     figure = saliency_examples_figure(result, pair=("optical", "dem"))
     assert [figure.axes[i].get_title() for i in (0, 3)] == ["optical", "dem"]
     assert_png(save_figure(figure, tmp_path / "examples.png"))

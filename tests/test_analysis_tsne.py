@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_analysis_alignment import assert_png, constructed_embeddings
 
 from decur_lightning.analysis import dimension_tsne, dimension_tsne_figure, save_figure
-
-from test_analysis_alignment import assert_png, constructed_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,20 +49,28 @@ def test_three_modalities_in_one_map(tmp_path):
     the same spot; each modality's unique dimensions are its own; markers and shades per modality."""
     n, common, unique = 128, 16, 8
     shared = torch.randn(n, common)
-    embeddings = {name: torch.cat([scale * shared + 1, torch.randn(n, unique)], 1)
-                  for name, scale in (("sar", 1.0), ("optical", 2.0), ("dem", 0.5))}
+    embeddings = {
+        name: torch.cat([scale * shared + 1, torch.randn(n, unique)], 1)
+        for name, scale in (("sar", 1.0), ("optical", 2.0), ("dem", 0.5))
+    }
     result = dimension_tsne(embeddings, common_dims=common, perplexity=10, num_threads=1, max_iter=500)
     k = common + unique
     assert result.coordinates.shape == (3 * k, 2) and result.modalities == ("sar", "optical", "dem")
-    assert (result.modality[2 * k:] == "dem").all() and result.common.sum() == 3 * common
+    assert (result.modality[2 * k :] == "dem").all() and result.common.sum() == 3 * common
     xy = result.coordinates
     spread = np.linalg.norm(xy - xy.mean(0), axis=1).mean()
     for other in (1, 2):
-        assert np.linalg.norm(xy[:common] - xy[other * k: other * k + common], axis=1).max() < 0.2 * spread
+        assert np.linalg.norm(xy[:common] - xy[other * k : other * k + common], axis=1).max() < 0.2 * spread
     fig = dimension_tsne_figure(result)
     legend = fig.axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == [
-        "sar common", "optical common", "dem common", "sar unique", "optical unique", "dem unique"]
+        "sar common",
+        "optical common",
+        "dem common",
+        "sar unique",
+        "optical unique",
+        "dem unique",
+    ]
     collections = fig.axes[0].collections
     assert len({tuple(c.get_facecolor()[0]) for c in collections}) == 6  # a shade per modality and kind
     assert_png(save_figure(fig, tmp_path / "tsne3.png"))

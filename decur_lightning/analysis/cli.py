@@ -63,7 +63,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ig_steps", type=int, default=50)
     parser.add_argument("--ig_internal_batch_size", type=int | None, default=None)
     parser.add_argument(
-        "--layer", type=str | dict[str, str | None] | None, default=None,
+        "--layer",
+        type=str | dict[str, str | None] | None,
+        default=None,
         help=(
             "GradCAM layer by modality name: --layer sar=layer3 --layer optical=layer2 (repeatable), "
             "--layer.sar=layer3, or a YAML mapping {sar: layer3}; --layer layer3 for every modality. "
@@ -77,15 +79,21 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tsne_perplexity", type=float, default=30.0)
     parser.add_argument("--tsne_threads", type=int | None, default=None)
     parser.add_argument(
-        "--band_names", type=dict[str, list[str]] | None, default=None,
+        "--band_names",
+        type=dict[str, list[str]] | None,
+        default=None,
         help="Band names by modality name, e.g. '{optical: [B2, B3, B4, B8]}' (default: those the checkpoint records).",
     )
     parser.add_argument(
-        "--rda_samples", type=int, default=4,
+        "--rda_samples",
+        type=int,
+        default=4,
         help="Images in rda_feature_points.png (Fig. 5b; RDA encoders only; 0 skips it).",
     )
     parser.add_argument(
-        "--rda_layer", type=Literal["l3", "l4"], default="l3",
+        "--rda_layer",
+        type=Literal["l3", "l4"],
+        default="l3",
         help="Attention block for the RDA figure: after ResNet layer3 (l3) or layer4 (l4).",
     )
     parser.add_argument("--device", type=str, default="cpu")
@@ -154,8 +162,13 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     )
     if config.rda_samples > 0:
         path = rda_figure_for_checkpoint(
-            config.checkpoint, datamodule, config.out, split=config.split, samples=config.rda_samples,
-            layer=config.rda_layer, device=config.device,
+            config.checkpoint,
+            datamodule,
+            config.out,
+            split=config.split,
+            samples=config.rda_samples,
+            layer=config.rda_layer,
+            device=config.device,
         )
         if path is None:
             print("No encoder of the checkpoint has residual deformable attention: rda_feature_points.png is skipped.")

@@ -50,9 +50,7 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     return {key: torch.cat(values) for key, values in out.items()}
 
 
-def ridge_r2(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, alpha: float = 1.0
-) -> Tensor:
+def ridge_r2(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, alpha: float = 1.0) -> Tensor:
     """Closed-form ridge regression fit on ``train``; R^2 per target column on ``test``.
 
     Features are standardised with the training statistics (scales floored at 1 % of the mean
@@ -94,9 +92,7 @@ def select_alpha(x: Tensor, y: Tensor, alphas: tuple[float, ...] = ALPHAS, holdo
     return alphas[max(range(len(alphas)), key=scores.__getitem__)]
 
 
-def probe_factors(
-    train: dict[str, Tensor], test: dict[str, Tensor], alpha: float | None = None
-) -> dict[str, Any]:
+def probe_factors(train: dict[str, Tensor], test: dict[str, Tensor], alpha: float | None = None) -> dict[str, Any]:
     """R^2 of linear probes from each modality's features to shared and private factor magnitudes.
 
     Args:
@@ -116,7 +112,7 @@ def probe_factors(
     for name in modalities:
         x_tr, x_te = train[f"features_{name}"], test[f"features_{name}"]
 
-        def r2(keys: list[str]) -> float:
+        def r2(keys: list[str], x_tr: Tensor = x_tr, x_te: Tensor = x_te) -> float:
             y_tr = torch.cat([train[key] for key in keys], 1).abs()
             y_te = torch.cat([test[key] for key in keys], 1).abs()
             penalty = select_alpha(x_tr, y_tr) if alpha is None else alpha

@@ -182,7 +182,9 @@ def _display_image(image: Tensor, bands: Sequence[int] | None) -> tuple[np.ndarr
     return picked.transpose(1, 2, 0), None
 
 
-def _points_in_pixels(points: Tensor, map_size: tuple[int, int], image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _points_in_pixels(
+    points: Tensor, map_size: tuple[int, int], image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Map ``(y, x)`` points from the feature map's ``[-1, 1]`` frame to image pixel coordinates."""
     (map_h, map_w), (image_h, image_w) = map_size, image_size
     ys = (points[..., 0].flatten() + 1) / 2 * (map_h - 1)
@@ -217,7 +219,9 @@ def rda_feature_points_figure(
         extent = (-0.5, image_w - 0.5, image_h - 0.5, -0.5)
         for row in range(rows):
             image, cmap = _display_image(result.images[row], (rgb_bands or {}).get(modality))
-            xs, ys = _points_in_pixels(result.points[row], tuple(result.principal_component.shape[-2:]), (image_h, image_w))
+            xs, ys = _points_in_pixels(
+                result.points[row], tuple(result.principal_component.shape[-2:]), (image_h, image_w)
+            )
             image_ax, pc_ax = axes[row, 2 * column], axes[row, 2 * column + 1]
             image_ax.imshow(image, cmap=cmap, extent=extent)
             pc_ax.imshow(result.principal_component[row].numpy(), cmap="viridis", extent=extent)

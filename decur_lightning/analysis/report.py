@@ -64,7 +64,9 @@ def _resolve_class(module_class: type[LightningModule] | str | None) -> type[Lig
 
 
 def load_ssl_module(
-    checkpoint_path: str | Path, module_class: type[LightningModule] | str | None = None, device: str | torch.device = "cpu"
+    checkpoint_path: str | Path,
+    module_class: type[LightningModule] | str | None = None,
+    device: str | torch.device = "cpu",
 ) -> LightningModule:
     """Load a multimodal SSL checkpoint written by ``Trainer.fit`` / ``decur fit``, in eval mode.
 
@@ -79,7 +81,9 @@ def load_ssl_module(
     """
     path = Path(checkpoint_path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit (e.g. .../checkpoints/last.ckpt).")
+        raise FileNotFoundError(
+            f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit (e.g. .../checkpoints/last.ckpt)."
+        )
     cls = _resolve_class(module_class)
     try:
         # Lightning checkpoints hold pickled hyper-parameters: load only files you trust.
@@ -217,7 +221,9 @@ def analyze(
     modalities = tuple(model.modalities)
     pairs = model_pairs(model)
     if not pairs:
-        raise ValueError(f"The checkpoint's model has one modality ({list(modalities)}): the analyses compare two or more.")
+        raise ValueError(
+            f"The checkpoint's model has one modality ({list(modalities)}): the analyses compare two or more."
+        )
     layer_of = modality_mapping(model, layers, "layers")
     bands_of = _band_names(model, band_names)
     loader = _dataloader(datamodule, split)
@@ -269,18 +275,21 @@ def analyze(
         if pair in comparison:
             arrays[f"comparison_alignment_{label}"] = comparison[pair].numpy()
         title = f"Cross-modal alignment per dimension (eq. 7): {pair[0]}-{pair[1]}"
-        figure = alignment_histogram_figure(alignment[pair], common[pair], comparison.get(pair), comparison_label, title)
+        figure = alignment_histogram_figure(
+            alignment[pair], common[pair], comparison.get(pair), comparison_label, title
+        )
         save(f"alignment_histogram{pair_suffix(pair, len(pairs))}", figure)
 
     if tsne:
         counts = set(common.values())
-        groups = (
-            {"": modalities} if len(counts) == 1 else {pair_suffix(pair, len(pairs)): pair for pair in pairs}
-        )
+        groups = {"": modalities} if len(counts) == 1 else {pair_suffix(pair, len(pairs)): pair for pair in pairs}
         for suffix, names in groups.items():
             kc = next(iter(counts)) if len(counts) == 1 else common[names]  # type: ignore[index]
             result = dimension_tsne(
-                {name: embeddings[name] for name in names}, kc, perplexity=tsne_perplexity, seed=seed,
+                {name: embeddings[name] for name in names},
+                kc,
+                perplexity=tsne_perplexity,
+                seed=seed,
                 num_threads=tsne_threads,
             )
             arrays[f"tsne_coordinates{suffix}"] = result.coordinates
@@ -316,7 +325,9 @@ def analyze(
     return {**statistics, "figures": figures}
 
 
-def _saliency_statistics(saliency: Any, band_names: Mapping[str, Sequence[str] | None], ig_steps: int) -> dict[str, Any]:
+def _saliency_statistics(
+    saliency: Any, band_names: Mapping[str, Sequence[str] | None], ig_steps: int
+) -> dict[str, Any]:
     bands: dict[str, Any] = {}
     for modality, per_output in saliency.band_importance.items():
         num_bands = per_output["common"].shape[1]
@@ -331,7 +342,8 @@ def _saliency_statistics(saliency: Any, band_names: Mapping[str, Sequence[str] |
         "num_samples": saliency.num_samples,
         "overlap": {
             pair_label(pair): {
-                name: {**summarize(values), "undefined": int(values.isnan().sum())} for name, values in per_output.items()
+                name: {**summarize(values), "undefined": int(values.isnan().sum())}
+                for name, values in per_output.items()
             }
             for pair, per_output in saliency.overlap.items()
         },

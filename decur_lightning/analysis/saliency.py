@@ -290,7 +290,9 @@ def saliency_overlap(map_m: Tensor, map_n: Tensor) -> Tensor:
         ``(N,)`` scores.
     """
     if map_m.ndim != 3 or map_n.ndim != 3 or map_m.shape[0] != map_n.shape[0]:
-        raise ValueError(f"Expected two (N, H, W) map batches of the same N; got {tuple(map_m.shape)} and {tuple(map_n.shape)}.")
+        raise ValueError(
+            f"Expected two (N, H, W) map batches of the same N; got {tuple(map_m.shape)} and {tuple(map_n.shape)}."
+        )
     map_m, map_n = map_m.float(), map_n.float().to(map_m.device)
     if map_m.shape[-2:] != map_n.shape[-2:]:
         map_n = F.interpolate(map_n[:, None], size=map_m.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -415,9 +417,7 @@ def saliency_analysis(
     layer_of = modality_mapping(model, layers, "layers")
     reference_of = modality_mapping(model, reference, "reference")
     counts = modality_mapping(model, common_dims, "common_dims")
-    heads = {
-        m: CommonUniqueOutput.from_model(model, m, reference_of[m], counts[m]) for m in modalities
-    }
+    heads = {m: CommonUniqueOutput.from_model(model, m, reference_of[m], counts[m]) for m in modalities}
     target_layers = {m: _resolve_layer(heads[m].encoder, layer_of[m]) for m in modalities}
     maps: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
     importance: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
@@ -430,7 +430,9 @@ def saliency_analysis(
             break
         missing = [f"image_{m}" for m in modalities if f"image_{m}" not in batch]
         if missing:
-            raise KeyError(f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every modality of the model.")
+            raise KeyError(
+                f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every modality of the model."
+            )
         for modality in modalities:
             head, layer = heads[modality], target_layers[modality]
             x = batch[f"image_{modality}"][:remaining]
@@ -449,7 +451,9 @@ def saliency_analysis(
     cat = {m: {name: torch.cat(maps[m][name]) for name in OUTPUT_NAMES} for m in modalities}
     return SaliencyResult(
         modalities=modalities,
-        overlap={(m, n): {name: saliency_overlap(cat[m][name], cat[n][name]) for name in OUTPUT_NAMES} for m, n in pairs},
+        overlap={
+            (m, n): {name: saliency_overlap(cat[m][name], cat[n][name]) for name in OUTPUT_NAMES} for m, n in pairs
+        },
         band_importance={m: {name: torch.cat(importance[m][name]) for name in OUTPUT_NAMES} for m in modalities},
         relative_delta={m: {name: torch.cat(deltas[m][name]) for name in OUTPUT_NAMES} for m in modalities},
         examples={

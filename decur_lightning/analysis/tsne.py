@@ -78,9 +78,7 @@ def dimension_tsne(
         from sklearn.manifold import TSNE
         from threadpoolctl import threadpool_limits
     except ImportError as err:
-        raise ImportError(
-            "The t-SNE analysis needs scikit-learn: pip install decur-lightning[analysis]"
-        ) from err
+        raise ImportError("The t-SNE analysis needs scikit-learn: pip install decur-lightning[analysis]") from err
     if not isinstance(embeddings, Mapping):
         raise TypeError(
             f"embeddings must be a mapping modality name -> (N, K) embeddings (what collect_embeddings returns); "
@@ -148,8 +146,13 @@ def dimension_tsne_figure(result: DimensionTSNE, title: str = "t-SNE of embeddin
                 continue
             label = name if result.common_dims is None else f"{name} {kind}"
             ax.scatter(
-                *result.coordinates[mask].T, s=10, color=colors[kind][index], marker=MARKERS[index % len(MARKERS)],
-                alpha=0.7, label=label, linewidths=0,
+                *result.coordinates[mask].T,
+                s=10,
+                color=colors[kind][index],
+                marker=MARKERS[index % len(MARKERS)],
+                alpha=0.7,
+                label=label,
+                linewidths=0,
             )
     ax.set_title(title)
     ax.set_xticks([])
