@@ -28,8 +28,9 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     """Frozen encoder features of every modality of ``model`` and the factor values, un-augmented.
 
     Returns a dict with ``features_<modality>`` ``(N, D)`` for each modality of the model and
-    every factor entry of the batches (``shared``, ``private_<modality>``). The model runs in
-    eval mode and is restored.
+    every factor entry of the batches (``shared``, ``private_<modality>``, ``shared_<subset>``
+    for factors that only a subset of the modalities sees). The model runs in eval mode and is
+    restored.
     """
     was_training = model.training
     model.eval()
@@ -41,7 +42,7 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
                 feats = model(batch[f"image_{name}"].to(device), name).float().cpu()
                 out.setdefault(f"features_{name}", []).append(feats)
             for key, value in batch.items():
-                if key == "shared" or key.startswith("private_"):
+                if key == "shared" or key.startswith(("private_", "shared_")):
                     out.setdefault(key, []).append(value.float().cpu())
     finally:
         model.train(was_training)
@@ -104,10 +105,13 @@ def probe_factors(train: dict[str, Tensor], test: dict[str, Tensor], alpha: floa
         ``{modality: {"shared": R2, "private_own": R2, "private_other": R2 | None}}`` with the
         mean R^2 over the factors of each group (``private_other``: the private factors of
         every other modality, which a modality cannot see; near 0 or below is expected;
-        ``None`` when no other modality has private factors).
+        ``None`` when no other modality has private factors). With subset-shared factors
+        (``shared_<subset>`` entries) each modality also gets ``"subset_shared": {subset: R2}``:
+        high where the modality belongs to the subset, near 0 where it does not.
     """
     modalities = [key.removeprefix("features_") for key in train if key.startswith("features_")]
     all_private = [key.removeprefix("private_") for key in train if key.startswith("private_")]
+    subsets = [key for key in train if key.startswith("shared_")]
     results: dict[str, Any] = {}
     for name in modalities:
         x_tr, x_te = train[f"features_{name}"], test[f"features_{name}"]
@@ -124,4 +128,6 @@ def probe_factors(train: dict[str, Tensor], test: dict[str, Tensor], alpha: floa
             "private_own": r2([f"private_{name}"]),
             "private_other": r2(others) if others else None,
         }
+        if subsets:
+            results[name]["subset_shared"] = {key.removeprefix("shared_"): r2([key]) for key in subsets}
     return results
