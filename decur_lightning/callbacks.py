@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from .analysis.alignment import alignment_histogram_figure, alignment_per_pair, collect_embeddings
 from .analysis.pairs import model_pairs, pair_common_dims, pair_suffix
 from .analysis.plotting import figure_to_array, save_figure
-from .analysis.tsne import dimension_tsne, dimension_tsne_figure
+from .analysis.tsne import dimension_tsne, dimension_tsne_figure, tsne_groups
 from .monitors import DivergenceMonitor, EmptyTrainingCheck, LoaderStateRestore, SmallBatchWarning
 
 __all__ = [
@@ -136,10 +136,7 @@ class AlignmentHistogram(Callback):
                 alignment[pair], common[pair], title=title
             )
         if self.tsne:
-            counts = set(common.values())
-            groups = {"": tuple(embeddings)} if len(counts) == 1 else {pair_suffix(p, len(pairs)): p for p in pairs}
-            for suffix, names in groups.items():
-                kc = next(iter(counts)) if len(counts) == 1 else common[names]  # type: ignore[index]
+            for suffix, (names, kc) in tsne_groups(tuple(embeddings), common).items():
                 result = dimension_tsne(
                     {name: embeddings[name] for name in names},
                     kc,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_analysis_alignment import assert_png, constructed_embeddings
 
-from decur_lightning.analysis import dimension_tsne, dimension_tsne_figure, save_figure
+from decur_lightning.analysis import dimension_tsne, dimension_tsne_figure, save_figure, tsne_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,3 +92,16 @@ def test_rejects_bad_input():
         dimension_tsne({"a": torch.randn(16, 8)}, common_dims=None)
     with pytest.raises(ValueError, match="same shape"):
         dimension_tsne({"a": torch.randn(16, 8), "b": torch.randn(16, 4)}, common_dims=None)
+
+
+def test_one_map_unless_the_pairs_differ_in_common_dims():
+    names = ("sar", "optical", "dem")
+    same = {("sar", "optical"): 48, ("sar", "dem"): 48, ("optical", "dem"): 48}
+    assert tsne_groups(names, same) == {"": (names, 48)}
+    assert tsne_groups(names[:2], {("sar", "optical"): None}) == {"": (names[:2], None)}
+    differ = {**same, ("sar", "dem"): 32}
+    assert tsne_groups(names, differ) == {
+        "_sar_optical": (("sar", "optical"), 48),
+        "_sar_dem": (("sar", "dem"), 32),
+        "_optical_dem": (("optical", "dem"), 48),
+    }

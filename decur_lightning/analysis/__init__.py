@@ -53,7 +53,7 @@ from .saliency import (
     saliency_examples_figure,
     saliency_overlap,
 )
-from .tsne import DimensionTSNE, dimension_tsne, dimension_tsne_figure
+from .tsne import DimensionTSNE, dimension_tsne, dimension_tsne_figure, tsne_groups
 
 __all__ = [
     "COMMON",
@@ -98,4 +98,5 @@ __all__ = [
     "saliency_overlap",
     "save_figure",
     "summarize",
+    "tsne_groups",
 ]

@@ -32,7 +32,7 @@ from .saliency import (
     saliency_analysis,
     saliency_examples_figure,
 )
-from .tsne import dimension_tsne, dimension_tsne_figure
+from .tsne import dimension_tsne, dimension_tsne_figure, tsne_groups
 
 __all__ = ["analyze", "load_ssl_module"]
 
@@ -281,10 +281,7 @@ def analyze(
         save(f"alignment_histogram{pair_suffix(pair, len(pairs))}", figure)
 
     if tsne:
-        counts = set(common.values())
-        groups = {"": modalities} if len(counts) == 1 else {pair_suffix(pair, len(pairs)): pair for pair in pairs}
-        for suffix, names in groups.items():
-            kc = next(iter(counts)) if len(counts) == 1 else common[names]  # type: ignore[index]
+        for suffix, (names, kc) in tsne_groups(modalities, common).items():
             result = dimension_tsne(
                 {name: embeddings[name] for name in names},
                 kc,

@@ -9,7 +9,7 @@ modalities overlap, while the unique dimensions form a separate cluster per moda
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +20,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..losses import standardize
+from .pairs import pair_suffix
 from .plotting import new_figure
 
-__all__ = ["DimensionTSNE", "dimension_tsne", "dimension_tsne_figure"]
+__all__ = ["DimensionTSNE", "dimension_tsne", "dimension_tsne_figure", "tsne_groups"]
 
 
 @dataclass
@@ -110,6 +111,25 @@ def dimension_tsne(
         common_dims=common_dims,
         modalities=names,
     )
+
+
+def tsne_groups(
+    modalities: Sequence[str], common: Mapping[tuple[str, str], int | None]
+) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """Which t-SNE maps to draw: ``{file suffix: (modalities, K_c)}``.
+
+    One map of every modality (suffix ``""``) when all pairs share one ``K_c`` (or none has
+    common dimensions); else one map per pair (suffix ``"_<m>_<n>"``), since the common block
+    of a modality then depends on the pair.
+
+    Args:
+        modalities: the names, in order.
+        common: ``K_c`` of every pair ``(m, n)`` (``None`` without decoupling).
+    """
+    counts = set(common.values())
+    if len(counts) <= 1:
+        return {"": (tuple(modalities), next(iter(counts), None))}
+    return {pair_suffix(pair, len(common)): (pair, kc) for pair, kc in common.items()}
 
 
 #: Markers of the modalities, in order.
