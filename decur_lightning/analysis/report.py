@@ -98,7 +98,7 @@ def load_ssl_module(
 
 
 def _raise_if_numbered(path: Path, err: Exception) -> None:
-    """A clear error for checkpoints of version 0.1 (numbered modalities: ``modality1`` / ``encoder1``)."""
+    """A clear error for checkpoints of version 0.1 (numbered hyper-parameters ``modality<i>`` / ``encoder<i>``)."""
     try:
         hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     except Exception:  # noqa: BLE001 - the original error is the one to report
