@@ -177,8 +177,8 @@ def main() -> None:
             runs.append({"method": key, "seed": seed, "probe": result, "seconds": time.perf_counter() - t0})
             print(f"seed {seed} {METHODS[key][0]}: {json.dumps(result)} ({runs[-1]['seconds']:.0f} s)", flush=True)
             if seed == args.seeds[0] and key in ("decur", "barlow_cross"):
-                z1, z2 = collect_embeddings(models[0], DataLoader(dm.datasets["test"], batch_size=128), args.num_probe)
-                alignment[key] = alignment_loss_per_dimension(z1, z2)
+                z = collect_embeddings(models[0], DataLoader(dm.datasets["test"], batch_size=128), args.num_probe)
+                alignment[key] = alignment_loss_per_dimension(*z.values())  # the two modalities, in order
     seconds = time.perf_counter() - start
     print(write_table(runs, args, args.out, seconds))
     args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1))

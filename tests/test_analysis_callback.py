@@ -7,13 +7,13 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from test_analysis_alignment import THREE, assert_png, modality_data, synthetic_data
 
 from decur_lightning.callbacks import AlignmentHistogram, log_figure
-from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
 from helpers import tiny_decur
-from test_analysis_alignment import assert_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,13 +48,25 @@ class ImageRecorder(Logger):
         self.images.append((key, images, step))
 
 
-def fit(tmp_path: Path, callback: AlignmentHistogram, logger: Any, epochs: int = 2) -> L.Trainer:
-    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
-                        logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=tmp_path,
-                        callbacks=[callback])
-    data = SyntheticMultimodalDataModule(num_train=32, num_val=16, batch_size=8)
-    trainer.fit(tiny_decur(), data)
+def fit(
+    tmp_path: Path, callback: AlignmentHistogram, logger: Any, epochs: int = 2, model: Any = None, data: Any = None
+) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    data = data or synthetic_data(num_train=32, num_val=16, batch_size=8)
+    trainer.fit(model or tiny_decur(), data)
     return trainer
 
 
@@ -65,8 +77,13 @@ def test_tensorboard_gets_histogram_and_tsne_images(tmp_path):
     callback = AlignmentHistogram(every_n_epochs=1, max_samples=16, tsne=True, tsne_threads=1)
     trainer = fit(tmp_path, callback, logger)
     log_dir = Path(trainer.log_dir)
-    for name in ("alignment_histogram.png", "alignment_histogram_epoch0.png", "alignment_histogram_epoch1.png",
-                 "embedding_tsne.png", "embedding_tsne_epoch1.png"):
+    for name in (
+        "alignment_histogram.png",
+        "alignment_histogram_epoch0.png",
+        "alignment_histogram_epoch1.png",
+        "embedding_tsne.png",
+        "embedding_tsne_epoch1.png",
+    ):
         assert_png(log_dir / name)
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
     events.Reload()
@@ -107,8 +124,9 @@ def test_nothing_on_other_ranks(tmp_path, monkeypatch):
 
 
 def test_log_figure_counts_loggers(tmp_path):
-    from decur_lightning.analysis import alignment_histogram_figure
     import torch
+
+    from decur_lightning.analysis import alignment_histogram_figure
 
     recorder = ImageRecorder(tmp_path)
     trainer = L.Trainer(logger=[CSVLogger(tmp_path), recorder, TensorBoardLogger(tmp_path)], accelerator="cpu")
@@ -116,8 +134,50 @@ def test_log_figure_counts_loggers(tmp_path):
     assert recorder.images[0][0] == "x" and recorder.images[0][2] == 3
 
 
+def test_three_modalities_every_pair_gets_its_histogram(tmp_path):
+    """A 3-modality run: one histogram per pair (file and logger tag name the pair), each
+    showing that pair's common / unique split; one t-SNE map of all modalities."""
+    recorder = ImageRecorder(tmp_path)
+    callback = AlignmentHistogram(max_samples=16, tsne=True, tsne_threads=1)
+    trainer = fit(tmp_path, callback, recorder, epochs=1, model=tiny_decur(modalities=THREE), data=modality_data())
+    log_dir = Path(trainer.log_dir)
+    pairs = ["sar_optical", "sar_dem", "optical_dem"]
+    for pair in pairs:
+        assert_png(log_dir / f"alignment_histogram_{pair}.png")
+    assert not (log_dir / "alignment_histogram.png").exists()
+    assert_png(log_dir / "embedding_tsne.png")
+    names = [f"alignment_histogram_{pair}" for pair in pairs] + ["embedding_tsne"]
+    assert [(key, step) for key, _, step in recorder.images] == [(f"analysis/{name}", 2) for name in names]
+    assert list(callback.last_paths) == names
+    assert callback.last_path == log_dir / "alignment_histogram_sar_optical.png"
+    # each figure is its own pair's: common 48 + unique 16 dimensions of K = 64, titled with the pair
+    figures = AlignmentHistogram(max_samples=16).figures(trainer.lightning_module, trainer.val_dataloaders)
+    assert list(figures) == names[:3]
+    for pair in pairs:
+        axes = figures[f"alignment_histogram_{pair}"].axes[0]
+        assert [t.get_text() for t in axes.get_legend().get_texts()] == ["common (48)", "unique (16)"]
+        assert axes.get_title().endswith(pair.replace("_", "-"))
+    epoch_file = AlignmentHistogram(every_n_epochs=1, max_samples=16, log_images=False)
+    epoch_file.on_validation_epoch_end(trainer, trainer.lightning_module)
+    assert {path.name for path in epoch_file.last_paths.values()} == {
+        f"alignment_histogram_{p}_epoch{trainer.current_epoch}.png" for p in pairs
+    }
+
+
+def test_one_modality_writes_nothing(tmp_path):
+    from decur_lightning.ssl import SingleModalBarlowTwinsModule
+
+    model = SingleModalBarlowTwinsModule(
+        modalities={"sar": 2}, encoder="resnet18", projector_dims=(64, 64), crop_size=32
+    )
+    callback = AlignmentHistogram(max_samples=16)
+    assert callback.figures(model, [{"image_sar": torch.rand(4, 2, 32, 32)}]) == {}
+
+
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="every_n_epochs"):
         AlignmentHistogram(every_n_epochs=0)
     with pytest.raises(ValueError, match="max_samples"):
         AlignmentHistogram(max_samples=1)
+    with pytest.raises(ValueError, match=".png"):
+        AlignmentHistogram(filename="histogram.jpg")

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_analysis_alignment import THREE, assert_png, synthetic_data
 
 from decur_lightning.analysis import (
     first_principal_component,
@@ -16,11 +17,9 @@ from decur_lightning.analysis import (
     rda_figure_for_checkpoint,
 )
 from decur_lightning.analysis.cli import run
-from decur_lightning.datamodules import SyntheticMultimodalDataModule
 from decur_lightning.models import create_encoder
 
 from helpers import tiny_decur
-from test_analysis_alignment import assert_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,6 +73,17 @@ def test_rda_feature_points_shapes_values_and_mode(layer, map_side, groups):
     torch.testing.assert_close(result.principal_component, first_principal_component(outputs[0]))
 
 
+def test_only_the_rda_modalities_of_three(tmp_path):
+    """The RDA encoder of one modality among three: its result only, by name."""
+    modalities = {**THREE, "dem": {"bands": 1, "encoder": "resnet18_rda"}}
+    model = tiny_decur(modalities=modalities, crop_size=64).eval()
+    batch = {f"image_{name}": torch.rand(2, bands, 64, 64) for name, bands in THREE.items()}
+    results = rda_feature_points_for_module(model, batch)
+    assert list(results) == ["dem"] and results["dem"].images.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(results["dem"].images, batch["image_dem"])
+    assert rda_feature_points_figure(results).axes[0].get_title() == "dem input + points (l3)"
+
+
 def test_rda_feature_points_rejects_other_encoders_and_layers():
     with pytest.raises(TypeError, match="resnet50_rda"):
         rda_feature_points(create_encoder("resnet18", 2), torch.rand(1, 2, 64, 64))
@@ -83,7 +93,7 @@ def test_rda_feature_points_rejects_other_encoders_and_layers():
 
 def test_figure_for_a_two_encoder_module_is_written(tmp_path):
     torch.manual_seed(0)
-    model = tiny_decur(encoder1="resnet18_rda", encoder2="resnet18_rda", crop_size=64).eval()
+    model = tiny_decur(encoder="resnet18_rda", crop_size=64).eval()
     batch = {"image_sar": torch.rand(2, 2, 64, 64), "image_optical": torch.rand(2, 4, 64, 64)}
     results = rda_feature_points_for_module(model, batch, "l3")
     assert list(results) == ["sar", "optical"]
@@ -95,24 +105,46 @@ def test_figure_for_a_two_encoder_module_is_written(tmp_path):
     fig.savefig(path)
     assert_png(path)
 
+    assert list(rda_feature_points_for_module(model, batch, "l3", modalities=["optical"])) == ["optical"]
     plain = tiny_decur().eval()
     assert rda_feature_points_for_module(plain, batch) == {}
+    with pytest.raises(TypeError, match="no residual deformable attention"):
+        rda_feature_points_for_module(plain, batch, modalities=["sar"])
+    with pytest.raises(ValueError, match=r"No modality 'dem'"):
+        rda_feature_points_for_module(model, batch, modalities=["dem"])
     with pytest.raises(ValueError, match="none of the encoders is an RDA encoder"):
         rda_feature_points_figure({})
 
 
 def save_checkpoint(model, path: Path) -> Path:
     """A Lightning-loadable checkpoint without a training run (state dict + hyper-parameters)."""
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return path
 
 
 def test_decur_analyze_writes_the_rda_figure_only_for_rda_checkpoints(tmp_path, capsys):
     torch.manual_seed(0)
-    rda = save_checkpoint(tiny_decur(encoder1="resnet18_rda", crop_size=64), tmp_path / "rda.ckpt")
-    args = ["--data", "SyntheticMultimodalDataModule", "--data.size=64", "--data.num_train=8", "--data.num_val=8",
-            "--data.batch_size=4", "--max_samples=8", "--saliency_samples=0", "--tsne=false", "--rda_samples=3"]
+    rda_sar = {"sar": {"bands": 2, "encoder": "resnet18_rda"}, "optical": 4}
+    rda = save_checkpoint(tiny_decur(modalities=rda_sar, crop_size=64), tmp_path / "rda.ckpt")
+    args = [
+        "--data",
+        "SyntheticMultimodalDataModule",
+        "--data.size=64",
+        "--data.num_train=8",
+        "--data.num_val=8",
+        "--data.batch_size=4",
+        "--max_samples=8",
+        "--saliency_samples=0",
+        "--tsne=false",
+        "--rda_samples=3",
+    ]
     stats = run(["--checkpoint", str(rda), "--out", str(tmp_path / "rda"), *args])
     figure = Path(stats["figures"]["rda_feature_points"])
     assert figure == tmp_path / "rda" / "rda_feature_points.png"
@@ -123,5 +155,5 @@ def test_decur_analyze_writes_the_rda_figure_only_for_rda_checkpoints(tmp_path, 
     assert "rda_feature_points" not in stats["figures"]
     assert not (tmp_path / "plain" / "rda_feature_points.png").exists()
     assert "rda_feature_points.png is skipped" in capsys.readouterr().out
-    data = SyntheticMultimodalDataModule(num_train=8, num_val=8, batch_size=4)
+    data = synthetic_data(num_train=8, num_val=8, batch_size=4)
     assert rda_figure_for_checkpoint(plain, data, tmp_path / "none") is None

@@ -8,14 +8,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
+from test_analysis_alignment import THREE, assert_png, modality_data, synthetic_data
+from test_analysis_rda import save_checkpoint
+from threads import single_thread
 
-from decur_lightning.analysis import analyze, load_ssl_module
-from decur_lightning.analysis.cli import main, run
-from decur_lightning.datamodules import SyntheticMultimodalDataModule
+from decur_lightning.analysis import alignment_loss_per_dimension, analyze, collect_embeddings, load_ssl_module
+from decur_lightning.analysis.cli import expand_layer_flags, main, run
 
 from helpers import tiny_decur
-from test_analysis_alignment import assert_png
-from threads import single_thread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,14 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"alignment_histogram", "embedding_tsne", "saliency_overlap", "band_importance", "saliency_examples"}
 
 
-def small_data() -> SyntheticMultimodalDataModule:
-    return SyntheticMultimodalDataModule(num_train=16, num_val=16, num_test=8, batch_size=8)
+def small_data():
+    return synthetic_data(num_train=16, num_val=16, num_test=8, batch_size=8)
 
 
 def fit_checkpoint(path: Path, **overrides) -> Path:
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=path.parent)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=path.parent,
+    )
     trainer.fit(tiny_decur(**overrides), small_data())
     trainer.save_checkpoint(path)
     return path
@@ -45,22 +53,33 @@ def checkpoints(tmp_path_factory):
 
 def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
     decur, all_common = checkpoints
-    stats = analyze(decur, small_data(), tmp_path / "out", max_samples=16, saliency_samples=4, ig_steps=4,
-                    layers=("layer3", "layer3"), comparison_checkpoint=all_common, comparison_label="all common",
-                    tsne_threads=1, band_names={"optical": ["B2", "B3", "B4", "B8"]})
+    stats = analyze(
+        decur,
+        small_data(),
+        tmp_path / "out",
+        max_samples=16,
+        saliency_samples=4,
+        ig_steps=4,
+        layers="layer3",
+        comparison_checkpoint=all_common,
+        comparison_label="all common",
+        tsne_threads=1,
+        band_names={"optical": ["B2", "B3", "B4", "B8"]},
+    )
     assert set(stats["figures"]) == FIGURES
     for path in stats["figures"].values():
         assert_png(Path(path))
     saved = json.loads((tmp_path / "out" / "statistics.json").read_text())
     assert saved == {k: v for k, v in stats.items() if k != "figures"}
-    assert saved["modalities"] == ["sar", "optical"] and saved["common_dims"] == 48
-    assert saved["num_samples"] == 16
-    assert saved["alignment"]["common"]["count"] == 48 and saved["alignment"]["unique"]["count"] == 16
-    assert set(saved["comparison"]["alignment"]) == {"all", "common", "unique"}
+    assert saved["modalities"] == ["sar", "optical"] and saved["pairs"] == ["sar_optical"]
+    assert saved["common_dims"] == {"sar_optical": 48} and saved["num_samples"] == 16
+    alignment = saved["alignment"]["sar_optical"]
+    assert alignment["common"]["count"] == 48 and alignment["unique"]["count"] == 16
+    assert set(saved["comparison"]["alignment"]["sar_optical"]) == {"all", "common", "unique"}
     saliency = saved["saliency"]
     assert saliency["num_samples"] == 4
     for name in ("common", "unique"):
-        overlap = saliency["overlap"][name]
+        overlap = saliency["overlap"]["sar_optical"][name]
         assert overlap["count"] + overlap["undefined"] == 4
         if overlap["count"]:
             assert 0.0 <= overlap["min"] <= overlap["max"] <= 1.0 + 1e-6
@@ -69,8 +88,10 @@ def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
     assert sum(optical["unique"]["mean"]) == pytest.approx(1.0, abs=1e-5)
     assert saliency["band_importance"]["sar"]["bands"] == ["b1", "b2"]
     arrays = np.load(tmp_path / "out" / "analysis.npz")
-    assert arrays["alignment"].shape == (64,) and arrays["tsne_coordinates"].shape == (128, 2)
-    assert arrays["band_importance_sar_common"].shape == (4, 2) and arrays["overlap_unique"].shape == (4,)
+    assert arrays["alignment_sar_optical"].shape == (64,) and arrays["tsne_coordinates"].shape == (128, 2)
+    assert arrays["comparison_alignment_sar_optical"].shape == (64,)
+    assert arrays["band_importance_sar_common"].shape == (4, 2) and arrays["overlap_sar_optical_unique"].shape == (4,)
+    assert arrays["alignment_sar_optical"].mean() == pytest.approx(alignment["all"]["mean"], rel=1e-5)
 
 
 def test_analyze_without_tsne_and_saliency(checkpoints, tmp_path):
@@ -87,6 +108,22 @@ def test_load_errors_are_actionable(checkpoints, tmp_path):
     assert load_ssl_module(checkpoints[0], "decur_lightning.ssl.DeCURModule").common_dims == 48
     with pytest.raises(ValueError, match="split"):
         analyze(checkpoints[0], small_data(), tmp_path, split="train")
+    old = tmp_path / "numbered.ckpt"  # a checkpoint of version 0.1: numbered modalities
+    torch.save(
+        {
+            "state_dict": {},
+            "hyper_parameters": {
+                "encoder1": "resnet18",
+                "encoder2": "resnet18",
+                "modality1": "sar",
+                "modality2": "optical",
+            },
+            "pytorch-lightning_version": L.__version__,
+        },
+        old,
+    )
+    with pytest.raises(ValueError, match=r"0\.1 \(numbered modalities\).*'weights'"):
+        load_ssl_module(old)
 
 
 def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
@@ -94,12 +131,30 @@ def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
 
     ``main`` is the console script: it must return None (a returned dict would become exit status 1).
     """
-    assert main([
-        "--config", str(ROOT / "examples" / "configs" / "quickstart.yaml"),
-        "--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "cli"),
-        "--data.init_args.num_train=16", "--data.init_args.num_val=16", "--data.init_args.batch_size=8",
-        "--max_samples=16", "--saliency_samples=2", "--ig_steps=2", "--tsne=false", "--layer1=layer3", "--layer2=layer3",
-    ]) is None
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "examples" / "configs" / "quickstart.yaml"),
+                "--checkpoint",
+                str(checkpoints[0]),
+                "--out",
+                str(tmp_path / "cli"),
+                "--data.init_args.num_train=16",
+                "--data.init_args.num_val=16",
+                "--data.init_args.batch_size=8",
+                "--max_samples=16",
+                "--saliency_samples=2",
+                "--ig_steps=2",
+                "--tsne=false",
+                "--layer",
+                "sar=layer3",
+                "--layer",
+                "optical=layer3",
+            ]
+        )
+        is None
+    )
     assert "statistics.json" in capsys.readouterr().out
     saved = json.loads((tmp_path / "cli" / "statistics.json").read_text())
     assert saved["num_samples"] == 16 and saved["saliency"]["num_samples"] == 2
@@ -117,3 +172,79 @@ def test_command_line_with_a_data_only_config(checkpoints, tmp_path):
     assert stats["num_samples"] == 8 and set(stats["figures"]) == {"alignment_histogram"}
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoints[0]), "--out", str(tmp_path / "o")])  # no data given
+
+
+def test_layer_flags_by_name(checkpoints, tmp_path):
+    assert expand_layer_flags(["--layer", "sar=layer3", "--layer=optical=layer2", "--layer", "layer4", "--x"]) == [
+        "--layer.sar=layer3",
+        "--layer.optical=layer2",
+        "--layer",
+        "layer4",
+        "--x",
+    ]
+    args = [
+        "--checkpoint",
+        str(checkpoints[0]),
+        "--out",
+        str(tmp_path / "o"),
+        "--data",
+        "SyntheticMultimodalDataModule",
+        "--data.num_train=8",
+        "--data.num_val=8",
+        "--data.batch_size=4",
+        "--tsne=false",
+        "--saliency_samples=0",
+    ]
+    with pytest.raises(ValueError, match=r"layers names \['dem'\].*\['sar', 'optical'\]"):
+        run([*args, "--layer", "dem=layer3"])
+    with pytest.raises(ValueError, match=r"band_names names \['s2'\]"):
+        run([*args, "--band_names", "{s2: [B2]}"])
+    with pytest.raises(SystemExit):
+        run([*args, "--layer1=layer3"])  # the numbered flags are gone
+
+
+def test_three_modalities_every_pair_gets_figures_and_statistics(tmp_path):
+    """An untrained 3-modality checkpoint: alignment, overlap and their figures for each pair;
+    band importance and band names by modality; the CLI reads the modalities from the checkpoint."""
+    torch.manual_seed(0)
+    modalities = {"sar": {"bands": 2, "band_names": ["VV", "VH"]}, "optical": 4, "dem": 1}
+    path = save_checkpoint(tiny_decur(modalities=modalities), tmp_path / "three.ckpt")
+    data = modality_data(THREE, num_samples=8, batch_size=4)
+    stats = analyze(
+        path,
+        data,
+        tmp_path / "out",
+        max_samples=8,
+        saliency_samples=2,
+        ig_steps=2,
+        layers={"sar": "layer3", "optical": "layer3", "dem": "layer3"},
+        tsne_threads=1,
+        band_names={"optical": ["B2", "B3", "B4", "B8"]},
+    )
+    pairs = ["sar_optical", "sar_dem", "optical_dem"]
+    assert stats["modalities"] == ["sar", "optical", "dem"] and stats["pairs"] == pairs
+    assert stats["common_dims"] == dict.fromkeys(pairs, 48)
+    expected = {
+        f"{kind}_{pair}" for kind in ("alignment_histogram", "saliency_overlap", "saliency_examples") for pair in pairs
+    } | {"embedding_tsne", "band_importance"}
+    assert set(stats["figures"]) == expected
+    for name, figure in stats["figures"].items():
+        assert Path(figure) == tmp_path / "out" / f"{name}.png"
+        assert_png(Path(figure))
+    arrays = np.load(tmp_path / "out" / "analysis.npz")
+    model = load_ssl_module(path)
+    embeddings = collect_embeddings(model, data.val_dataloader(), 8)
+    for pair in pairs:
+        m, n = pair.split("_")
+        assert stats["alignment"][pair]["common"]["count"] == 48 and stats["alignment"][pair]["unique"]["count"] == 16
+        expected_alignment = alignment_loss_per_dimension(embeddings[m], embeddings[n]).numpy()
+        np.testing.assert_allclose(arrays[f"alignment_{pair}"], expected_alignment, rtol=1e-5, atol=1e-6)
+        for output in ("common", "unique"):
+            overlap = stats["saliency"]["overlap"][pair][output]
+            assert overlap["count"] + overlap["undefined"] == 2
+            assert arrays[f"overlap_{pair}_{output}"].shape == (2,)
+    bands = stats["saliency"]["band_importance"]
+    assert bands["sar"]["bands"] == ["VV", "VH"]  # recorded in the checkpoint's modality description
+    assert bands["optical"]["bands"] == ["B2", "B3", "B4", "B8"] and bands["dem"]["bands"] == ["b1"]
+    assert bands["dem"]["common"]["mean"] == pytest.approx([1.0])
+    assert arrays["tsne_coordinates"].shape == (3 * 64, 2) and list(arrays["tsne_modality"][::64]) == list(THREE)

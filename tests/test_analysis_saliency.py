@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from test_analysis_alignment import THREE, THREE_PAIRS, assert_png, three_batch
 
 from decur_lightning.analysis import (
     COMMON,
@@ -16,6 +17,7 @@ from decur_lightning.analysis import (
     default_target_layer,
     gradcam,
     integrated_gradients,
+    modality_common_dims,
     overlap_histogram_figure,
     saliency_analysis,
     saliency_examples_figure,
@@ -24,7 +26,6 @@ from decur_lightning.analysis import (
 )
 
 from helpers import tiny_batch, tiny_decur
-from test_analysis_alignment import assert_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,31 +49,43 @@ def test_head_outputs_mean_of_common_and_unique_dims(model):
     x = tiny_batch(4)["image_sar"]
     model.eval()
     with torch.no_grad():
-        z = model.embed(x, 1)
+        z = model.embed(x, "sar")
         out = CommonUniqueOutput.from_model(model, "sar")(x)
         reference = torch.randn(32, 64) * 2 + 1
-        standardised = CommonUniqueOutput.from_model(model, 1, reference)(x)
+        standardised = CommonUniqueOutput.from_model(model, "sar", reference)(x)
+        narrower = CommonUniqueOutput.from_model(model, "sar", common_dims=16)(x)
     model.train()
     torch.testing.assert_close(out, torch.stack([z[:, :48].mean(1), z[:, 48:].mean(1)], 1))
     zs = (z - reference.mean(0)) / (reference.var(0, unbiased=False) + 1e-5).sqrt()
     torch.testing.assert_close(standardised, torch.stack([zs[:, :48].mean(1), zs[:, 48:].mean(1)], 1))
+    torch.testing.assert_close(narrower, torch.stack([z[:, :16].mean(1), z[:, 16:].mean(1)], 1))
 
 
-def test_head_needs_unique_dimensions():
+def test_head_needs_unique_dimensions_and_a_modality_name():
     with pytest.raises(ValueError, match="no unique"):
-        CommonUniqueOutput.from_model(tiny_decur(common_ratio=1.0), 1)
-    with pytest.raises(ValueError, match="modality"):
+        CommonUniqueOutput.from_model(tiny_decur(common_ratio=1.0), "sar")
+    with pytest.raises(ValueError, match=r"No modality 'dem'.*\['sar', 'optical'\]"):
         CommonUniqueOutput.from_model(tiny_decur(), "dem")
+    with pytest.raises(TypeError, match="by name"):
+        CommonUniqueOutput.from_model(tiny_decur(), 1)  # numbered modalities are gone
+
+
+def test_common_dims_of_a_modality_with_per_pair_counts():
+    model = tiny_decur(modalities=THREE, common_dims={"sar-optical": 48, "sar-dem": 32, "optical-dem": 48})
+    assert modality_common_dims(model, "optical") == 48
+    with pytest.raises(ValueError, match=r"different common-dimension counts.*common_dims="):
+        modality_common_dims(model, "sar")
+    assert CommonUniqueOutput.from_model(model, "sar", common_dims=32).common_dims == 32
 
 
 def test_default_layer_is_last_resnet_stage(model):
-    assert default_target_layer(model.encoder1) is model.encoder1.layer4
+    assert default_target_layer(model.encoders["sar"]) is model.encoders["sar"].layer4
     with pytest.raises(ValueError, match="layer="):
         default_target_layer(torch.nn.Linear(2, 2))
 
 
 def test_gradcam_shape_and_relu(model):
-    head = CommonUniqueOutput.from_model(model, 2)
+    head = CommonUniqueOutput.from_model(model, "optical")
     x = tiny_batch(3, size=64)["image_optical"]
     maps = gradcam(head, x, COMMON)  # layer4: 2 x 2 at 64 px, upsampled
     assert maps.shape == (3, 64, 64)
@@ -83,13 +96,13 @@ def test_gradcam_shape_and_relu(model):
 
 
 def test_gradcam_warns_on_one_pixel_maps(model):
-    head = CommonUniqueOutput.from_model(model, 1)
+    head = CommonUniqueOutput.from_model(model, "sar")
     with pytest.warns(UserWarning, match="1 x 1"):
         gradcam(head, tiny_batch(2)["image_sar"], COMMON)
 
 
 def test_gradcam_works_inside_inference_mode(model):
-    head = CommonUniqueOutput.from_model(model, 1)
+    head = CommonUniqueOutput.from_model(model, "sar")
     with torch.inference_mode():
         x = tiny_batch(2)["image_sar"]
         maps = gradcam(head, x, UNIQUE, layer="layer3")
@@ -118,9 +131,9 @@ def test_integrated_gradients_completeness(model):
     x = tiny_batch(3)["image_optical"]
     model.eval()
     with torch.no_grad():
-        reference = model.embed(tiny_batch(16)["image_optical"], 2)
+        reference = model.embed(tiny_batch(16)["image_optical"], "optical")
     model.train()
-    head = CommonUniqueOutput.from_model(model, 2, reference)
+    head = CommonUniqueOutput.from_model(model, "optical", reference)
     for target in (COMMON, UNIQUE):
         attributions, delta = integrated_gradients(head, x, target, n_steps=128)
         coarse_delta = integrated_gradients(head, x, target, n_steps=8)[1]
@@ -153,7 +166,7 @@ def test_band_importance_normalised_per_sample():
 def test_missing_captum_names_the_install_command(monkeypatch, model):
     monkeypatch.setitem(sys.modules, "captum", None)
     monkeypatch.setitem(sys.modules, "captum.attr", None)
-    head = CommonUniqueOutput.from_model(model, 1)
+    head = CommonUniqueOutput.from_model(model, "sar")
     x = tiny_batch(2)["image_sar"]
     with pytest.raises(ImportError, match=r"pip install decur-lightning\[analysis\]"):
         gradcam(head, x, COMMON)
@@ -163,10 +176,10 @@ def test_missing_captum_names_the_install_command(monkeypatch, model):
 
 def test_saliency_analysis_and_figures(model, tmp_path):
     batches = [tiny_batch(3, size=64), tiny_batch(3, size=64)]
-    result = saliency_analysis(model, batches, max_samples=5, layers=("layer3", None), ig_steps=8, num_examples=2)
-    assert result.num_samples == 5
+    result = saliency_analysis(model, batches, max_samples=5, layers={"sar": "layer3"}, ig_steps=8, num_examples=2)
+    assert result.num_samples == 5 and result.pairs == [("sar", "optical")]
     for name in ("common", "unique"):
-        overlap = result.overlap[name]
+        overlap = result.overlap[("sar", "optical")][name]
         defined = overlap[~overlap.isnan()]
         assert overlap.shape == (5,) and ((defined >= 0) & (defined <= 1 + 1e-6)).all()
         assert result.band_importance["sar"][name].shape == (5, 2)
@@ -175,7 +188,9 @@ def test_saliency_analysis_and_figures(model, tmp_path):
         assert result.relative_delta["sar"][name].shape == (5,)
     assert result.examples["images"]["sar"].shape == (2, 2, 64, 64)
     assert result.examples["maps"]["optical"]["unique"].shape == (2, 64, 64)
-    assert_png(save_figure(overlap_histogram_figure(result.overlap), tmp_path / "overlap.png"))
+    assert_png(save_figure(overlap_histogram_figure(result.overlap[("sar", "optical")]), tmp_path / "overlap.png"))
+    with pytest.raises(ValueError, match="one pair"):
+        overlap_histogram_figure(result.overlap)
     partly_undefined = {"common": torch.tensor([0.2, float("nan")]), "unique": torch.tensor([float("nan")] * 2)}
     legend = overlap_histogram_figure(partly_undefined).axes[0].get_legend().get_texts()
     assert [t.get_text() for t in legend] == ["common (mean 0.20), 1 undefined", "unique, 2 undefined"]
@@ -183,10 +198,43 @@ def test_saliency_analysis_and_figures(model, tmp_path):
     assert [t.get_text() for t in bands.axes[1].get_xticklabels()] == ["B2", "B3", "B4", "B8"]
     assert_png(save_figure(bands, tmp_path / "bands.png"))
     assert_png(save_figure(saliency_examples_figure(result), tmp_path / "examples.png"))
-    without_examples = saliency_analysis(model, batches[:1], max_samples=2, ig_steps=2, num_examples=0,
-                                         layers=("layer3", "layer3"))
+    without_examples = saliency_analysis(model, batches[:1], max_samples=2, ig_steps=2, num_examples=0, layers="layer3")
     assert without_examples.examples == {} and without_examples.num_samples == 2
     with pytest.raises(ValueError, match="num_examples"):
         saliency_examples_figure(without_examples)
     with pytest.raises(ValueError, match="band_names"):
         band_importance_figure(result.band_importance, {"sar": ["VV"]})
+
+
+def test_layers_and_references_by_name_only(model):
+    batches = [tiny_batch(2)]
+    with pytest.raises(ValueError, match=r"layers names \['dem'\].*\['sar', 'optical'\]"):
+        saliency_analysis(model, batches, max_samples=2, ig_steps=2, layers={"dem": "layer3"})
+    with pytest.raises(ValueError, match=r"reference names \[1\]"):
+        saliency_analysis(model, batches, max_samples=2, ig_steps=2, reference={1: torch.randn(8, 64)})
+
+
+def test_three_modalities_every_pair_gets_overlap_statistics(tmp_path):
+    """An untrained 3-modality model: overlap scores for each of the three pairs, equal to the
+    overlap of the two modalities' GradCAM maps; band importance per modality."""
+    torch.manual_seed(0)
+    model = tiny_decur(modalities=THREE)
+    batch = three_batch(3, size=64)
+    result = saliency_analysis(model, [batch], max_samples=3, layers="layer3", ig_steps=4, num_examples=3)
+    assert result.modalities == ("sar", "optical", "dem") and result.pairs == THREE_PAIRS
+    for name, bands in THREE.items():
+        assert result.band_importance[name]["unique"].shape == (3, bands)
+        torch.testing.assert_close(result.band_importance[name]["common"].sum(1), torch.ones(3))
+    for target, output in enumerate(("common", "unique")):
+        maps = {
+            m: gradcam(CommonUniqueOutput.from_model(model, m), batch[f"image_{m}"], target, "layer3") for m in THREE
+        }
+        for m, n in THREE_PAIRS:
+            torch.testing.assert_close(
+                result.overlap[(m, n)][output], saliency_overlap(maps[m], maps[n]), equal_nan=True
+            )
+    figure = saliency_examples_figure(result, pair=("optical", "dem"))
+    assert [figure.axes[i].get_title() for i in (0, 3)] == ["optical", "dem"]
+    assert_png(save_figure(figure, tmp_path / "examples.png"))
+    with pytest.raises(ValueError, match="No pair"):
+        saliency_examples_figure(result, pair=("dem", "sar"))

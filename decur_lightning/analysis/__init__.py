@@ -1,5 +1,8 @@
 """Analyses of what DeCUR learns (paper Section 7, Appendix D, Algorithm 2).
 
+Modalities are addressed by name; the cross-modal analyses are made for every pair of a
+model's modalities (:mod:`.pairs`), so they hold for ``M >= 2`` modalities.
+
 - cross-modal alignment per embedding dimension, eq. 7 (:mod:`.alignment`, Fig. 5a, 7);
 - t-SNE of embedding dimensions (:mod:`.tsne`, Fig. 1, 8);
 - GradCAM and Integrated Gradients saliency of the common and unique outputs
@@ -15,12 +18,14 @@ from .alignment import (
     alignment_for_model,
     alignment_histogram_figure,
     alignment_loss_per_dimension,
+    alignment_per_pair,
     alignment_statistics,
     collect_embeddings,
     plot_alignment_histogram,
     summarize,
 )
 from .decoupling import extract_features, probe_factors, ridge_r2
+from .pairs import check_modality, model_pairs, pair_label
 from .plotting import figure_to_array, save_figure
 from .rda import (
     RDAFeaturePoints,
@@ -42,12 +47,13 @@ from .saliency import (
     default_target_layer,
     gradcam,
     integrated_gradients,
+    modality_common_dims,
     overlap_histogram_figure,
     saliency_analysis,
     saliency_examples_figure,
     saliency_overlap,
 )
-from .tsne import DimensionTSNE, dimension_tsne, dimension_tsne_figure
+from .tsne import DimensionTSNE, dimension_tsne, dimension_tsne_figure, tsne_groups
 
 __all__ = [
     "COMMON",
@@ -59,10 +65,12 @@ __all__ = [
     "alignment_for_model",
     "alignment_histogram_figure",
     "alignment_loss_per_dimension",
+    "alignment_per_pair",
     "alignment_statistics",
     "analyze",
     "band_importance",
     "band_importance_figure",
+    "check_modality",
     "collect_embeddings",
     "default_target_layer",
     "dimension_tsne",
@@ -74,7 +82,10 @@ __all__ = [
     "integrated_gradients",
     "is_rda_encoder",
     "load_ssl_module",
+    "modality_common_dims",
+    "model_pairs",
     "overlap_histogram_figure",
+    "pair_label",
     "plot_alignment_histogram",
     "probe_factors",
     "rda_feature_points",
@@ -87,4 +98,5 @@ __all__ = [
     "saliency_overlap",
     "save_figure",
     "summarize",
+    "tsne_groups",
 ]

@@ -1,7 +1,8 @@
 """Cross-modal alignment per embedding dimension (paper eq. 7, Fig. 5a, Fig. 7).
 
 ``L_i = (1 - C_ii)^2`` for every dimension ``i`` of the cross-modal correlation ``C`` of
-un-augmented embeddings of the two modalities (Algorithm 2, ``alignment_histogram``). For
+un-augmented embeddings of two modalities (Algorithm 2, ``alignment_histogram``), for every
+pair of a model's modalities (:func:`alignment_for_model`). For
 DeCUR the common dimensions should sit near 0 and the unique ones near 1; a cross-modal
 Barlow Twins model, which treats every dimension as common, keeps a tail of badly aligned
 dimensions (Fig. 5a).
@@ -9,7 +10,7 @@ dimensions (Fig. 5a).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,12 +18,14 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..losses import standardize
+from .pairs import check_modality, model_pairs
 from .plotting import COLORS, new_figure, save_figure
 
 __all__ = [
     "alignment_for_model",
     "alignment_histogram_figure",
     "alignment_loss_per_dimension",
+    "alignment_per_pair",
     "alignment_statistics",
     "collect_embeddings",
     "plot_alignment_histogram",
@@ -30,74 +33,129 @@ __all__ = [
 ]
 
 
-def alignment_loss_per_dimension(z1: Tensor, z2: Tensor) -> Tensor:
+def alignment_loss_per_dimension(z_m: Tensor, z_n: Tensor) -> Tensor:
     """``L_i = (1 - C_ii)^2`` for every embedding dimension ``i`` (eq. 7).
 
-    ``C`` is the cross-modal correlation of the standardised embeddings ``z1, z2`` (``(N, K)``
-    each). 0 means the two modalities agree perfectly in that dimension; 1 means they are
-    uncorrelated (what DeCUR asks of the unique dimensions).
+    ``C`` is the cross-modal correlation of the standardised embeddings ``z_m, z_n`` (``(N, K)``
+    each) of the same samples by two modalities. 0 means the two modalities agree perfectly in
+    that dimension; 1 means they are uncorrelated (what DeCUR asks of the unique dimensions).
 
     Example:
         >>> z = torch.randn(64, 8)
         >>> alignment_loss_per_dimension(z, z).abs().max() < 1e-5
         tensor(True)
     """
-    if z1.shape != z2.shape or z1.ndim != 2 or z1.shape[0] < 2:
-        raise ValueError(
-            f"Expected two embedding batches of the same shape (N >= 2, K); got {tuple(z1.shape)} and {tuple(z2.shape)}."
+    if not isinstance(z_m, Tensor) or not isinstance(z_n, Tensor):
+        raise TypeError(
+            f"Expected two embedding tensors (N, K); got {type(z_m).__name__} and {type(z_n).__name__}. "
+            "collect_embeddings returns a dict name -> embeddings: pass embeddings['<m>'], embeddings['<n>'], "
+            "or use alignment_per_pair(embeddings)."
         )
-    diag = (standardize(z1) * standardize(z2)).mean(0)
+    if z_m.shape != z_n.shape or z_m.ndim != 2 or z_m.shape[0] < 2:
+        raise ValueError(
+            f"Expected two embedding batches of the same shape (N >= 2, K); got {tuple(z_m.shape)} and {tuple(z_n.shape)}."
+        )
+    diag = (standardize(z_m) * standardize(z_n)).mean(0)
     return (1.0 - diag).pow(2)
 
 
 @torch.no_grad()
 def collect_embeddings(
-    model: nn.Module, batches: Iterable[dict[str, Tensor]], max_samples: int = 512
-) -> tuple[Tensor, Tensor]:
-    """Projector embeddings of both modalities for up to ``max_samples`` samples (no views).
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    max_samples: int = 512,
+    modalities: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """Projector embeddings ``{name: (N, K)}`` of up to ``max_samples`` samples (no views).
 
     ``model`` is a :class:`~decur_lightning.ssl.base.MultimodalSSLModule`; the batches are
-    dicts with its two ``image_<modality>`` keys. The model is run in eval mode and restored.
+    dicts with an ``image_<name>`` tensor per modality. The model is run in eval mode and
+    restored.
+
+    Args:
+        model: the module.
+        batches: un-augmented batches (a dataloader).
+        max_samples: number of samples to embed.
+        modalities: names of the modalities to embed (default: all of the model's, in order).
     """
+    names = [check_modality(model, name) for name in modalities] if modalities is not None else list(model.modalities)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    z1, z2, count = [], [], 0
+    parts: dict[str, list[Tensor]] = {name: [] for name in names}
+    count = 0
     try:
         for batch in batches:
-            x1, x2 = (batch[f"image_{name}"].to(device) for name in model.modalities)
-            z1.append(model.embed(x1, 1).float().cpu())
-            z2.append(model.embed(x2, 2).float().cpu())
-            count += x1.shape[0]
+            missing = [f"image_{name}" for name in names if f"image_{name}" not in batch]
+            if missing:
+                raise KeyError(
+                    f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every "
+                    f"modality of the model ({names})."
+                )
+            for name in names:
+                parts[name].append(model.embed(batch[f"image_{name}"].to(device), name).float().cpu())
+            count += parts[names[0]][-1].shape[0]
             if count >= max_samples:
                 break
     finally:
         model.train(was_training)
-    if not z1:
+    if count == 0:
         raise ValueError("No batches to embed: the dataloader is empty.")
-    return torch.cat(z1)[:max_samples], torch.cat(z2)[:max_samples]
+    return {name: torch.cat(values)[:max_samples] for name, values in parts.items()}
 
 
-def alignment_for_model(model: nn.Module, batches: Iterable[dict[str, Tensor]], max_samples: int = 512) -> Tensor:
-    """Eq. 7 for every embedding dimension of ``model`` on up to ``max_samples`` samples.
+def alignment_per_pair(
+    embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]] | None = None
+) -> dict[tuple[str, str], Tensor]:
+    """Eq. 7 for every pair of modalities: ``{(m, n): (K,)}``.
+
+    Args:
+        embeddings: ``{name: (N, K)}`` embeddings of the same samples (:func:`collect_embeddings`).
+        pairs: the pairs (default: every pair, in the mapping's order).
+    """
+    names = list(embeddings)
+    if pairs is None:
+        pairs = [(m, n) for i, m in enumerate(names) for n in names[i + 1 :]]
+    if not pairs:
+        raise ValueError(f"Cross-modal alignment needs at least two modalities; got {names}.")
+    result = {}
+    for m, n in pairs:
+        for name in (m, n):
+            if name not in embeddings:
+                raise ValueError(f"No embeddings of modality {name!r}; there are {names}.")
+        result[(m, n)] = alignment_loss_per_dimension(embeddings[m], embeddings[n])
+    return result
+
+
+def alignment_for_model(
+    model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_samples: int = 512
+) -> dict[tuple[str, str], Tensor]:
+    """Eq. 7 for every embedding dimension and every pair of modalities of ``model``:
+    ``{(m, n): (K,)}``, on up to ``max_samples`` samples.
 
     Works for any :class:`~decur_lightning.ssl.base.MultimodalSSLModule` (DeCUR or a
     baseline such as cross-modal Barlow Twins), so a DeCUR model and a comparison model can
     be measured on the same batches and drawn together (Fig. 5a):
 
     Example:
-        >>> decur = alignment_for_model(decur_model, loader)  # doctest: +SKIP
-        >>> barlow = alignment_for_model(barlow_model, loader)  # doctest: +SKIP
+        >>> decur = alignment_for_model(decur_model, loader)[("sar", "optical")]  # doctest: +SKIP
+        >>> barlow = alignment_for_model(barlow_model, loader)[("sar", "optical")]  # doctest: +SKIP
         >>> plot_alignment_histogram(decur, decur_model.common_dims, "fig5a.png",
         ...                          comparison=barlow, comparison_label="cross-modal BT")  # doctest: +SKIP
     """
-    z1, z2 = collect_embeddings(model, batches, max_samples)
-    if z1.shape[0] < 2:
+    pairs = model_pairs(model)
+    if not pairs:
         raise ValueError(
-            f"Got {z1.shape[0]} sample: the correlation of eq. 7 needs at least 2 (use max_samples >= 2 "
+            f"{type(model).__name__} has one modality ({list(model.modalities)}): cross-modal alignment needs two or more."
+        )
+    embeddings = collect_embeddings(model, batches, max_samples)
+    count = next(iter(embeddings.values())).shape[0]
+    if count < 2:
+        raise ValueError(
+            f"Got {count} sample: the correlation of eq. 7 needs at least 2 (use max_samples >= 2 "
             "and a dataloader with at least 2 samples)."
         )
-    return alignment_loss_per_dimension(z1, z2)
+    return alignment_per_pair(embeddings, pairs)
 
 
 def summarize(values: Tensor) -> dict[str, float | int]:

@@ -5,16 +5,23 @@ Examples:
         --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt --out analysis
 
     python -m decur_lightning.analysis --checkpoint last.ckpt --out analysis \\
-        --data SyntheticMultimodalDataModule --data.num_val 128 --saliency_samples 32
+        --data SyntheticMultimodalDataModule --data.num_val 128 --saliency_samples 32 \\
+        --layer sar=layer3 --layer optical=layer3
 
 ``--config`` takes the YAML of the ``decur fit`` run (its ``data`` section is used; the
 ``trainer`` and ``model`` sections are ignored, the model comes from the checkpoint) or a YAML
 with only a ``data`` section (``class_path`` / ``init_args``) and any of the options below.
+The modalities are read from the checkpoint's module; options that take one value per modality
+(``--layer``, ``--band_names``) name them, and a name the checkpoint lacks is an error that
+lists its modalities. Cross-modal figures are made for every pair of modalities.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -27,6 +34,9 @@ from .report import analyze
 
 __all__ = ["build_parser", "main"]
 
+#: ``NAME=LAYER``: a modality name (an identifier) and a layer name.
+_NAMED_LAYER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[^=]*$")
+
 #: Sections of a ``decur fit`` config that the analysis accepts and ignores.
 _FIT_SECTIONS = ("seed_everything", "trainer", "model", "ckpt_path", "optimizer", "lr_scheduler")
 
@@ -36,8 +46,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m decur_lightning.analysis",
         description=(
-            "Explainability analyses of a DeCUR checkpoint (paper Section 7): alignment histogram (eq. 7), "
-            "t-SNE of embedding dimensions, GradCAM overlap and Integrated Gradients band importance, and for RDA "
+            "Explainability analyses of a DeCUR checkpoint (paper Section 7), for every pair of its modalities: "
+            "alignment histogram (eq. 7), t-SNE of embedding dimensions, GradCAM overlap and Integrated Gradients "
+            "band importance, and for RDA "
             "encoders the first principal component of the feature map with the deformable points (Fig. 5b). "
             "Writes PNG figures, statistics.json and analysis.npz into --out."
         ),
@@ -51,21 +62,38 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--saliency_samples", type=int, default=64, help="Samples for GradCAM and IG (0 skips them).")
     parser.add_argument("--ig_steps", type=int, default=50)
     parser.add_argument("--ig_internal_batch_size", type=int | None, default=None)
-    parser.add_argument("--layer1", type=str | None, default=None, help="GradCAM layer of encoder 1 (default: last stage).")
-    parser.add_argument("--layer2", type=str | None, default=None, help="GradCAM layer of encoder 2 (default: last stage).")
+    parser.add_argument(
+        "--layer",
+        type=str | dict[str, str | None] | None,
+        default=None,
+        help=(
+            "GradCAM layer by modality name: --layer sar=layer3 --layer optical=layer2 (repeatable), "
+            "--layer.sar=layer3, or a YAML mapping {sar: layer3}; --layer layer3 for every modality. "
+            "Default: each encoder's last stage."
+        ),
+    )
     parser.add_argument("--comparison_checkpoint", type=str | None, default=None)
     parser.add_argument("--comparison_class", type=str | None, default=None, help="Class of the comparison module.")
     parser.add_argument("--comparison_label", type=str, default="comparison")
     parser.add_argument("--tsne", type=bool, default=True)
     parser.add_argument("--tsne_perplexity", type=float, default=30.0)
     parser.add_argument("--tsne_threads", type=int | None, default=None)
-    parser.add_argument("--band_names", type=dict[str, list[str]] | None, default=None)
     parser.add_argument(
-        "--rda_samples", type=int, default=4,
+        "--band_names",
+        type=dict[str, list[str]] | None,
+        default=None,
+        help="Band names by modality name, e.g. '{optical: [B2, B3, B4, B8]}' (default: those the checkpoint records).",
+    )
+    parser.add_argument(
+        "--rda_samples",
+        type=int,
+        default=4,
         help="Images in rda_feature_points.png (Fig. 5b; RDA encoders only; 0 skips it).",
     )
     parser.add_argument(
-        "--rda_layer", type=Literal["l3", "l4"], default="l3",
+        "--rda_layer",
+        type=Literal["l3", "l4"],
+        default="l3",
         help="Attention block for the RDA figure: after ResNet layer3 (l3) or layer4 (l4).",
     )
     parser.add_argument("--device", type=str, default="cpu")
@@ -73,6 +101,27 @@ def build_parser() -> ArgumentParser:
     for section in _FIT_SECTIONS:
         parser.add_argument(f"--{section}", type=Any, default=None, help="Ignored (a section of a `decur fit` config).")
     return parser
+
+
+def expand_layer_flags(args: Sequence[str]) -> list[str]:
+    """Rewrite ``--layer NAME=LAYER`` (and ``--layer=NAME=LAYER``) into jsonargparse's
+    ``--layer.NAME=LAYER``, so that the flag can be repeated, one modality each."""
+    out: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--layer" and index + 1 < len(args) and _NAMED_LAYER.match(args[index + 1]):
+            name, layer = args[index + 1].split("=", 1)
+            out.append(f"--layer.{name}={layer}")
+            index += 2
+            continue
+        if arg.startswith("--layer=") and _NAMED_LAYER.match(arg.removeprefix("--layer=")):
+            name, layer = arg.removeprefix("--layer=").split("=", 1)
+            out.append(f"--layer.{name}={layer}")
+        else:
+            out.append(arg)
+        index += 1
+    return out
 
 
 def main(args: list[str] | None = None) -> None:
@@ -89,7 +138,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     Returns the statistics that :func:`analyze` returns (``figures`` including the RDA figure).
     """
     parser = build_parser()
-    config = parser.parse_args(args)
+    config = parser.parse_args(expand_layer_flags(sys.argv[1:] if args is None else list(args)))
     datamodule = parser.instantiate_classes(config).data
     statistics = analyze(
         config.checkpoint,
@@ -100,7 +149,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         saliency_samples=config.saliency_samples,
         ig_steps=config.ig_steps,
         ig_internal_batch_size=config.ig_internal_batch_size,
-        layers=(config.layer1, config.layer2),
+        layers=config.layer,
         comparison_checkpoint=config.comparison_checkpoint,
         comparison_class=config.comparison_class,
         comparison_label=config.comparison_label,
@@ -113,8 +162,13 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     )
     if config.rda_samples > 0:
         path = rda_figure_for_checkpoint(
-            config.checkpoint, datamodule, config.out, split=config.split, samples=config.rda_samples,
-            layer=config.rda_layer, device=config.device,
+            config.checkpoint,
+            datamodule,
+            config.out,
+            split=config.split,
+            samples=config.rda_samples,
+            layer=config.rda_layer,
+            device=config.device,
         )
         if path is None:
             print("No encoder of the checkpoint has residual deformable attention: rda_feature_points.png is skipped.")

@@ -28,8 +28,9 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     """Frozen encoder features of every modality of ``model`` and the factor values, un-augmented.
 
     Returns a dict with ``features_<modality>`` ``(N, D)`` for each modality of the model and
-    every factor entry of the batches (``shared``, ``private_<modality>``). The model runs in
-    eval mode and is restored.
+    every factor entry of the batches (``shared``, ``private_<modality>``, ``shared_<subset>``
+    for factors that only a subset of the modalities sees). The model runs in eval mode and is
+    restored.
     """
     was_training = model.training
     model.eval()
@@ -37,11 +38,11 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     out: dict[str, list[Tensor]] = {}
     try:
         for batch in batches:
-            for index, name in enumerate(model.modalities):
-                feats = model(batch[f"image_{name}"].to(device), index + 1).float().cpu()
+            for name in model.modalities:
+                feats = model(batch[f"image_{name}"].to(device), name).float().cpu()
                 out.setdefault(f"features_{name}", []).append(feats)
             for key, value in batch.items():
-                if key == "shared" or key.startswith("private_"):
+                if key == "shared" or key.startswith(("private_", "shared_")):
                     out.setdefault(key, []).append(value.float().cpu())
     finally:
         model.train(was_training)
@@ -50,9 +51,7 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
     return {key: torch.cat(values) for key, values in out.items()}
 
 
-def ridge_r2(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, alpha: float = 1.0
-) -> Tensor:
+def ridge_r2(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, alpha: float = 1.0) -> Tensor:
     """Closed-form ridge regression fit on ``train``; R^2 per target column on ``test``.
 
     Features are standardised with the training statistics (scales floored at 1 % of the mean
@@ -94,9 +93,7 @@ def select_alpha(x: Tensor, y: Tensor, alphas: tuple[float, ...] = ALPHAS, holdo
     return alphas[max(range(len(alphas)), key=scores.__getitem__)]
 
 
-def probe_factors(
-    train: dict[str, Tensor], test: dict[str, Tensor], alpha: float | None = None
-) -> dict[str, Any]:
+def probe_factors(train: dict[str, Tensor], test: dict[str, Tensor], alpha: float | None = None) -> dict[str, Any]:
     """R^2 of linear probes from each modality's features to shared and private factor magnitudes.
 
     Args:
@@ -106,24 +103,31 @@ def probe_factors(
 
     Returns:
         ``{modality: {"shared": R2, "private_own": R2, "private_other": R2 | None}}`` with the
-        mean R^2 over the factors of each group (``private_other``: the other modality's
-        private factors, which a modality cannot see; near 0 or below is expected).
+        mean R^2 over the factors of each group (``private_other``: the private factors of
+        every other modality, which a modality cannot see; near 0 or below is expected;
+        ``None`` when no other modality has private factors). With subset-shared factors
+        (``shared_<subset>`` entries) each modality also gets ``"subset_shared": {subset: R2}``:
+        high where the modality belongs to the subset, near 0 where it does not.
     """
     modalities = [key.removeprefix("features_") for key in train if key.startswith("features_")]
     all_private = [key.removeprefix("private_") for key in train if key.startswith("private_")]
+    subsets = [key for key in train if key.startswith("shared_")]
     results: dict[str, Any] = {}
     for name in modalities:
         x_tr, x_te = train[f"features_{name}"], test[f"features_{name}"]
 
-        def r2(key: str) -> float:
-            y_tr = train[key].abs()
+        def r2(keys: list[str], x_tr: Tensor = x_tr, x_te: Tensor = x_te) -> float:
+            y_tr = torch.cat([train[key] for key in keys], 1).abs()
+            y_te = torch.cat([test[key] for key in keys], 1).abs()
             penalty = select_alpha(x_tr, y_tr) if alpha is None else alpha
-            return float(ridge_r2(x_tr, y_tr, x_te, test[key].abs(), penalty).mean())
+            return float(ridge_r2(x_tr, y_tr, x_te, y_te, penalty).mean())
 
-        others = [m for m in all_private if m != name]
+        others = [f"private_{m}" for m in all_private if m != name]
         results[name] = {
-            "shared": r2("shared"),
-            "private_own": r2(f"private_{name}"),
-            "private_other": r2(f"private_{others[0]}") if others else None,
+            "shared": r2(["shared"]),
+            "private_own": r2([f"private_{name}"]),
+            "private_other": r2(others) if others else None,
         }
+        if subsets:
+            results[name]["subset_shared"] = {key.removeprefix("shared_"): r2([key]) for key in subsets}
     return results

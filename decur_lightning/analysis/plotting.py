@@ -20,7 +20,9 @@ __all__ = ["COLORS", "figure_to_array", "new_figure", "save_figure"]
 COLORS: dict[str, str] = {"common": "tab:red", "unique": "tab:blue", "comparison": "black", "all": "tab:gray"}
 
 
-def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0, **subplot_kw: Any) -> tuple[Figure, Any]:
+def new_figure(
+    ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 4.0, **subplot_kw: Any
+) -> tuple[Figure, Any]:
     """A figure on an Agg canvas and its axes (one ``Axes`` or an array of them)."""
     fig = Figure(figsize=(width * ncols, height * nrows), dpi=100)
     FigureCanvasAgg(fig)

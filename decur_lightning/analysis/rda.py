@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..models.resnet_rda import ResNetRDA
+from .pairs import check_modality
 from .plotting import new_figure, save_figure
 from .report import _dataloader, load_ssl_module
 
@@ -135,25 +136,35 @@ def rda_feature_points(encoder: nn.Module, images: Tensor, layer: RDALayer = "l3
 
 
 def rda_feature_points_for_module(
-    model: nn.Module, batch: Mapping[str, Tensor], layer: RDALayer = "l3"
+    model: nn.Module, batch: Mapping[str, Tensor], layer: RDALayer = "l3", modalities: Sequence[str] | None = None
 ) -> dict[str, RDAFeaturePoints]:
-    """:func:`rda_feature_points` for every RDA encoder of a multimodal module.
+    """:func:`rda_feature_points` for the RDA encoders of a multimodal module, by modality name.
 
     Args:
         model: a module with ``modalities`` and ``encoders`` (a DeCURModule or baseline).
-        batch: ``{"image_<modality>": (N, C, H, W)}``.
+        batch: ``{"image_<modality>": (N, C, H, W)}`` (only the analysed modalities are needed).
         layer: ``"l3"`` or ``"l4"``.
+        modalities: names of the modalities to analyse (default: every modality whose encoder
+            is an RDA encoder). A named modality whose encoder is not one raises a TypeError.
 
     Returns:
-        ``{modality: result}`` for the modalities whose encoder is an RDA encoder (empty when
-        none is).
+        ``{modality: result}`` in the model's order (empty when no encoder is an RDA encoder).
     """
-    results: dict[str, RDAFeaturePoints] = {}
+    if modalities is None:
+        names = [name for name in model.modalities if is_rda_encoder(model.encoders[name])]
+    else:
+        names = [check_modality(model, name) for name in modalities]
+        plain = [name for name in names if not is_rda_encoder(model.encoders[name])]
+        if plain:
+            raise TypeError(
+                f"The encoders of {plain} have no residual deformable attention (RDA encoders: "
+                f"{[n for n in model.modalities if is_rda_encoder(model.encoders[n])]})."
+            )
+    missing = [f"image_{name}" for name in names if f"image_{name}" not in batch]
+    if missing:
+        raise KeyError(f"The batch has no {missing}; it has keys {sorted(batch)}.")
     device = next(model.parameters()).device
-    for modality, encoder in zip(model.modalities, model.encoders):
-        if is_rda_encoder(encoder):
-            results[modality] = rda_feature_points(encoder, batch[f"image_{modality}"].to(device), layer)
-    return results
+    return {name: rda_feature_points(model.encoders[name], batch[f"image_{name}"].to(device), layer) for name in names}
 
 
 def _display_image(image: Tensor, bands: Sequence[int] | None) -> tuple[np.ndarray, str | None]:
@@ -171,7 +182,9 @@ def _display_image(image: Tensor, bands: Sequence[int] | None) -> tuple[np.ndarr
     return picked.transpose(1, 2, 0), None
 
 
-def _points_in_pixels(points: Tensor, map_size: tuple[int, int], image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _points_in_pixels(
+    points: Tensor, map_size: tuple[int, int], image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Map ``(y, x)`` points from the feature map's ``[-1, 1]`` frame to image pixel coordinates."""
     (map_h, map_w), (image_h, image_w) = map_size, image_size
     ys = (points[..., 0].flatten() + 1) / 2 * (map_h - 1)
@@ -206,7 +219,9 @@ def rda_feature_points_figure(
         extent = (-0.5, image_w - 0.5, image_h - 0.5, -0.5)
         for row in range(rows):
             image, cmap = _display_image(result.images[row], (rgb_bands or {}).get(modality))
-            xs, ys = _points_in_pixels(result.points[row], tuple(result.principal_component.shape[-2:]), (image_h, image_w))
+            xs, ys = _points_in_pixels(
+                result.points[row], tuple(result.principal_component.shape[-2:]), (image_h, image_w)
+            )
             image_ax, pc_ax = axes[row, 2 * column], axes[row, 2 * column + 1]
             image_ax.imshow(image, cmap=cmap, extent=extent)
             pc_ax.imshow(result.principal_component[row].numpy(), cmap="viridis", extent=extent)
@@ -244,12 +259,13 @@ def rda_figure_for_checkpoint(
     if samples < 1:
         raise ValueError(f"samples must be at least 1; got {samples}.")
     model = load_ssl_module(checkpoint_path, module_class, device)
-    if not any(is_rda_encoder(encoder) for encoder in model.encoders):
+    names = [name for name in model.modalities if is_rda_encoder(model.encoders[name])]
+    if not names:
         return None
     parts: dict[str, list[Tensor]] = {}
     count = 0
     for batch in _dataloader(datamodule, split):
-        for key in (f"image_{m}" for m in model.modalities):
+        for key in (f"image_{m}" for m in names):
             parts.setdefault(key, []).append(batch[key])
         count += next(iter(parts.values()))[-1].shape[0]
         if count >= samples:

@@ -1,5 +1,6 @@
 """All explainability analyses of a trained DeCUR checkpoint in one call (paper Section 7,
-Appendix D): :func:`analyze` writes the figures and ``statistics.json``.
+Appendix D): :func:`analyze` writes the figures and ``statistics.json``, for every modality and
+every pair of modalities of the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from lightning import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
 from .alignment import (
-    alignment_for_model,
     alignment_histogram_figure,
-    alignment_loss_per_dimension,
+    alignment_per_pair,
     alignment_statistics,
     collect_embeddings,
     summarize,
 )
+from .pairs import modality_mapping, model_pairs, pair_common_dims, pair_label, pair_suffix
 from .plotting import save_figure
 from .saliency import (
     OUTPUT_NAMES,
@@ -31,7 +32,7 @@ from .saliency import (
     saliency_analysis,
     saliency_examples_figure,
 )
-from .tsne import dimension_tsne, dimension_tsne_figure
+from .tsne import dimension_tsne, dimension_tsne_figure, tsne_groups
 
 __all__ = ["analyze", "load_ssl_module"]
 
@@ -63,7 +64,9 @@ def _resolve_class(module_class: type[LightningModule] | str | None) -> type[Lig
 
 
 def load_ssl_module(
-    checkpoint_path: str | Path, module_class: type[LightningModule] | str | None = None, device: str | torch.device = "cpu"
+    checkpoint_path: str | Path,
+    module_class: type[LightningModule] | str | None = None,
+    device: str | torch.device = "cpu",
 ) -> LightningModule:
     """Load a multimodal SSL checkpoint written by ``Trainer.fit`` / ``decur fit``, in eval mode.
 
@@ -78,17 +81,34 @@ def load_ssl_module(
     """
     path = Path(checkpoint_path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit (e.g. .../checkpoints/last.ckpt).")
+        raise FileNotFoundError(
+            f"No checkpoint at {path}. Pass the .ckpt file written by Trainer.fit (e.g. .../checkpoints/last.ckpt)."
+        )
     cls = _resolve_class(module_class)
     try:
         # Lightning checkpoints hold pickled hyper-parameters: load only files you trust.
         model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
     except (KeyError, TypeError, RuntimeError) as err:
+        _raise_if_numbered(path, err)
         raise ValueError(
             f"Could not load {path} as a {cls.__name__}: {err}. If another module class wrote it (e.g. a "
             "baseline), pass its class as module_class / --comparison_class."
         ) from err
     return model.to(device).eval()
+
+
+def _raise_if_numbered(path: Path, err: Exception) -> None:
+    """A clear error for checkpoints of version 0.1 (numbered hyper-parameters ``modality<i>`` / ``encoder<i>``)."""
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        return
+    if isinstance(hparams, Mapping) and any(f"modality{i}" in hparams or f"encoder{i}" in hparams for i in (1, 2)):
+        raise ValueError(
+            f"{path} was written by decur-lightning 0.1 (numbered modalities): it cannot be analysed as a module "
+            "by this version. Its encoders load as weights: DeCURModule(modalities={'<name>': {'weights': "
+            f"'{path}', 'weights_modality': '<its modality name>'}}, ...)."
+        ) from err
 
 
 def _dataloader(datamodule: LightningDataModule, split: Split) -> DataLoader:
@@ -104,6 +124,14 @@ def _dataloader(datamodule: LightningDataModule, split: Split) -> DataLoader:
     return loader
 
 
+def _band_names(model: LightningModule, band_names: Mapping[str, Sequence[str]] | None) -> dict[str, list[str] | None]:
+    """Band names by modality: the given ones, else those the module's modality descriptions record."""
+    given = modality_mapping(model, band_names, "band_names")
+    specs = getattr(getattr(model, "encoders", None), "specs", {})
+    recorded = {name: getattr(specs.get(name), "band_names", None) for name in model.modalities}
+    return {name: list(given[name] or recorded[name] or []) or None for name in model.modalities}
+
+
 def analyze(
     checkpoint_path: str | Path,
     datamodule: LightningDataModule,
@@ -114,7 +142,7 @@ def analyze(
     saliency_samples: int = 64,
     ig_steps: int = 50,
     ig_internal_batch_size: int | None = None,
-    layers: Sequence[str | None] = (None, None),
+    layers: str | Mapping[str, str | None] | None = None,
     comparison_checkpoint: str | Path | None = None,
     comparison_class: type[LightningModule] | str | None = None,
     comparison_label: str = "comparison",
@@ -125,26 +153,34 @@ def analyze(
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the explainability analyses of paper Section 7 on a DeCUR checkpoint.
+    """Run the explainability analyses of paper Section 7 on a DeCUR checkpoint, for every
+    modality and every pair of modalities.
 
     On up to ``max_samples`` un-augmented samples of the datamodule's ``split``:
 
-    1. cross-modal alignment per dimension, eq. 7, common and unique apart, optionally beside a
-       comparison model such as cross-modal Barlow Twins (Fig. 5a): ``alignment_histogram.png``;
-    2. t-SNE of the embedding dimensions (Fig. 1, 8): ``embedding_tsne.png``;
+    1. cross-modal alignment per dimension, eq. 7, common and unique apart, for every pair of
+       modalities, optionally beside a comparison model such as cross-modal Barlow Twins
+       (Fig. 5a): ``alignment_histogram.png`` for two modalities, one
+       ``alignment_histogram_<m>_<n>.png`` per pair for more;
+    2. t-SNE of the embedding dimensions of all modalities in one map (Fig. 1, 8):
+       ``embedding_tsne.png`` (one map per pair, ``embedding_tsne_<m>_<n>.png``, when the
+       pairs have different common-dimension counts);
 
     and on the first ``saliency_samples`` of them (Algorithm 2, Fig. 6):
 
-    3. GradCAM overlap scores between the modalities for the common and unique outputs:
-       ``saliency_overlap.png`` and example maps ``saliency_examples.png``;
-    4. Integrated Gradients band importances: ``band_importance.png``.
+    3. GradCAM overlap scores of every pair of modalities for the common and unique outputs:
+       ``saliency_overlap.png`` and example maps ``saliency_examples.png`` (with the suffix
+       ``_<m>_<n>`` per pair for more than two modalities);
+    4. Integrated Gradients band importances, one panel per modality: ``band_importance.png``.
 
-    Everything numeric goes to ``statistics.json`` (summaries) and ``analysis.npz`` (the
-    per-dimension alignments, t-SNE coordinates, per-sample overlap scores and band
-    importances, for re-plotting).
+    Everything numeric goes to ``statistics.json`` (summaries; per-pair entries keyed
+    ``"<m>_<n>"``, per-modality entries by name) and ``analysis.npz`` (the per-dimension
+    alignments ``alignment_<m>_<n>``, t-SNE coordinates, per-sample overlap scores
+    ``overlap_<m>_<n>_<output>`` and band importances ``band_importance_<modality>_<output>``,
+    for re-plotting).
 
     Args:
-        checkpoint_path: a DeCURModule ``.ckpt``.
+        checkpoint_path: a DeCURModule ``.ckpt``; the modalities are read from it.
         datamodule: a datamodule with the model's ``image_<modality>`` keys.
         out_dir: folder for the outputs (created).
         split: ``"val"`` or ``"test"``.
@@ -154,102 +190,145 @@ def analyze(
         ig_steps: Integrated Gradients steps.
         ig_internal_batch_size: inputs per forward pass inside IG (``None``: the loader's batch
             size).
-        layers: GradCAM layer name per modality (``None``: the encoder's last stage; use
-            ``"layer3"`` for images so small that the last stage is 1 x 1).
-        comparison_checkpoint: optional checkpoint of a comparison model (Fig. 5a).
+        layers: GradCAM layer name of every encoder, or ``{modality: name}`` (``None``, or a
+            modality left out: the encoder's last stage; use ``"layer3"`` for images so small
+            that the last stage is 1 x 1).
+        comparison_checkpoint: optional checkpoint of a comparison model with the same
+            modalities (Fig. 5a).
         comparison_class: its LightningModule class (class, name in :mod:`decur_lightning.ssl`
             or import path; default DeCURModule).
         comparison_label: legend label of the comparison model.
         tsne: run the t-SNE (it dominates the run time for large ``K``).
         tsne_perplexity: t-SNE perplexity.
         tsne_threads: cap on scikit-learn's threads for t-SNE (``1`` helps on busy machines).
-        band_names: ``{modality: [band names]}`` for the band importance plot.
+        band_names: ``{modality: [band names]}`` for the band importance plot (default: the
+            band names the checkpoint's modality descriptions record, else ``b1, b2, ...``).
         device: ``"cpu"``, ``"cuda"``, ...
         seed: t-SNE seed.
 
     Returns:
-        The content of ``statistics.json``, plus ``"figures"``: ``{name: path}``.
+        The content of ``statistics.json``, plus ``"figures"``: ``{name: path}`` (names are
+        the file names without ``.png``).
 
     Example:
         >>> from decur_lightning.datamodules import SyntheticMultimodalDataModule
         >>> stats = analyze("runs/quickstart/version_0/checkpoints/last.ckpt",
         ...                 SyntheticMultimodalDataModule(), "analysis")  # doctest: +SKIP
-        >>> stats["alignment"]["unique"]["mean"]  # doctest: +SKIP
+        >>> stats["alignment"]["sar_optical"]["unique"]["mean"]  # doctest: +SKIP
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = load_ssl_module(checkpoint_path, None, device)
-    common_dims = getattr(model, "common_dims", None)
     modalities = tuple(model.modalities)
+    pairs = model_pairs(model)
+    if not pairs:
+        raise ValueError(
+            f"The checkpoint's model has one modality ({list(modalities)}): the analyses compare two or more."
+        )
+    layer_of = modality_mapping(model, layers, "layers")
+    bands_of = _band_names(model, band_names)
     loader = _dataloader(datamodule, split)
+    out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
 
-    z1, z2 = collect_embeddings(model, loader, max_samples)
-    if z1.shape[0] < 2:
-        raise ValueError(f"The {split} split gave {z1.shape[0]} sample; the analyses need at least 2.")
-    alignment = alignment_loss_per_dimension(z1, z2)
-    arrays["alignment"] = alignment.numpy()
+    def save(name: str, figure: Any) -> None:
+        figures[name] = str(save_figure(figure, out / f"{name}.png"))
+
+    embeddings = collect_embeddings(model, loader, max_samples)
+    first = embeddings[modalities[0]]
+    if first.shape[0] < 2:
+        raise ValueError(f"The {split} split gave {first.shape[0]} sample; the analyses need at least 2.")
+    alignment = alignment_per_pair(embeddings, pairs)
+    common = {pair: pair_common_dims(model, *pair) for pair in pairs}
     statistics: dict[str, Any] = {
         "checkpoint": str(checkpoint_path),
         "split": split,
         "modalities": list(modalities),
-        "embedding_dim": int(z1.shape[1]),
-        "common_dims": common_dims,
-        "num_samples": int(z1.shape[0]),
-        "alignment": alignment_statistics(alignment, common_dims),
+        "pairs": [pair_label(pair) for pair in pairs],
+        "embedding_dim": int(first.shape[1]),
+        "common_dims": {pair_label(pair): common[pair] for pair in pairs},
+        "num_samples": int(first.shape[0]),
+        "alignment": {pair_label(pair): alignment_statistics(alignment[pair], common[pair]) for pair in pairs},
     }
-    comparison = None
+    comparison: dict[tuple[str, str], Any] = {}
     if comparison_checkpoint is not None:
         comparison_model = load_ssl_module(comparison_checkpoint, comparison_class, device)
-        comparison = alignment_for_model(comparison_model, loader, max_samples)
-        arrays["comparison_alignment"] = comparison.numpy()
+        lacking = sorted(set(modalities) - set(comparison_model.modalities))
+        if lacking:
+            raise ValueError(
+                f"The comparison model has the modalities {list(comparison_model.modalities)}, not {lacking}: "
+                "compare models of the same modalities."
+            )
+        comparison_embeddings = collect_embeddings(comparison_model, loader, max_samples, modalities)
+        comparison = alignment_per_pair(comparison_embeddings, pairs)
         statistics["comparison"] = {
             "checkpoint": str(comparison_checkpoint),
             "label": comparison_label,
-            "alignment": alignment_statistics(comparison, getattr(comparison_model, "common_dims", None)),
+            "alignment": {
+                pair_label(pair): alignment_statistics(comparison[pair], pair_common_dims(comparison_model, *pair))
+                for pair in pairs
+            },
         }
-    fig = alignment_histogram_figure(alignment, common_dims, comparison, comparison_label)
-    figures["alignment_histogram"] = str(save_figure(fig, out / "alignment_histogram.png"))
+    for pair in pairs:
+        label = pair_label(pair)
+        arrays[f"alignment_{label}"] = alignment[pair].numpy()
+        if pair in comparison:
+            arrays[f"comparison_alignment_{label}"] = comparison[pair].numpy()
+        title = f"Cross-modal alignment per dimension (eq. 7): {pair[0]}-{pair[1]}"
+        figure = alignment_histogram_figure(
+            alignment[pair], common[pair], comparison.get(pair), comparison_label, title
+        )
+        save(f"alignment_histogram{pair_suffix(pair, len(pairs))}", figure)
 
     if tsne:
-        result = dimension_tsne(z1, z2, common_dims, perplexity=tsne_perplexity, seed=seed, num_threads=tsne_threads)
-        arrays["tsne_coordinates"] = result.coordinates
-        arrays["tsne_modality"] = result.modality
-        arrays["tsne_common"] = result.common
-        figures["embedding_tsne"] = str(save_figure(dimension_tsne_figure(result, modalities), out / "embedding_tsne.png"))
+        for suffix, (names, kc) in tsne_groups(modalities, common).items():
+            result = dimension_tsne(
+                {name: embeddings[name] for name in names},
+                kc,
+                perplexity=tsne_perplexity,
+                seed=seed,
+                num_threads=tsne_threads,
+            )
+            arrays[f"tsne_coordinates{suffix}"] = result.coordinates
+            arrays[f"tsne_modality{suffix}"] = result.modality
+            arrays[f"tsne_common{suffix}"] = result.common
+            save(f"embedding_tsne{suffix}", dimension_tsne_figure(result))
 
     if saliency_samples > 0:
         saliency = saliency_analysis(
             model,
             loader,
             max_samples=saliency_samples,
-            reference=(z1, z2),
-            layers=layers,
+            reference=embeddings,
+            layers=layer_of,
             ig_steps=ig_steps,
             ig_internal_batch_size=ig_internal_batch_size,
         )
-        statistics["saliency"] = _saliency_statistics(saliency, band_names, ig_steps)
-        for name in OUTPUT_NAMES:
-            arrays[f"overlap_{name}"] = saliency.overlap[name].numpy()
-            for modality in modalities:
+        statistics["saliency"] = _saliency_statistics(saliency, bands_of, ig_steps)
+        for pair in pairs:
+            label, suffix = pair_label(pair), pair_suffix(pair, len(pairs))
+            for name in OUTPUT_NAMES:
+                arrays[f"overlap_{label}_{name}"] = saliency.overlap[pair][name].numpy()
+            title = f"Spatial saliency statistics: {pair[0]}-{pair[1]}"
+            save(f"saliency_overlap{suffix}", overlap_histogram_figure(saliency.overlap[pair], title=title))
+            save(f"saliency_examples{suffix}", saliency_examples_figure(saliency, pair=pair))
+        for modality in modalities:
+            for name in OUTPUT_NAMES:
                 arrays[f"band_importance_{modality}_{name}"] = saliency.band_importance[modality][name].numpy()
-        figures["saliency_overlap"] = str(save_figure(overlap_histogram_figure(saliency.overlap), out / "saliency_overlap.png"))
-        figures["band_importance"] = str(
-            save_figure(band_importance_figure(saliency.band_importance, band_names), out / "band_importance.png")
-        )
-        figures["saliency_examples"] = str(save_figure(saliency_examples_figure(saliency), out / "saliency_examples.png"))
+        save("band_importance", band_importance_figure(saliency.band_importance, bands_of))
 
     np.savez(out / "analysis.npz", **arrays)
     (out / "statistics.json").write_text(json.dumps(statistics, indent=2))
     return {**statistics, "figures": figures}
 
 
-def _saliency_statistics(saliency: Any, band_names: Mapping[str, Sequence[str]] | None, ig_steps: int) -> dict[str, Any]:
+def _saliency_statistics(
+    saliency: Any, band_names: Mapping[str, Sequence[str] | None], ig_steps: int
+) -> dict[str, Any]:
     bands: dict[str, Any] = {}
     for modality, per_output in saliency.band_importance.items():
         num_bands = per_output["common"].shape[1]
-        names = list((band_names or {}).get(modality) or [f"b{i + 1}" for i in range(num_bands)])
+        names = list(band_names.get(modality) or [f"b{i + 1}" for i in range(num_bands)])
         bands[modality] = {"bands": names}
         for name, scores in per_output.items():
             bands[modality][name] = {
@@ -259,8 +338,11 @@ def _saliency_statistics(saliency: Any, band_names: Mapping[str, Sequence[str]] 
     return {
         "num_samples": saliency.num_samples,
         "overlap": {
-            name: {**summarize(values), "undefined": int(values.isnan().sum())}
-            for name, values in saliency.overlap.items()
+            pair_label(pair): {
+                name: {**summarize(values), "undefined": int(values.isnan().sum())}
+                for name, values in per_output.items()
+            }
+            for pair, per_output in saliency.overlap.items()
         },
         "band_importance": bands,
         "integrated_gradients": {

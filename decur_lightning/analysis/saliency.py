@@ -1,15 +1,15 @@
 """Spatial and spectral saliency of the common and unique representations (paper Section 7,
 Fig. 6; Appendix D, Algorithm 2 steps 3-5).
 
-For one modality, the projector embedding is reduced to two outputs: the mean of its common
+For each modality, the projector embedding is reduced to two outputs: the mean of its common
 dimensions (output 0) and the mean of its unique dimensions (output 1)
 (:class:`CommonUniqueOutput`). Attributions of each output give one "common" and one "unique"
 saliency map per modality:
 
 - spatial: GradCAM on the encoder's last convolutional stage (captum
   :class:`~captum.attr.LayerGradCam`), upsampled to the input size; per sample, the overlap
-  score of the two modalities' maps (:func:`saliency_overlap`) is counted for the common and
-  for the unique output (Fig. 6a);
+  score of two modalities' maps (:func:`saliency_overlap`) is counted for the common and
+  for the unique output, for every pair (Fig. 6a);
 - spectral: Integrated Gradients (captum :class:`~captum.attr.IntegratedGradients`) averaged
   per input band and normalised (:func:`band_importance`, Fig. 6b).
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from .pairs import check_modality, modality_mapping, model_pairs, pair_common_dims
 from .plotting import COLORS, new_figure
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "default_target_layer",
     "gradcam",
     "integrated_gradients",
+    "modality_common_dims",
     "overlap_histogram_figure",
     "saliency_analysis",
     "saliency_examples_figure",
@@ -82,7 +84,7 @@ class CommonUniqueOutput(nn.Module):
     the raw projector embeddings are averaged (the authors' released notebooks).
 
     Args:
-        encoder: the modality's encoder (``model.encoder1`` / ``model.encoder2``).
+        encoder: the modality's encoder (``model.encoders[name]``).
         projector: the modality's projector.
         common_dims: ``K_c``; needs ``0 < K_c < K`` (there must be unique dimensions).
         mean, std: optional ``(K,)`` statistics of reference embeddings.
@@ -108,28 +110,34 @@ class CommonUniqueOutput(nn.Module):
         self.register_buffer("std", None if std is None else std.detach().float().flatten())
 
     @classmethod
-    def from_model(cls, model: nn.Module, modality: int | str, reference: Tensor | None = None) -> CommonUniqueOutput:
-        """The head of modality ``modality`` (1, 2 or its name) of a DeCUR model.
+    def from_model(
+        cls,
+        model: nn.Module,
+        modality: str,
+        reference: Tensor | None = None,
+        common_dims: int | None = None,
+    ) -> CommonUniqueOutput:
+        """The head of the modality named ``modality`` of a DeCUR model.
 
-        ``reference``: optional ``(M, K)`` embeddings of this modality (e.g. from
-        :func:`~decur_lightning.analysis.collect_embeddings`) whose per-dimension mean and
-        standard deviation standardise the embedding, as ``BN`` in Algorithm 2.
+        Args:
+            model: a :class:`~decur_lightning.ssl.DeCURModule` (``encoders``, ``projectors``
+                and common dimensions).
+            modality: the modality's name.
+            reference: optional ``(M, K)`` embeddings of this modality (e.g. from
+                :func:`~decur_lightning.analysis.collect_embeddings`) whose per-dimension mean and
+                standard deviation standardise the embedding, as ``BN`` in Algorithm 2.
+            common_dims: ``K_c``; default: the model's ``K_c`` of every pair with this
+                modality (:func:`modality_common_dims`).
         """
-        common_dims = getattr(model, "common_dims", None)
-        embedding_dim = getattr(model, "embedding_dim", None)
+        name = check_modality(model, modality)
         if common_dims is None:
-            raise ValueError(
-                f"{type(model).__name__} has no common_dims: common/unique saliency needs a DeCUR model "
-                "(DeCURModule), whose first common_dims embedding dimensions are common."
-            )
+            common_dims = modality_common_dims(model, name)
+        embedding_dim = getattr(model, "embedding_dim", None)
         if embedding_dim is not None and common_dims >= embedding_dim:
             raise ValueError(
-                f"The model has common_dims={common_dims} of {embedding_dim} dimensions, so no unique "
-                "dimensions: there is no 'unique' output to attribute. Use a model trained with common_ratio < 1."
+                f"The model has common_dims={common_dims} of {embedding_dim} dimensions for modality {name!r}, so no "
+                "unique dimensions: there is no 'unique' output to attribute. Use a model trained with common_ratio < 1."
             )
-        index = _modality_index(model, modality)
-        encoder = (model.encoder1, model.encoder2)[index]
-        projector = (model.projector1, model.projector2)[index]
         mean = std = None
         if reference is not None:
             reference = reference.detach().float()
@@ -137,7 +145,7 @@ class CommonUniqueOutput(nn.Module):
             std = (reference.var(0, unbiased=False) + 1e-5).sqrt()
             device = next(model.parameters()).device
             mean, std = mean.to(device), std.to(device)
-        return cls(encoder, projector, common_dims, mean, std)
+        return cls(model.encoders[name], model.projectors[name], common_dims, mean, std)
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.projector(self.encoder(x)).float()
@@ -150,13 +158,27 @@ class CommonUniqueOutput(nn.Module):
         return torch.stack([z[:, : self.common_dims].mean(1), z[:, self.common_dims :].mean(1)], dim=1)
 
 
-def _modality_index(model: nn.Module, modality: int | str) -> int:
-    if modality in (1, 2):
-        return int(modality) - 1
-    names = tuple(getattr(model, "modalities", ()))
-    if modality in names:
-        return names.index(modality)
-    raise ValueError(f"modality must be 1, 2 or one of {names}; got {modality!r}.")
+def modality_common_dims(model: nn.Module, modality: str) -> int:
+    """``K_c`` of a modality's embedding: the common-dimension count of every pair it belongs to.
+
+    Raises a ValueError for models without common dimensions (baselines) and where the pairs
+    of the modality have different counts (``common_dims={"m-n": ...}``): the common and unique
+    outputs of its embedding then depend on the pair; pass ``common_dims`` explicitly.
+    """
+    name = check_modality(model, modality)
+    if getattr(model, "common_dims_of", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no common dimensions: common/unique saliency needs a DeCUR model "
+            "(DeCURModule), whose first common_dims embedding dimensions are common."
+        )
+    counts = {pair: pair_common_dims(model, *pair) for pair in model_pairs(model) if name in pair}
+    values = set(counts.values())
+    if len(values) != 1:
+        raise ValueError(
+            f"The pairs of modality {name!r} have different common-dimension counts {counts}, so its common and "
+            "unique outputs depend on the pair. Pass common_dims={'<modality>': K_c} to choose one."
+        )
+    return int(values.pop())  # type: ignore[arg-type]
 
 
 def default_target_layer(encoder: nn.Module) -> nn.Module:
@@ -250,32 +272,34 @@ def gradcam(
     return maps[:, 0].detach()
 
 
-def saliency_overlap(map1: Tensor, map2: Tensor) -> Tensor:
+def saliency_overlap(map_m: Tensor, map_n: Tensor) -> Tensor:
     """Per-sample overlap score of two modalities' saliency maps (Algorithm 2, ``gradcam_stat``).
 
-    ``norm(att1) x norm(att2)``: each map is flattened and scaled to unit L2 norm, and the
+    ``norm(att1) x norm(att2)`` of Algorithm 2: each map is flattened and scaled to unit L2 norm, and the
     score is their inner product, i.e. the cosine similarity of the two maps. For non-negative
     (GradCAM) maps it lies in [0, 1]: 1 when the maps are equal up to scale, 0 when they have
     disjoint support. It is undefined (NaN) when a map is zero everywhere, which GradCAM's ReLU
     gives when an output has no positive evidence in the image; statistics skip those samples
-    and count them. Maps of different sizes are compared at the size of ``map1`` (bilinear
-    resampling of ``map2``).
+    and count them. Maps of different sizes are compared at the size of ``map_m`` (bilinear
+    resampling of ``map_n``).
 
     Args:
-        map1, map2: ``(N, H, W)`` maps of the same samples.
+        map_m, map_n: ``(N, H, W)`` maps of the same samples.
 
     Returns:
         ``(N,)`` scores.
     """
-    if map1.ndim != 3 or map2.ndim != 3 or map1.shape[0] != map2.shape[0]:
-        raise ValueError(f"Expected two (N, H, W) map batches of the same N; got {tuple(map1.shape)} and {tuple(map2.shape)}.")
-    map1, map2 = map1.float(), map2.float().to(map1.device)
-    if map1.shape[-2:] != map2.shape[-2:]:
-        map2 = F.interpolate(map2[:, None], size=map1.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    flat1, flat2 = map1.flatten(1), map2.flatten(1)
-    norm1, norm2 = flat1.norm(dim=1), flat2.norm(dim=1)
-    score = (flat1 * flat2).sum(1) / (norm1 * norm2)
-    return score.masked_fill((norm1 == 0) | (norm2 == 0), float("nan"))
+    if map_m.ndim != 3 or map_n.ndim != 3 or map_m.shape[0] != map_n.shape[0]:
+        raise ValueError(
+            f"Expected two (N, H, W) map batches of the same N; got {tuple(map_m.shape)} and {tuple(map_n.shape)}."
+        )
+    map_m, map_n = map_m.float(), map_n.float().to(map_m.device)
+    if map_m.shape[-2:] != map_n.shape[-2:]:
+        map_n = F.interpolate(map_n[:, None], size=map_m.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    flat_m, flat_n = map_m.flatten(1), map_n.flatten(1)
+    norm_m, norm_n = flat_m.norm(dim=1), flat_n.norm(dim=1)
+    score = (flat_m * flat_n).sum(1) / (norm_m * norm_n)
+    return score.masked_fill((norm_m == 0) | (norm_n == 0), float("nan"))
 
 
 def integrated_gradients(
@@ -326,12 +350,12 @@ def band_importance(attributions: Tensor) -> Tensor:
 
 @dataclass
 class SaliencyResult:
-    """Per-sample saliency statistics of a DeCUR model (Fig. 6).
+    """Per-sample saliency statistics of a DeCUR model (Fig. 6), per modality and pair of modalities.
 
     Attributes:
-        modalities: the two modality names.
-        overlap: ``{"common": (N,), "unique": (N,)}`` GradCAM overlap scores between modalities
-            (NaN where a map is zero everywhere, see :func:`saliency_overlap`).
+        modalities: the modality names, in the model's order.
+        overlap: ``{(m, n): {"common": (N,), "unique": (N,)}}`` GradCAM overlap scores of every
+            pair of modalities (NaN where a map is zero everywhere, see :func:`saliency_overlap`).
         band_importance: ``{modality: {"common": (N, C), "unique": (N, C)}}`` normalised IG band
             importances.
         relative_delta: ``{modality: {"common": (N,), "unique": (N,)}}`` IG convergence delta
@@ -340,48 +364,61 @@ class SaliencyResult:
             ``{"images": {modality: (E, C, H, W)}, "maps": {modality: {"common": (E, H, W), ...}}}``.
     """
 
-    modalities: tuple[str, str]
-    overlap: dict[str, Tensor]
+    modalities: tuple[str, ...]
+    overlap: dict[tuple[str, str], dict[str, Tensor]]
     band_importance: dict[str, dict[str, Tensor]]
     relative_delta: dict[str, dict[str, Tensor]]
     examples: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The pairs of modalities, in order."""
+        return list(self.overlap)
+
+    @property
     def num_samples(self) -> int:
-        return int(self.overlap["common"].numel())
+        return int(next(iter(self.relative_delta.values()))["common"].numel())
 
 
 def saliency_analysis(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
     max_samples: int = 64,
-    reference: tuple[Tensor, Tensor] | None = None,
-    layers: Sequence[nn.Module | str | None] = (None, None),
+    reference: Mapping[str, Tensor] | None = None,
+    layers: nn.Module | str | Mapping[str, nn.Module | str | None] | None = None,
     ig_steps: int = 50,
     ig_internal_batch_size: int | None = None,
     num_examples: int = 4,
+    common_dims: int | Mapping[str, int] | None = None,
 ) -> SaliencyResult:
-    """GradCAM overlap and IG band importance over up to ``max_samples`` samples (Fig. 6).
+    """GradCAM overlap per pair and IG band importance per modality over up to ``max_samples``
+    samples (Fig. 6).
 
     Args:
-        model: a DeCUR model (``encoder1/2``, ``projector1/2``, ``common_dims``, ``modalities``).
+        model: a DeCUR model (``encoders``, ``projectors``, ``common_dims_of``, ``modalities``).
         batches: dicts with the model's ``image_<modality>`` keys (un-augmented data).
         max_samples: number of samples to attribute.
-        reference: optional ``(z1, z2)`` embeddings whose statistics standardise the
-            embeddings (``BN`` of Algorithm 2; see :class:`CommonUniqueOutput`).
-        layers: GradCAM layer of each modality's encoder (module, name, or ``None`` for
-            :func:`default_target_layer`).
+        reference: optional ``{modality: (M, K)}`` embeddings whose statistics standardise the
+            embeddings (``BN`` of Algorithm 2; see :class:`CommonUniqueOutput`), e.g. the output
+            of :func:`~decur_lightning.analysis.collect_embeddings`.
+        layers: GradCAM layer: one for every encoder, or ``{modality: layer}`` (a module, a
+            name such as ``"layer3"``, or ``None`` for :func:`default_target_layer`).
         ig_steps: Integrated Gradients steps.
         ig_internal_batch_size: inputs per forward pass inside IG (bounds memory; ``None``: the
             data batch size, so IG needs the memory of one training-size batch).
         num_examples: samples kept in ``examples`` for :func:`saliency_examples_figure`.
+        common_dims: ``K_c`` of every modality, or ``{modality: K_c}``; default: the model's
+            (:func:`modality_common_dims`).
     """
     modalities = tuple(model.modalities)
-    heads = [
-        CommonUniqueOutput.from_model(model, index + 1, None if reference is None else reference[index])
-        for index in range(2)
-    ]
-    target_layers = [_resolve_layer(head.encoder, layer) for head, layer in zip(heads, layers)]
+    pairs = model_pairs(model)
+    if not pairs:
+        raise ValueError(f"Saliency overlap needs two or more modalities; the model has {list(modalities)}.")
+    layer_of = modality_mapping(model, layers, "layers")
+    reference_of = modality_mapping(model, reference, "reference")
+    counts = modality_mapping(model, common_dims, "common_dims")
+    heads = {m: CommonUniqueOutput.from_model(model, m, reference_of[m], counts[m]) for m in modalities}
+    target_layers = {m: _resolve_layer(heads[m].encoder, layer_of[m]) for m in modalities}
     maps: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
     importance: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
     deltas: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
@@ -391,7 +428,13 @@ def saliency_analysis(
         remaining = max_samples - count
         if remaining <= 0:
             break
-        for modality, head, layer in zip(modalities, heads, target_layers):
+        missing = [f"image_{m}" for m in modalities if f"image_{m}" not in batch]
+        if missing:
+            raise KeyError(
+                f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every modality of the model."
+            )
+        for modality in modalities:
+            head, layer = heads[modality], target_layers[modality]
             x = batch[f"image_{modality}"][:remaining]
             if sum(t.shape[0] for t in images[modality]) < num_examples:
                 images[modality].append(x[:num_examples].detach().cpu())
@@ -406,10 +449,11 @@ def saliency_analysis(
     if count == 0:
         raise ValueError("No samples to attribute: the dataloader is empty (or max_samples < 1).")
     cat = {m: {name: torch.cat(maps[m][name]) for name in OUTPUT_NAMES} for m in modalities}
-    m1, m2 = modalities
     return SaliencyResult(
-        modalities=modalities,  # type: ignore[arg-type]
-        overlap={name: saliency_overlap(cat[m1][name], cat[m2][name]) for name in OUTPUT_NAMES},
+        modalities=modalities,
+        overlap={
+            (m, n): {name: saliency_overlap(cat[m][name], cat[n][name]) for name in OUTPUT_NAMES} for m, n in pairs
+        },
         band_importance={m: {name: torch.cat(importance[m][name]) for name in OUTPUT_NAMES} for m in modalities},
         relative_delta={m: {name: torch.cat(deltas[m][name]) for name in OUTPUT_NAMES} for m in modalities},
         examples={
@@ -437,10 +481,19 @@ def _relative_delta(head: nn.Module, x: Tensor, target: int, delta: Tensor) -> T
 
 
 def overlap_histogram_figure(overlap: Mapping[str, Tensor], bins: int = 20, title: str | None = None) -> Figure:
-    """Histogram of the per-sample GradCAM overlap scores, common vs unique (Fig. 6a).
+    """Histogram of one pair's per-sample GradCAM overlap scores, common vs unique (Fig. 6a).
+
+    Args:
+        overlap: ``{"common": (N,), "unique": (N,)}``, e.g. ``result.overlap[("sar", "optical")]``
+            of :func:`saliency_analysis`.
 
     Undefined scores (NaN, a map zero everywhere) are left out and counted in the legend.
     """
+    if any(isinstance(key, tuple) for key in overlap):
+        raise ValueError(
+            "overlap_histogram_figure draws one pair: pass result.overlap[(m, n)], not the mapping of every pair "
+            f"({list(overlap)})."
+        )
     fig, ax = new_figure()
     edges = np.linspace(0.0, 1.0, bins + 1)
     for name in OUTPUT_NAMES:
@@ -505,17 +558,28 @@ def _display_image(image: Tensor) -> np.ndarray:
     return ((grey - low) / max(high - low, 1e-8)).clamp(0, 1).numpy()
 
 
-def saliency_examples_figure(result: SaliencyResult, max_examples: int = 4) -> Figure:
-    """Per sample: each modality's image with its common and unique GradCAM maps overlaid,
-    titled with the overlap scores (the visual counterpart of Fig. 6a)."""
+def saliency_examples_figure(
+    result: SaliencyResult, max_examples: int = 4, pair: tuple[str, str] | None = None
+) -> Figure:
+    """Per sample: the images of a pair of modalities with their common and unique GradCAM
+    maps overlaid, titled with the pair's overlap scores (the visual counterpart of Fig. 6a).
+
+    Args:
+        result: :func:`saliency_analysis` output with examples.
+        max_examples: rows (the first samples).
+        pair: the two modalities ``(m, n)`` (default: the first pair).
+    """
     if not result.examples:
         raise ValueError("The saliency result holds no example samples: run saliency_analysis with num_examples >= 1.")
+    pair = result.pairs[0] if pair is None else tuple(pair)  # type: ignore[assignment]
+    if pair not in result.overlap:
+        raise ValueError(f"No pair {pair}; the pairs are {result.pairs}.")
     images, maps = result.examples["images"], result.examples["maps"]
-    num = min(max_examples, *(images[m].shape[0] for m in result.modalities))
+    num = min(max_examples, *(images[m].shape[0] for m in pair))
     fig, axes = new_figure(ncols=6, nrows=num, width=2.0, height=2.1)
     axes = np.atleast_2d(axes)
     for row in range(num):
-        for block, modality in enumerate(result.modalities):
+        for block, modality in enumerate(pair):
             picture = _display_image(images[modality][row])
             axes[row, 3 * block].imshow(picture, cmap="gray")
             axes[row, 3 * block].set_title(modality, fontsize=8)
@@ -523,7 +587,7 @@ def saliency_examples_figure(result: SaliencyResult, max_examples: int = 4) -> F
                 ax = axes[row, 3 * block + col]
                 ax.imshow(picture, cmap="gray")
                 ax.imshow(maps[modality][name][row].numpy(), cmap="jet", alpha=0.5)
-                score = float(result.overlap[name][row])
+                score = float(result.overlap[pair][name][row])
                 text = "undefined" if np.isnan(score) else f"{score:.2f}"
                 ax.set_title(f"{modality} {name}\noverlap {text}", fontsize=8)
         for ax in axes[row]:
