@@ -44,15 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------- data helpers
 def synthetic_data(**kwargs: Any) -> SyntheticMultimodalDataModule:
-    """The two-modality synthetic datamodule ('sar' 2 bands, 'optical' 4) with the given sizes.
-
-    Its hyper-parameters are kept out of the loggers: both it and the module have a
-    ``modalities`` hyper-parameter, with different values (names vs descriptions), which
-    Lightning refuses to merge when a logger logs them (reported to the lead).
-    """
-    data = SyntheticMultimodalDataModule(**kwargs)
-    data.save_hyperparameters(dict(data.hparams), logger=False)
-    return data
+    """The two-modality synthetic datamodule ('sar' 2 bands, 'optical' 4) with the given sizes."""
+    return SyntheticMultimodalDataModule(**kwargs)
 
 
 class ModalityImages(Dataset):
