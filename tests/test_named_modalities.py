@@ -160,7 +160,7 @@ def test_three_modality_config_fits_from_yaml(tmp_path):
                     "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
     )
     path = tmp_path / "three.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False)  # the order of the modalities matters)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # the order of the modalities matters
     main(["fit", "--config", str(path)])
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert list(checkpoint["hyper_parameters"]["modalities"]) == ["sar", "optical", "elevation"]
