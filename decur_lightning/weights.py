@@ -740,7 +740,7 @@ def _from_loaded(
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where} holds a {type(obj).__name__}, not a checkpoint or state dict.")
     if "state_dict" in obj and "hyper_parameters" in obj:
-        torchgeo = _from_torchgeo_layout(obj, where)
+        torchgeo = _from_torchgeo_layout(obj, modality, where)
         if torchgeo is not None:
             return torchgeo
         entries = _state_dict_entries(obj["state_dict"], obj["hyper_parameters"] or {}, where)
@@ -775,10 +775,11 @@ _TORCHGEO_PREFIXES: dict[str, str] = {"backbone": "model.backbone.model.", "mode
 
 
 def _from_torchgeo_layout(
-    obj: Mapping[str, Any], where: str
+    obj: Mapping[str, Any], modality: ModalitySelector, where: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """A checkpoint in torchgeo's layout (``decur export``'s ``*_torchgeo.ckpt``, or a torchgeo
-    ``ClassificationTask`` checkpoint): ``None`` when ``obj`` is not one."""
+    ``ClassificationTask`` checkpoint): ``None`` when ``obj`` is not one. A modality asked for
+    must be the one ``decur export`` recorded (files of torchgeo itself record none)."""
     hparams = obj.get("hyper_parameters") or {}
     state_dict = obj["state_dict"]
     if not isinstance(hparams, Mapping) or _has_prefix(state_dict, ("encoders.", "encoder1.", "encoder2.")):
@@ -786,8 +787,14 @@ def _from_torchgeo_layout(
     for hparam, prefix in _TORCHGEO_PREFIXES.items():
         if isinstance(hparams.get(hparam), str) and state_dict and all(k.startswith(prefix) for k in state_dict):
             stripped = {k[len(prefix) :]: v for k, v in state_dict.items()}
-            decur = hparams.get("decur")
-            return _drop_classifier(stripped, where), _description(decur) if isinstance(decur, Mapping) else {}
+            decur = hparams.get("decur") if isinstance(hparams.get("decur"), Mapping) else {}
+            if modality is not None and decur.get("modality") is not None:
+                if modality not in (decur.get("modality"), decur.get("position")):
+                    raise ValueError(
+                        f"{where} holds the encoder of modality {decur['modality']!r} (position "
+                        f"{decur.get('position')}), but modality {modality!r} was asked for."
+                    )
+            return _drop_classifier(stripped, where), _description(decur) if decur else {}
     return None
 
 

@@ -184,3 +184,14 @@ def test_formats_argument_and_non_timm_encoders(tmp_path):
     with pytest.raises(ValueError, match="Unknown export format"):
         export_pretrained(checkpoint, tmp_path, ["onnx"])
     assert EXPORT_FORMATS == ("pt", "safetensors", "torchgeo", "hub")
+
+
+@pytest.mark.parametrize("file", ["encoder_s2.pt", "encoder_s2.safetensors", "encoder_s2_torchgeo.ckpt", "hub_s2", "."])
+def test_every_export_is_a_weight_source_again(exported, file):
+    from decur_lightning.weights import load_encoder_state_dict
+
+    out, encoders, _ = exported
+    _assert_same(load_encoder_state_dict(out / file, "s2"), encoders["s2"])
+    if file != ".":
+        with pytest.raises(ValueError, match="modality 's1' was asked for|no modality"):
+            load_encoder_state_dict(out / file, "s1")
