@@ -64,7 +64,7 @@ def main(args: Sequence[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself (no warning)
     )
 
 

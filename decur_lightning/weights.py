@@ -278,6 +278,10 @@ def _load_lightning_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
 def export_encoders(checkpoint: str | Path | Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write one encoder state dict per modality of a checkpoint of this package, for every modality.
 
+    :func:`decur_lightning.export.export_pretrained` (``decur export``) writes these files too,
+    plus safetensors, torchgeo and Hugging Face Hub formats and the weights' metadata
+    (normalisation, pretraining run); this function writes only the ``.pt`` files.
+
     Files: ``<out_dir>/encoder_<name>.pt`` (a plain ``state_dict``) for each of the M
     modalities, and ``<out_dir>/encoders.json`` naming them in order (the first is the one the
     paper calls modality 1), each with its description::

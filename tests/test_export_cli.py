@@ -78,3 +78,11 @@ def test_decur_analyze_dispatches_to_the_analysis_cli(capsys):
         main(["analyze", "--help"])
     assert excinfo.value.code == 0
     assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_decur_help_lists_the_tools(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--help"])
+    assert excinfo.value.code == 0
+    out = capsys.readouterr().out
+    assert "decur export" in out and "decur analyze" in out and "fit" in out
