@@ -32,7 +32,9 @@ class EncoderSet(nn.ModuleDict):
     Builds each encoder from its resolved :class:`~decur_lightning.modalities.Modality`
     (``encoder``, ``bands``, ``encoder_kwargs``), loads its ``weights`` (ImageNet at
     construction; any other source with :func:`~decur_lightning.weights.load_pretrained_encoder`,
-    taking the source's encoder named ``weights_modality`` or this modality's name), and checks
+    taking the source's encoder named ``weights_modality`` or this modality's name; with the
+    modality's ``band_names``, a source recorded with other bands has its input channels
+    selected by band name, see :func:`~decur_lightning.weights.adapt_input_bands`), and checks
     batches against the encoders' band counts.
 
     Args:
@@ -74,7 +76,7 @@ class EncoderSet(nn.ModuleDict):
             encoder = create_encoder(spec.encoder, int(spec.bands), spec.weights if imagenet else None, **kwargs)
             if spec.weights is not None and not imagenet:
                 selector = spec.weights_modality if spec.weights_modality is not None else name
-                load_pretrained_encoder(encoder, spec.weights, selector)
+                load_pretrained_encoder(encoder, spec.weights, selector, band_names=spec.band_names)
             if channels_last:
                 encoder.to(memory_format=torch.channels_last)
             if compile:

@@ -56,6 +56,20 @@ class Modality:
         band_names: names of the bands in order (e.g. ``["VV", "VH"]``), where known.
         encoder_kwargs: extra keyword arguments of this modality's encoder (merged over the
             module's ``encoder_kwargs``).
+        normalization: how the datamodule turns the stored values into the encoder's input, as
+            a plain dict (recorded in checkpoints and shipped with exported weights, see
+            :mod:`decur_lightning.export`). ``method`` is one of
+
+            * ``"mean_2std"``: ``(x - (mean - 2 std)) / (4 std)`` clipped to ``[0, 1]`` per band
+              (paper B.1/B.2), with ``mean`` and ``std`` lists; ``outlier_fraction`` (SAR) cuts
+              that share of each image's outliers first (its 1st/99th percentiles);
+            * ``"percentile_min_max"``: each image's band clipped to its ``lower``/``upper``
+              quantiles and min-max scaled to ``[0, 1]``;
+            * ``"scale"``: ``x / divisor``;
+            * ``"mean_std"``: ``(x / divisor - mean) / std`` (e.g. ImageNet statistics);
+            * ``"none"``: the values are used as stored.
+
+            ``input`` says what the stored values are (dtype and units). ``None``: unknown.
     """
 
     bands: int | None = None
@@ -65,6 +79,7 @@ class Modality:
     view: str | None = None
     band_names: list[str] | None = None
     encoder_kwargs: dict[str, Any] | None = field(default=None)
+    normalization: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if self.bands is not None and (isinstance(self.bands, bool) or int(self.bands) < 1):
@@ -77,6 +92,13 @@ class Modality:
                 raise ValueError(
                     f"band_names lists {len(self.band_names)} bands ({self.band_names}) but bands={self.bands}."
                 )
+        if self.normalization is not None:
+            if not isinstance(self.normalization, Mapping) or "method" not in self.normalization:
+                raise ValueError(
+                    f"normalization must be a dict with a 'method' (e.g. {{'method': 'scale', 'divisor': 255}}); "
+                    f"got {self.normalization!r}."
+                )
+            self.normalization = dict(self.normalization)
 
 
 #: How a module's ``modalities`` argument may be given: ``None`` (every modality of the
@@ -176,6 +198,7 @@ def resolve_modalities(
             view=spec.view or known.view or (name if name in VIEW_KINDS else "generic"),
             band_names=spec.band_names if spec.band_names is not None else known.band_names,
             encoder_kwargs=spec.encoder_kwargs if spec.encoder_kwargs is not None else known.encoder_kwargs,
+            normalization=spec.normalization if spec.normalization is not None else known.normalization,
         )
         if need_bands and merged.bands is None:
             raise ValueError(

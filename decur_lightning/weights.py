@@ -29,7 +29,7 @@ import json
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -42,6 +42,7 @@ from .models.encoders import AUTHORS_STATE_DICT_CONVERTERS
 __all__ = [
     "EncoderWeightsMismatchError",
     "ModalitySelector",
+    "adapt_input_bands",
     "WeightsSource",
     "encoder_state_dict_from_checkpoint",
     "export_encoders",
@@ -119,6 +120,7 @@ class _Entry:
     prefix: str = ""
     file: str | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -176,6 +178,8 @@ def _description(spec: Mapping[str, Any], default: Mapping[str, Any] | None = No
     out = {"encoder": spec.get("encoder"), "bands": spec.get("bands"), "view": spec.get("view")}
     if spec.get("band_names") is not None:
         out["band_names"] = list(spec["band_names"])
+    if isinstance(spec.get("normalization"), Mapping):
+        out["normalization"] = dict(spec["normalization"])
     return out
 
 
@@ -273,6 +277,10 @@ def _load_lightning_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
 
 def export_encoders(checkpoint: str | Path | Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write one encoder state dict per modality of a checkpoint of this package, for every modality.
+
+    :func:`decur_lightning.export.export_pretrained` (``decur export``) writes these files too,
+    plus safetensors, torchgeo and Hugging Face Hub formats and the weights' metadata
+    (normalisation, pretraining run); this function writes only the ``.pt`` files.
 
     Files: ``<out_dir>/encoder_<name>.pt`` (a plain ``state_dict``) for each of the M
     modalities, and ``<out_dir>/encoders.json`` naming them in order (the first is the one the
@@ -406,6 +414,14 @@ def load_encoder_state_dict(
         >>> encoder = create_encoder("resnet50", in_channels=2)  # doctest: +SKIP
         >>> load_state_dict_strictly(encoder, sd)  # doctest: +SKIP
     """
+    return _load(source, modality, rda_blocks)[0]
+
+
+def _load(
+    source: WeightsSource, modality: ModalitySelector, rda_blocks: int | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`load_encoder_state_dict` plus what the source says about the encoder
+    (``band_names``, ``normalization``, ... where recorded; ``{}`` otherwise)."""
     if rda_blocks is not None and (isinstance(rda_blocks, bool) or not isinstance(rda_blocks, int) or rda_blocks < 1):
         raise ValueError(
             f"rda_blocks must be None or a block-group number k >= 1 (the authors' da<k>_* blocks); got {rda_blocks!r}."
@@ -422,10 +438,15 @@ def load_encoder_state_dict(
         )
     path = Path(source)
     if path.is_dir():
+        if not (path / "encoders.json").is_file() and (path / "config.json").is_file():
+            return _from_hub_folder(path, modality)
         return _from_export_folder(path, modality)
     if path.is_file():
-        _check_export_file_modality(path, modality)
-        return _from_loaded(_torch_load(path), modality, str(path), options)
+        described = _check_export_file_modality(path, modality)
+        if path.suffix == ".safetensors":
+            return _load_safetensors(path), described
+        state_dict, description = _from_loaded(_torch_load(path), modality, str(path), options)
+        return state_dict, {**description, **described}
     return _from_torchgeo(_torchgeo_weight_by_name(str(source)))
 
 
@@ -472,7 +493,12 @@ def load_state_dict_strictly(
 
 
 def load_pretrained_encoder(
-    encoder: nn.Module, source: WeightsSource, modality: ModalitySelector = None, *, rda_blocks: int | None = None
+    encoder: nn.Module,
+    source: WeightsSource,
+    modality: ModalitySelector = None,
+    *,
+    rda_blocks: int | None = None,
+    band_names: Sequence[str] | None = None,
 ) -> None:
     """:func:`load_encoder_state_dict` followed by :func:`load_state_dict_strictly`.
 
@@ -480,14 +506,114 @@ def load_pretrained_encoder(
     ``create_encoder(..., weights="imagenet")`` applies at construction); modules do it for
     ``modalities={name: {"weights": source, "weights_modality": ...}}``.
 
+    With ``band_names`` (the encoder's input bands in order) and a source that records its own
+    (checkpoints and exports of this package, torchgeo weights), the first convolution's input
+    channels are selected by band name when the two differ (:func:`adapt_input_bands`): a subset
+    or a reordering of the pretrained bands loads; bands the weights never saw are initialised
+    as timm adapts input channels, with a warning naming them. Without either, the band count
+    must match.
+
     Example:
         >>> encoder = create_encoder("resnet50", in_channels=2)  # doctest: +SKIP
         >>> load_pretrained_encoder(encoder, "ResNet50_Weights.SENTINEL1_ALL_DECUR")  # doctest: +SKIP
         >>> load_pretrained_encoder(encoder, "exported/", "s1")  # doctest: +SKIP
     """
-    state_dict = load_encoder_state_dict(source, modality, rda_blocks=rda_blocks)
+    state_dict, description = _load(source, modality, rda_blocks)
     where = _describe(source) + (f" (modality {modality!r})" if modality is not None else "")
+    source_bands = description.get("band_names")
+    if band_names is not None and source_bands is not None:
+        state_dict = adapt_input_bands(encoder, state_dict, source_bands, band_names, where)
     load_state_dict_strictly(encoder, state_dict, where)
+
+
+def _canonical_band(name: str) -> str:
+    """Band names compare without case and leading zeros: ``B01`` = ``B1``, ``B8a`` = ``B8A``."""
+    return re.sub(r"(?<=[A-Za-z])0+(?=\d)", "", str(name)).upper()
+
+
+def _first_conv(encoder: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The encoder's input convolution: its first ``Conv2d`` in module order."""
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise ValueError(f"{type(encoder).__name__} has no Conv2d, so its input bands cannot be selected by name.")
+
+
+def adapt_input_bands(
+    encoder: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source_bands: Sequence[str],
+    target_bands: Sequence[str],
+    source: str = "the weights",
+) -> dict[str, torch.Tensor]:
+    """Select the first convolution's input channels of ``state_dict`` by band name.
+
+    Weights pretrained on ``source_bands`` (e.g. the 13 Sentinel-2 L1C bands) become weights
+    for ``target_bands`` (e.g. ``["B02", "B03", "B04", "B08"]``): the input channel of every
+    target band the weights saw is copied unchanged from that band's channel (names compare
+    without case and leading zeros, so torchgeo's ``B1``/``B8a`` match ``B01``/``B8A``). A
+    target band the weights never saw gets the channel that
+    ``timm.models.adapt_input_conv(len(target_bands), weight, base_chans=len(source_bands))``
+    gives its position (source channels repeated cyclically and scaled by
+    ``len(source_bands) / len(target_bands)``; summed for a one-band target), and a warning
+    names these bands. Other keys are returned unchanged.
+
+    Args:
+        encoder: the encoder the weights are for (its first ``Conv2d`` is the input layer).
+        state_dict: the weights, in the encoder's layout.
+        source_bands: the bands the weights were pretrained on, in order.
+        target_bands: the encoder's input bands, in order.
+        source: a description of the weights for messages.
+
+    Raises:
+        ValueError: the two band sets share no band (the message lists both), or the weights'
+            input layer does not have ``len(source_bands)`` channels.
+    """
+    source_bands, target_bands = [str(b) for b in source_bands], [str(b) for b in target_bands]
+    if source_bands == target_bands:
+        return dict(state_dict)
+    conv_name, conv = _first_conv(encoder)
+    key = f"{conv_name}.weight"
+    if key not in state_dict:
+        raise ValueError(f"{source} has no {key!r}, the input convolution of this encoder.")
+    weight = state_dict[key]
+    if weight.ndim != 4 or weight.shape[1] != len(source_bands):
+        raise ValueError(
+            f"{source}: {key} has {tuple(weight.shape)} but the weights record {len(source_bands)} bands "
+            f"{source_bands}; the recorded band names do not describe this layer."
+        )
+    if conv.in_channels != len(target_bands):
+        raise ValueError(
+            f"The encoder's input layer {conv_name} takes {conv.in_channels} channels but {len(target_bands)} band "
+            f"names were given ({target_bands})."
+        )
+    index = {}
+    for position, band in enumerate(source_bands):
+        index.setdefault(_canonical_band(band), position)
+    seen = [index.get(_canonical_band(band)) for band in target_bands]
+    unseen = [band for band, position in zip(target_bands, seen) if position is None]
+    if len(unseen) == len(target_bands):
+        raise ValueError(
+            f"None of the encoder's bands {target_bands} is among the bands {source} was pretrained on "
+            f"({source_bands}). Check the band names (modalities={{name: {{'band_names': [...]}}}}) or use other weights."
+        )
+    from timm.models import adapt_input_conv
+
+    adapted = adapt_input_conv(len(target_bands), weight.clone(), base_chans=len(source_bands)) if unseen else None
+    channels = [
+        weight[:, position] if position is not None else adapted[:, target]  # type: ignore[index]
+        for target, position in enumerate(seen)
+    ]
+    if unseen:
+        warnings.warn(
+            f"Bands {unseen} are not among the bands {source} was pretrained on ({source_bands}); their input "
+            "channels are initialised as timm.models.adapt_input_conv adapts channels (source channels repeated, "
+            f"scaled by {len(source_bands)}/{len(target_bands)}).",
+            stacklevel=2,
+        )
+    out = dict(state_dict)
+    out[key] = torch.stack(channels, dim=1).contiguous()
+    return out
 
 
 # ------------------------------------------------------------------------------ source readers
@@ -524,8 +650,37 @@ def _torchgeo_weight_by_name(name: str) -> Any:
         ) from err
 
 
-def _from_torchgeo(weights: Any) -> dict[str, torch.Tensor]:
-    return _drop_classifier(dict(weights.get_state_dict(progress=True)), f"torchgeo weight {weights}")
+def _from_torchgeo(weights: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta = dict(getattr(weights, "meta", None) or {})
+    description = {"band_names": list(meta["bands"])} if meta.get("bands") else {}
+    state_dict = _drop_classifier(dict(weights.get_state_dict(progress=True)), f"torchgeo weight {weights}")
+    return state_dict, description
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path), device="cpu"))
+
+
+def _from_hub_folder(folder: Path, modality: ModalitySelector) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Hugging Face Hub model folder written by :func:`decur_lightning.export.export_pretrained`
+    (``config.json`` with a ``decur`` section, ``model.safetensors``)."""
+    config = json.loads((folder / "config.json").read_text())
+    decur = config.get("decur") if isinstance(config, Mapping) else None
+    weights_path = folder / "model.safetensors"
+    if not isinstance(decur, Mapping) or not weights_path.is_file():
+        raise ValueError(
+            f"{folder} has a config.json but is not a model folder written by decur export (a config.json with a "
+            "'decur' section and model.safetensors); pass the export folder with encoders.json or a file."
+        )
+    name = decur.get("modality")
+    if modality is not None and modality not in (name, decur.get("position")):
+        raise ValueError(
+            f"{folder} holds the encoder of modality {name!r} (position {decur.get('position')}), but modality "
+            f"{modality!r} was asked for."
+        )
+    return _load_safetensors(weights_path), _description(decur)
 
 
 def _export_entries(folder: Path) -> tuple[list[_Entry], Path]:
@@ -544,30 +699,43 @@ def _export_entries(folder: Path) -> tuple[list[_Entry], Path]:
     for order, (name, entry) in enumerate(manifest.items(), start=1):
         position = entry.get("position", entry.get("modality_index", order))
         description = _description({**entry, "bands": entry.get("bands", entry.get("in_channels"))})
-        entries.append(_Entry(str(name), int(position), file=str(entry["file"]), description=description))
+        others = entry.get("files") if isinstance(entry.get("files"), Mapping) else {}
+        files = tuple(str(f) for f in others.values() if isinstance(f, str))
+        entries.append(
+            _Entry(str(name), int(position), file=str(entry["file"]), description=description, files=files)
+        )
     return entries, manifest_path
 
 
-def _from_export_folder(folder: Path, modality: ModalitySelector) -> dict[str, torch.Tensor]:
+def _from_export_folder(
+    folder: Path, modality: ModalitySelector
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     entries, _ = _export_entries(folder)
     entry = _select(entries, modality, str(folder))
-    return dict(torch.load(folder / str(entry.file), map_location="cpu", weights_only=True))
+    path = folder / str(entry.file)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path), entry.description
+    return dict(torch.load(path, map_location="cpu", weights_only=True)), entry.description
 
 
-def _check_export_file_modality(path: Path, modality: ModalitySelector) -> None:
-    """Refuse an exported ``encoder_<m>.pt`` asked for as another modality (its encoders.json says)."""
-    if modality is None or not (path.parent / "encoders.json").is_file():
-        return
+def _check_export_file_modality(path: Path, modality: ModalitySelector) -> dict[str, Any]:
+    """Refuse an exported ``encoder_<m>.*`` asked for as another modality (its encoders.json says);
+    returns the file's description from that encoders.json (``{}`` if none)."""
+    if not (path.parent / "encoders.json").is_file():
+        return {}
     try:
         entries, manifest_path = _export_entries(path.parent)
     except ValueError:
-        return  # an encoders.json of something else: the file speaks for itself
+        return {}  # an encoders.json of something else: the file speaks for itself
     for entry in entries:
-        if entry.file == path.name and modality not in (entry.name, entry.position):
-            raise ValueError(
-                f"{path} is the encoder of modality {entry.name!r} (position {entry.position}) according to "
-                f"{manifest_path}, but modality {modality!r} was asked for."
-            )
+        if path.name == entry.file or path.name in entry.files:
+            if modality is not None and modality not in (entry.name, entry.position):
+                raise ValueError(
+                    f"{path} is the encoder of modality {entry.name!r} (position {entry.position}) according to "
+                    f"{manifest_path}, but modality {modality!r} was asked for."
+                )
+            return entry.description
+    return {}
 
 
 def _from_loaded(
@@ -576,8 +744,12 @@ def _from_loaded(
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where} holds a {type(obj).__name__}, not a checkpoint or state dict.")
     if "state_dict" in obj and "hyper_parameters" in obj:
+        torchgeo = _from_torchgeo_layout(obj, modality, where)
+        if torchgeo is not None:
+            return torchgeo
         entries = _state_dict_entries(obj["state_dict"], obj["hyper_parameters"] or {}, where)
-        return _entry_state_dict(obj["state_dict"], _select(entries, modality, where))
+        entry = _select(entries, modality, where)
+        return _entry_state_dict(obj["state_dict"], entry), entry.description
     if isinstance(obj.get("model"), Mapping):  # the authors' {'epoch', 'model', 'optimizer'}
         return _from_loaded(obj["model"], modality, f"{where} ['model']", options)
     if isinstance(obj.get("state_dict"), Mapping):
@@ -591,14 +763,43 @@ def _from_loaded(
         )
     state_dict = _strip_prefix(dict(obj), "module.")
     if any(_AUTHORS_BACKBONE.match(k) for k in state_dict):
-        return _from_authors_joint(state_dict, modality, where, options)
+        return _from_authors_joint(state_dict, modality, where, options), {}
     legacy = tuple(f"encoder{p}." for p in _LEGACY_POSITIONS)
     if _has_prefix(state_dict, ("encoders.", *legacy)):  # a module's state dict without hyper-parameters
         entries = _state_dict_entries(state_dict, {}, where)
-        return _entry_state_dict(state_dict, _select(entries, modality, where))
+        return _entry_state_dict(state_dict, _select(entries, modality, where)), {}
     if _has_prefix(state_dict, ("backbone.",)):
-        return _from_authors_backbone(state_dict, modality, where, options)
-    return _drop_classifier(state_dict, where)
+        return _from_authors_backbone(state_dict, modality, where, options), {}
+    return _drop_classifier(state_dict, where), {}
+
+
+#: torchgeo's checkpoint layouts (``torchgeo.trainers.utils.extract_backbone``): the prefix of
+#: the encoder keys, by the hyper-parameter that names the encoder.
+_TORCHGEO_PREFIXES: dict[str, str] = {"backbone": "model.backbone.model.", "model": "model."}
+
+
+def _from_torchgeo_layout(
+    obj: Mapping[str, Any], modality: ModalitySelector, where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """A checkpoint in torchgeo's layout (``decur export``'s ``*_torchgeo.ckpt``, or a torchgeo
+    ``ClassificationTask`` checkpoint): ``None`` when ``obj`` is not one. A modality asked for
+    must be the one ``decur export`` recorded (files of torchgeo itself record none)."""
+    hparams = obj.get("hyper_parameters") or {}
+    state_dict = obj["state_dict"]
+    if not isinstance(hparams, Mapping) or _has_prefix(state_dict, ("encoders.", "encoder1.", "encoder2.")):
+        return None
+    for hparam, prefix in _TORCHGEO_PREFIXES.items():
+        if isinstance(hparams.get(hparam), str) and state_dict and all(k.startswith(prefix) for k in state_dict):
+            stripped = {k[len(prefix) :]: v for k, v in state_dict.items()}
+            decur = hparams.get("decur") if isinstance(hparams.get("decur"), Mapping) else {}
+            if modality is not None and decur.get("modality") is not None:
+                if modality not in (decur.get("modality"), decur.get("position")):
+                    raise ValueError(
+                        f"{where} holds the encoder of modality {decur['modality']!r} (position "
+                        f"{decur.get('position')}), but modality {modality!r} was asked for."
+                    )
+            return _drop_classifier(stripped, where), _description(decur) if decur else {}
+    return None
 
 
 def _from_authors_joint(

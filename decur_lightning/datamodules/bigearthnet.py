@@ -258,9 +258,30 @@ class BigEarthNetMMDataModule(DescribesModalities, NonGeoDataModule):
     @property
     def modality_specs(self) -> dict[str, Modality]:
         """``s1`` (SAR: VV, VH) then ``s2`` (optical: 13 L1C bands, B10 empty); see :class:`DescribesModalities`."""
+        # What BigEarthNetMM applies (recorded in checkpoints and shipped with exported weights);
+        # the inserted empty B10 is 0 either way (its statistics: mean 0, std 1 placeholders).
+        inputs = {
+            "s1": "float32 backscatter in dB (BigEarthNet-S1)",
+            "s2": "uint16 Sentinel-2 L2A digital numbers (reflectance x 10000), B10 inserted as zeros",
+        }
+        s2_mean = list(S2_MEAN[:B10_INDEX]) + [0.0] + list(S2_MEAN[B10_INDEX:])
+        s2_std = list(S2_STD[:B10_INDEX]) + [1.0] + list(S2_STD[B10_INDEX:])
+        if self.kwargs.get("normalize", True):
+            normalization = {
+                "s1": {"method": "mean_2std", "mean": list(S1_MEAN), "std": list(S1_STD), "outlier_fraction": 0.02},
+                "s2": {"method": "mean_2std", "mean": s2_mean, "std": s2_std, "zero_bands": ["B10"]},
+            }
+        else:
+            normalization = {"s1": {"method": "none"}, "s2": {"method": "none"}}
         return {
-            "s1": Modality(bands=len(S1_BANDS), view="sar", band_names=list(S1_BANDS)),
-            "s2": Modality(bands=len(S2_L1C_BANDS), view="optical", band_names=list(S2_L1C_BANDS)),
+            "s1": Modality(
+                bands=len(S1_BANDS), view="sar", band_names=list(S1_BANDS),
+                normalization={**normalization["s1"], "input": inputs["s1"]},
+            ),
+            "s2": Modality(
+                bands=len(S2_L1C_BANDS), view="optical", band_names=list(S2_L1C_BANDS),
+                normalization={**normalization["s2"], "input": inputs["s2"]},
+            ),
         }
 
     def setup(self, stage: str) -> None:

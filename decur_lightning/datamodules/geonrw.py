@@ -266,7 +266,13 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
     @property
     def modality_specs(self) -> dict[str, Modality]:
         """``rgb`` (aerial RGB) then ``dem`` (``dem_channels`` bands); see :class:`DescribesModalities`."""
-        return _geonrw_specs(int(self.kwargs["dem_channels"]))
+        specs = _geonrw_specs(int(self.kwargs["dem_channels"]))
+        # What GeoNRWMM applies (recorded in checkpoints and shipped with exported weights).
+        specs["rgb"].normalization = {"method": "scale", "divisor": 255.0, "input": "uint8 aerial RGB"}
+        specs["dem"].normalization = {
+            "method": "percentile_min_max", "lower": 0.01, "upper": 0.99, "input": "float32 lidar elevation (m)",
+        }
+        return specs
 
     def setup(self, stage: str) -> None:
         """Create the training dataset (train split, no mask).
@@ -373,7 +379,13 @@ class GeoNRWMMDataModule(DescribesModalities, NonGeoDataModule):
     @property
     def modality_specs(self) -> dict[str, Modality]:
         """``rgb`` (aerial RGB) then ``dem`` (``dem_channels`` bands); see :class:`DescribesModalities`."""
-        return _geonrw_specs(int(self.kwargs["dem_channels"]))
+        specs = _geonrw_specs(int(self.kwargs["dem_channels"]))
+        # What GeoNRWMM applies (recorded in checkpoints and shipped with exported weights).
+        specs["rgb"].normalization = {"method": "scale", "divisor": 255.0, "input": "uint8 aerial RGB"}
+        specs["dem"].normalization = {
+            "method": "percentile_min_max", "lower": 0.01, "upper": 0.99, "input": "float32 lidar elevation (m)",
+        }
+        return specs
 
     def split_indices(self, dataset: GeoNRWMM) -> tuple[list[int], list[int]]:
         """Train and validation patch indices of the training split, grouped by city.

@@ -451,7 +451,11 @@ class RGBDMMPretrainDataModule(PretrainDataModule):
     @property
     def modality_specs(self) -> dict[str, Modality]:
         """``rgb`` (indoor RGB) then ``hha`` (3 bands); see :class:`DescribesModalities`."""
-        return _rgbd_specs()
+        specs = _rgbd_specs()
+        # What RGBDMM applies (recorded in checkpoints and shipped with exported weights).
+        for name, spec in specs.items():
+            spec.normalization = {"method": "scale", "divisor": 255.0, "input": f"uint8 {name.upper()} image"}
+        return specs
 
     def setup(self, stage: str) -> None:
         """Create the training dataset (no mask).
@@ -591,7 +595,16 @@ class RGBDMMDataModule(DescribesModalities, NonGeoDataModule):
     @property
     def modality_specs(self) -> dict[str, Modality]:
         """``rgb`` (indoor RGB) then ``hha`` (3 bands); see :class:`DescribesModalities`."""
-        return _rgbd_specs()
+        specs = _rgbd_specs()
+        # What the transforms apply (recorded in checkpoints and shipped with exported weights).
+        for name, spec in specs.items():
+            spec.normalization = (
+                {"method": "mean_std", "divisor": 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+                if self.normalization == "imagenet"
+                else {"method": "scale", "divisor": 255.0}
+            )
+            spec.normalization["input"] = f"uint8 {name.upper()} image"
+        return specs
 
     def _dataloader_factory(self, split: str) -> DataLoader[dict[str, Tensor]]:
         """torchgeo's loaders; evaluation loaders shard without repeats when distributed."""

@@ -372,9 +372,24 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
         """``s1`` (SAR: VV, VH) and ``s2`` (optical: 13 L1C bands), times ``seasons`` (see the class)."""
         seasons = int(self.kwargs["seasons"])
         bands = {"s1": S1_BANDS, "s2": sentinel2_band_names(SSL4EOS12.metadata["s2c"]["bands"])}
+        # What _normalize applies (recorded in checkpoints and shipped with exported weights).
+        normalize = bool(self.kwargs.get("normalize", True))
+        normalization = {
+            "s1": {
+                "method": "mean_2std", "mean": list(S1_MEAN) * seasons, "std": list(S1_STD) * seasons,
+                "outlier_fraction": 0.02, "input": "float32 backscatter in dB (Sentinel-1 GRD, log-scaled)",
+            },
+            "s2": {
+                "method": "mean_2std", "mean": list(S2C_MEAN) * seasons, "std": list(S2C_STD) * seasons,
+                "input": "uint16 Sentinel-2 L1C digital numbers (top-of-atmosphere reflectance x 10000)",
+            },
+        }
         return {
             name: Modality(
-                bands=len(bands[name]) * seasons, view=view, band_names=seasonal_band_names(bands[name], seasons)
+                bands=len(bands[name]) * seasons,
+                view=view,
+                band_names=seasonal_band_names(bands[name], seasons),
+                normalization=normalization[name] if normalize else {"method": "none", "input": normalization[name]["input"]},
             )
             for name, view in self._VIEWS.items()
         }
