@@ -266,12 +266,17 @@ class NamedModalitiesMixin:
         """Build what sits on the encoders (called once, right after they are built)."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Move the modalities' weight sources out of the checkpoint's hyper-parameters.
+        """Record the last logged metrics; move the weight sources out of the hyper-parameters.
 
         The checkpoint holds the trained weights, so ``load_from_checkpoint`` must not read the
         pretrained sources again (they may be gone, or be a download). They are kept, for the
         record, under ``checkpoint["weight_sources"]``.
         """
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:  # the last logged values, for exports and model cards
+            checkpoint["metrics"] = {
+                key: float(value) for key, value in trainer.callback_metrics.items() if getattr(value, "numel", lambda: 1)() == 1
+            }
         hparams = checkpoint.get("hyper_parameters")
         modalities = hparams.get("modalities") if isinstance(hparams, Mapping) else None
         if not isinstance(modalities, Mapping):
