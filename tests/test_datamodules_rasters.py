@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from pyproj import Transformer
 from rasterio.transform import from_origin
 from torchgeo.datasets import RasterDataset
@@ -17,6 +18,8 @@ from torchgeo.datasets import RasterDataset
 from decur_lightning import DeCURModule
 from decur_lightning.datamodules import RasterPatches, RasterPretrainDataModule, RasterSource
 from decur_lightning.datamodules.samplers import EpochIndex
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "pretrain_own_rasters.yaml"
@@ -206,6 +209,21 @@ def test_mostly_nodata_patches_are_skipped_and_counted(tmp_path):
     assert not torch.isnan(normalised["image_utm"]).any()
 
 
+def test_pixels_outside_a_source_are_missing_not_zero(rasters, tmp_path):
+    """The geo raster declares no nodata value and starts at easting 500100: a patch straddling its
+    western edge reads NaN there (torchgeo's merge would fill 0, a valid-looking longitude)."""
+    dm = RasterPretrainDataModule(sources(rasters), patch_size=16, batch_size=2, length=2, stats_file="")
+    dataset = dm.build_dataset(normalize=False)
+    query = (slice(500_020.0, 500_180.0), slice(5_601_500.0, 5_601_660.0), dataset.location(0)[2])
+    images = dataset.read(query)
+    x, _ = _centres(500_020.0, 5_601_660.0, 10.0, 16, 16)
+    outside, inside = x < 500_095, x > 500_115
+    assert torch.isnan(images["geo"][:, torch.from_numpy(outside)]).all()
+    assert torch.isfinite(images["geo"][:, torch.from_numpy(inside)]).all()
+    assert torch.isfinite(images["utm"]).all()
+    assert dataset.missing_fraction(images)["geo"] == pytest.approx(0.5)
+
+
 def test_nothing_but_nodata_fails_clearly(tmp_path):
     paths = make_rasters(tmp_path, nodata_rows=120)
     dm = RasterPretrainDataModule(sources(paths), patch_size=16, batch_size=2, length=4, max_tries=5, stats_file="")
@@ -291,7 +309,8 @@ def test_decur_fits_two_steps_on_three_sources(rasters, tmp_path):
         stats_file=str(tmp_path / "s.json"),
     )
     module = DeCURModule(encoder="resnet18", projector_dims=(32, 32), crop_size=32, optimizer="adamw", lr=1e-3)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, dm)
     assert trainer.global_step == 2
@@ -300,6 +319,9 @@ def test_decur_fits_two_steps_on_three_sources(rasters, tmp_path):
     metrics = trainer.callback_metrics
     assert {"train/common_utm_geo", "train/unique_geo_merc", "train/intra_merc"} <= set(metrics)
     assert all(torch.isfinite(v) for v in metrics.values())
+    # the skipped-patch count reaches the logger (0 here: these rasters have no nodata inside the overlap)
+    logged = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    assert "data/nodata_skipped" in logged[0].split(",")
 
 
 def test_example_config_runs_with_decur_fit_on_the_test_rasters(rasters, tmp_path):

@@ -33,11 +33,11 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import rasterio
-import shapely
 import rasterio.merge
 import rasterio.warp
-from rasterio.vrt import WarpedVRT
+import shapely
 import torch
+from rasterio.vrt import WarpedVRT
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchgeo.datasets import GeoDataset, IntersectionDataset, RasterDataset
@@ -84,7 +84,8 @@ class RasterSource:
         bands: the bands to read, in this order (default: all of ``band_names``, or the dataset's).
         filename_glob: file name pattern (fnmatch), e.g. ``"*_S2.tif"``.
         nodata: value of missing pixels (default: the files' nodata tag). A pixel is missing when
-            every band equals it or any band is NaN.
+            every band equals it or any band is NaN; for sources from ``paths`` also where no file
+            covers it (read as NaN, not 0).
         view: view pipeline kind of the modality (:data:`~decur_lightning.augmentations.VIEW_KINDS`;
             default: the name if it is a kind, else ``"generic"``).
         normalization: one of :data:`NORMALIZATIONS` (default ``"sar"`` for view ``sar``,
@@ -437,6 +438,7 @@ class RasterPatches(Dataset[dict[str, Tensor]]):
         self.normalize = normalize
         self.skipped = 0
         """Patches skipped for missing pixels in this process."""
+        self._pid = os.getpid()
         x, y, _ = joined.bounds
         width, height = (x.stop - x.start) / joined.res[0], (y.stop - y.start) / joined.res[1]
         if width < self.patch_size or height < self.patch_size:
@@ -493,6 +495,11 @@ class RasterPatches(Dataset[dict[str, Tensor]]):
 
     def read(self, query: tuple[slice, slice, slice]) -> dict[str, Tensor]:
         """Raw images (float32, missing pixels NaN) of every source at ``query``."""
+        if self._pid != os.getpid():
+            # file handles opened before a DataLoader forked its workers share their file offsets
+            # with the parent: every process opens its own (torchgeo caches them per function)
+            RasterDataset._cached_load_warp_file.cache_clear()
+            self._pid = os.getpid()
         x, y, t = query
         res = self.joined.res
         x, y = slice(x.start, x.stop, res[0]), slice(y.start, y.stop, res[1])
