@@ -94,6 +94,7 @@ def test_every_sample_shows_the_same_place_in_every_modality(rasters, tmp_path, 
     )
     dataset = dm.build_dataset(seed=3, normalize=False)
     assert dataset.crs.to_epsg() == 32632 and dataset.joined.res == (10.0, 10.0)
+    assert dataset.file_dtypes() == {"utm": "float64", "geo": "float64", "merc": "float64"}
     from_geo = Transformer.from_crs(4326, 32632, always_xy=True)
     to_merc = Transformer.from_crs(32632, 3857, always_xy=True)
     places = set()

@@ -382,8 +382,10 @@ class RasterPatches(Dataset[dict[str, Tensor]]):
     Remaining missing pixels of an accepted patch become 0 after normalisation.
 
     For writing the samples elsewhere (``decur prepare``): ``len(dataset)`` patches, sample ``i``
-    is ``dataset[i]`` (epoch 0, deterministic); :meth:`location` gives its query without reading;
-    set ``dataset.normalize = False`` for raw values and apply :meth:`normalize_sample` later.
+    is ``dataset[i]`` (epoch 0, deterministic; ``EpochIndex(i, e)`` for epoch ``e``);
+    :meth:`location` gives its query without reading; set ``dataset.normalize = False`` (or build
+    it with ``RasterPretrainDataModule.build_dataset(normalize=False)``) for raw values, apply
+    :meth:`normalize_sample` later, and see :meth:`file_dtypes` for the files' data types.
 
     Args:
         joined: the sources joined by :func:`join_sources`.
@@ -480,6 +482,18 @@ class RasterPatches(Dataset[dict[str, Tensor]]):
 
     def __len__(self) -> int:
         return self.length
+
+    def file_dtypes(self) -> dict[str, str]:
+        """The files' data type per source (e.g. ``"uint16"``), from the first file's header.
+
+        Raw samples are float32 (torchgeo's reads); a writer may store a source in its file type
+        where the raw values are whole and finite (a source read on its own grid, no missing pixels).
+        """
+        dtypes = {}
+        for name, dataset in self.datasets.items():
+            with rasterio.open(dataset.index.filepath.iloc[0]) as src:
+                dtypes[name] = str(src.dtypes[0])
+        return dtypes
 
     def location(self, index: int, epoch: int = 0, attempt: int = 0) -> tuple[slice, slice, slice]:
         """The torchgeo query (x, y, t slices) of sample ``index`` of ``epoch`` at ``attempt`` (no read)."""
