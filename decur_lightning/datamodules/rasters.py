@@ -44,7 +44,7 @@ from torchgeo.datasets import GeoDataset, IntersectionDataset, RasterDataset
 from torchgeo.samplers import GridGeoSampler, RandomGeoSampler
 
 from ..augmentations import VIEW_KINDS
-from ..modalities import Modality
+from ..modalities import Modality, _check_name
 from ._common import PretrainDataModule, check_enough_for_a_batch, clip_outliers, percentile_min_max, scale_mean_std
 
 __all__ = [
@@ -61,7 +61,8 @@ Normalization = Literal["mean_std", "sar", "percentile"]
 NORMALIZATIONS: tuple[str, ...] = ("mean_std", "sar", "percentile")
 """Per-band normalisations to ``[0, 1]``: ``"mean_std"`` maps ``[mean - 2 std, mean + 2 std]`` to
 ``[0, 1]`` and clips (paper B.1, optical); ``"sar"`` first clips each patch's 2 % outliers per band
-(paper B.1/B.2, SAR); ``"percentile"`` maps each patch's 1st..99th percentile per band to ``[0, 1]``
+(paper B.1/B.2, SAR; the statistics suit backscatter in dB, as SSL4EO-S12 stores it, rather than
+linear power); ``"percentile"`` maps each patch's 1st..99th percentile per band to ``[0, 1]``
 (the authors' DEM loader). The first two use the data set's band statistics."""
 
 _DEFAULT_NORMALIZATION = {"sar": "sar", "dem": "percentile"}
@@ -693,8 +694,6 @@ class RasterPretrainDataModule(PretrainDataModule):
                 "sources must map at least two modality names to raster sources, e.g. {'s1': {'paths': ..., "
                 f"'band_names': [VV, VH]}}, 's2': {{...}}}}; got {sources!r}."
             )
-        from ..modalities import _check_name
-
         self.sources = {_check_name(name): RasterSource.coerce(name, value) for name, value in sources.items()}
         if sampling not in ("random", "grid"):
             raise ValueError(f"sampling must be 'random' or 'grid', got {sampling!r}.")
