@@ -2,6 +2,7 @@
 
 from .bigearthnet import BigEarthNetMM, BigEarthNetMMDataModule
 from .geonrw import GeoNRWMM, GeoNRWMMDataModule, GeoNRWMMPretrainDataModule
+from .rasters import RasterPatches, RasterPretrainDataModule, RasterSource
 from .rgbd import RGBDMM, RGBDMMDataModule, RGBDMMPretrainDataModule
 from .ssl4eo import SSL4EOS12MM, SSL4EOS12MMDataModule
 from .synthetic import SyntheticMultimodalDataModule, SyntheticMultimodalDataset
@@ -15,6 +16,9 @@ __all__ = [
     "RGBDMM",
     "RGBDMMDataModule",
     "RGBDMMPretrainDataModule",
+    "RasterPatches",
+    "RasterPretrainDataModule",
+    "RasterSource",
     "SSL4EOS12MM",
     "SSL4EOS12MMDataModule",
     "SyntheticMultimodalDataModule",
