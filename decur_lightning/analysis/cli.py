@@ -99,7 +99,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     for section in _FIT_SECTIONS:
-        parser.add_argument(f"--{section}", type=Any, default=None, help="Ignored (a section of a `decur fit` config).")
+        # Plain values (not Any): jsonargparse would instantiate class specs given to Any.
+        parser.add_argument(
+            f"--{section}", type=dict | list | str | int | float | bool | None, default=None,
+            help="Ignored (a section of a `decur fit` config).",
+        )
     return parser
 
 
@@ -139,7 +143,9 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     """
     parser = build_parser()
     config = parser.parse_args(expand_layer_flags(sys.argv[1:] if args is None else list(args)))
-    datamodule = parser.instantiate_classes(config).data
+    # jsonargparse >= 4.49 names it instantiate (instantiate_classes is deprecated).
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    datamodule = instantiate(config).data
     statistics = analyze(
         config.checkpoint,
         datamodule,
