@@ -4,6 +4,7 @@ from .bigearthnet import BigEarthNetMM, BigEarthNetMMDataModule
 from .geonrw import GeoNRWMM, GeoNRWMMDataModule, GeoNRWMMPretrainDataModule
 from .rgbd import RGBDMM, RGBDMMDataModule, RGBDMMPretrainDataModule
 from .ssl4eo import SSL4EOS12MM, SSL4EOS12MMDataModule
+from .streaming import StreamingPretrainDataModule
 from .synthetic import SyntheticMultimodalDataModule, SyntheticMultimodalDataset
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "RGBDMMPretrainDataModule",
     "SSL4EOS12MM",
     "SSL4EOS12MMDataModule",
+    "StreamingPretrainDataModule",
     "SyntheticMultimodalDataModule",
     "SyntheticMultimodalDataset",
 ]
