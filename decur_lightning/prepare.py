@@ -28,8 +28,11 @@ __all__ = ["main", "prepare"]
 
 
 def _write_in_child(connection: Any, datamodule: Any, output_dir: str, options: dict[str, Any]) -> None:
+    import torch
+
     from decur_lightning.datamodules.streaming import write_stream
 
+    torch.set_num_threads(1)  # the writer processes are the parallelism (and OpenMP is not fork-safe)
     try:
         connection.send(("ok", write_stream(datamodule, output_dir, **options)))
     except BaseException as error:  # report every failure to the parent, with its type

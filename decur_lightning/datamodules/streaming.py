@@ -436,6 +436,10 @@ class _RecordWriter:
         self.quantize = quantize
 
     def __call__(self, item: Any) -> dict[str, Any]:
+        if torch.get_num_threads() != 1:
+            # one intra-op thread per writer process: the writers are the parallelism, and torch's
+            # OpenMP pool is not fork-safe (a forked writer could hang in its first parallel op)
+            torch.set_num_threads(1)
         if self.quantize == "uint8":
             return self.codec.read_quantized(self.dataset, item)
         return self.codec.read(self.dataset, item)
@@ -518,11 +522,6 @@ def write_stream(
         raise ValueError(f"{type(datamodule).__name__}'s training dataset is empty")
     codec.quantized = quantize == "uint8"
     writer = _RecordWriter(codec, dataset, quantize)
-    first = writer(items[0])
-    dropped: list[str] = []
-    if isinstance(codec, GenericCodec):
-        sample = dataset[items[0]]
-        dropped = sorted(k for k in sample if k not in first)
     litdata.optimize(
         fn=writer,
         inputs=items,
@@ -534,6 +533,10 @@ def write_stream(
         reorder_files=False,
         start_method=start_method,
     )
+    first = StreamingDataset(str(output_dir))[0]  # read back after the writers (no torch work before forking)
+    dropped: list[str] = []
+    if isinstance(codec, GenericCodec):
+        dropped = sorted(k for k in dataset[items[0]] if k not in first)
     metadata = {
         "format_version": FORMAT_VERSION,
         "litdata_version": litdata.__version__,
@@ -734,20 +737,24 @@ class StreamingPretrainDataModule(DescribesModalities, LightningDataModule):
         )
 
     def setup(self, stage: str) -> None:
-        """Open the stream (after the distributed environment is known)."""
-        self.train_dataset = self.make_dataset()
+        """Check that this rank's shard fills a batch (the stream is opened by :meth:`train_dataloader`).
+
+        Raises:
+            ValueError: in the fit stage, if the shard holds fewer samples than ``batch_size``.
+        """
         if stage == "fit":
-            shard = len(self.train_dataset)
+            shard = len(self.make_dataset())
             if shard < self.batch_size:
                 raise ValueError(
                     f"the streamed training data holds {shard} sample(s) for this rank, fewer than batch_size="
                     f"{self.batch_size}: no training batch. Lower batch_size."
                 )
 
-    def train_dataloader(self) -> Any:
-        """litdata's ``StreamingDataLoader`` (stateful: Lightning checkpoints its position)."""
-        if self.train_dataset is None:
-            self.setup("fit")
+    def train_dataloader(self) -> StreamingDataLoader:
+        """litdata's ``StreamingDataLoader`` over a fresh dataset (stateful: Lightning checkpoints its
+        position). Built here, not in :meth:`setup`: Lightning restores :attr:`shuffle_seed` from a
+        checkpoint after ``setup`` and before asking for the loader."""
+        self.train_dataset = self.make_dataset()
         return StreamingDataLoader(
             self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True
         )
