@@ -101,14 +101,18 @@ def main() -> None:
             "stream, native to device": (native, "device"),
             "stream uint8": (uint8, "loader"),
         }
-        print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch thread(s) per process, torch {torch.__version__}")
+        print(
+            f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch thread(s) per process, torch {torch.__version__}"
+        )
         print(f"batch size {args.batch_size}, {args.locations} samples per pass, median of {args.repeats} passes")
-        print(f"\n| reader | workers | samples/s | samples/s per worker | vs geotiff |")
+        print("\n| reader | workers | samples/s | samples/s per worker | vs geotiff |")
         print("|---|---:|---:|---:|---:|")
         results = {}
         for workers in args.workers:
             geotiff = rate(
-                lambda: DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers, drop_last=True),
+                lambda workers=workers: DataLoader(
+                    dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers, drop_last=True
+                ),
                 args.repeats,
             )
             results[("geotiff", workers)] = geotiff
@@ -130,14 +134,18 @@ def main() -> None:
         for batch in batches:
             device_dm.on_after_batch_transfer(batch, 0)
         normalise_ms = 1000 * (time.perf_counter() - start) / (len(batches) * args.batch_size)
-        print(f"\nnormalisation of a native sample on the CPU (what normalize_on='device' moves to the accelerator): "
-              f"{normalise_ms:.1f} ms/sample")
+        print(
+            f"\nnormalisation of a native sample on the CPU (what normalize_on='device' moves to the accelerator): "
+            f"{normalise_ms:.1f} ms/sample"
+        )
 
         print("\n| format | bytes per sample on disk | MiB |")
         print("|---|---:|---:|")
         for name, value in bytes_per_sample.items():
             print(f"| {name} (4 seasons x 2 + 13 bands) | {value:.0f} | {value / 2**20:.2f} |")
-        print(f"| geotiff, read per sample (1 season, 15 files) | {one_season_read:.0f} | {one_season_read / 2**20:.2f} |")
+        print(
+            f"| geotiff, read per sample (1 season, 15 files) | {one_season_read:.0f} | {one_season_read / 2**20:.2f} |"
+        )
 
 
 if __name__ == "__main__":

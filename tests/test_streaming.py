@@ -15,11 +15,10 @@ import torch
 from lightning import LightningDataModule
 from litdata import StreamingDataset
 
-from data_factories import SSL4EO_SEASON_DATES, make_geonrw, make_ssl4eo_s12, ssl4eo_s1_value, ssl4eo_s2_value
 from decur_lightning.datamodules import (
+    SSL4EOS12MM,
     GeoNRWMM,
     GeoNRWMMPretrainDataModule,
-    SSL4EOS12MM,
     SSL4EOS12MMDataModule,
     StreamingPretrainDataModule,
 )
@@ -28,6 +27,8 @@ from decur_lightning.datamodules.streaming import METADATA_FILE, SSL4EOCodec
 from decur_lightning.modalities import Modality
 from decur_lightning.prepare import main as prepare_main
 from decur_lightning.prepare import prepare
+
+from data_factories import SSL4EO_SEASON_DATES, make_geonrw, make_ssl4eo_s12, ssl4eo_s1_value, ssl4eo_s2_value
 
 LOCATIONS = (3, 5, 7, 9)
 
@@ -230,13 +231,16 @@ def test_ranks_read_disjoint_shards(geonrw, monkeypatch):
 
 def test_resume_inside_an_epoch_repeats_every_step(tmp_path, geonrw):
     """A run resumed from a mid-epoch checkpoint continues with the next streamed batch (tests/test_resume.py)."""
-    from helpers import tiny_decur
     from test_resume import _assert_resume_is_exact
+
+    from helpers import tiny_decur
 
     _, stream = geonrw
     _assert_resume_is_exact(
         tmp_path,
-        lambda: tiny_decur(modalities={"rgb": 3, "dem": 3}, projector_dims=(32, 32), optimizer="adamw", lr=1e-3, crop_size=16),
+        lambda: tiny_decur(
+            modalities={"rgb": 3, "dem": 3}, projector_dims=(32, 32), optimizer="adamw", lr=1e-3, crop_size=16
+        ),
         lambda: StreamingPretrainDataModule(str(stream), batch_size=4),
         batches_per_epoch=3,
         resume_steps=[4],  # inside epoch 1: the position and the epoch are restored
@@ -272,13 +276,19 @@ def test_prepare_cli_and_errors(tmp_path, geonrw):
 
     root, stream = geonrw
     config = tmp_path / "fit.yaml"
-    config.write_text(yaml.safe_dump({
-        "seed_everything": 3,
-        "model": {"class_path": "DeCURModule"},
-        "trainer": {"max_epochs": 1},
-        "data": {"class_path": "GeoNRWMMPretrainDataModule",
-                 "init_args": {"root": str(root), "batch_size": 4, "patch_size": 16, "tile_size": 32}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 3,
+                "model": {"class_path": "DeCURModule"},
+                "trainer": {"max_epochs": 1},
+                "data": {
+                    "class_path": "GeoNRWMMPretrainDataModule",
+                    "init_args": {"root": str(root), "batch_size": 4, "patch_size": 16, "tile_size": 32},
+                },
+            }
+        )
+    )
     method = multiprocessing.get_start_method(allow_none=True)
     prepare_main(["--config", str(config), "--output", str(tmp_path / "out"), "--quantize", "uint8"])
     assert multiprocessing.get_start_method(allow_none=True) == method
@@ -288,7 +298,9 @@ def test_prepare_cli_and_errors(tmp_path, geonrw):
     with pytest.raises(FileExistsError, match="overwrite"):
         prepare_main(["--config", str(config), "--output", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="quantize must be one of"):
-        prepare(GeoNRWMMPretrainDataModule(root=root, patch_size=16, tile_size=32), str(tmp_path / "x"), quantize="int4")
+        prepare(
+            GeoNRWMMPretrainDataModule(root=root, patch_size=16, tile_size=32), str(tmp_path / "x"), quantize="int4"
+        )
     with pytest.raises(FileNotFoundError, match="decur prepare"):
         StreamingPretrainDataModule(str(tmp_path))
     with pytest.raises(ValueError, match="normalize_on"):

@@ -260,7 +260,7 @@ class SSL4EOCodec(SampleCodec):
         import re
 
         import rasterio
-        from torchgeo.datasets import Sentinel1, Sentinel2, SSL4EOS12
+        from torchgeo.datasets import SSL4EOS12, Sentinel1, Sentinel2
         from torchgeo.datasets.utils import disambiguate_timestamp
 
         location = dataset.locations[int(index)]
@@ -543,7 +543,9 @@ def write_stream(
         )
     if os.path.exists(output_dir) and os.listdir(output_dir):
         if not overwrite:
-            raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(
+                f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+            )
         shutil.rmtree(output_dir)
     specs = datamodule_modalities(datamodule)
     if not specs:
@@ -796,4 +798,3 @@ class StreamingPretrainDataModule(DescribesModalities, LightningDataModule):
         if self.normalize_on == "device":
             return self.codec.normalize_batch(batch)
         return batch
-
