@@ -5,6 +5,7 @@ from .geonrw import GeoNRWMM, GeoNRWMMDataModule, GeoNRWMMPretrainDataModule
 from .rasters import RasterPatches, RasterPretrainDataModule, RasterSource
 from .rgbd import RGBDMM, RGBDMMDataModule, RGBDMMPretrainDataModule
 from .ssl4eo import SSL4EOS12MM, SSL4EOS12MMDataModule
+from .streaming import StreamingPretrainDataModule
 from .synthetic import SyntheticMultimodalDataModule, SyntheticMultimodalDataset
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "RasterSource",
     "SSL4EOS12MM",
     "SSL4EOS12MMDataModule",
+    "StreamingPretrainDataModule",
     "SyntheticMultimodalDataModule",
     "SyntheticMultimodalDataset",
 ]
