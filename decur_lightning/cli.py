@@ -6,9 +6,10 @@ Examples:
     decur fit --model DeCURModule --data SyntheticMultimodalDataModule --print_config
     decur export --ckpt runs/pretrain/last.ckpt --out exported [--format pt,safetensors,torchgeo,hub]
     decur analyze --config examples/configs/quickstart.yaml --checkpoint last.ckpt --out analysis
+    decur prepare --config my_pretrain.yaml --output /data/ssl4eo-litdata
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` are LightningCLI's subcommands. The package's
-own tools (:data:`TOOLS`: ``export``, ``analyze``) are dispatched before LightningCLI sees the
+own tools (:data:`TOOLS`: ``export``, ``analyze``, ``prepare``) are dispatched before LightningCLI sees the
 arguments; ``decur-analyze`` stays as an alias of ``decur analyze``.
 
 Classes can be named by class name (``DeCURModule``) or full path in YAML, since the CLI runs
@@ -38,6 +39,7 @@ __all__ = ["TOOLS", "main"]
 TOOLS: dict[str, tuple[str, str]] = {
     "export": ("decur_lightning.export:main", "export encoders for torchgeo, smp, timm and the Hugging Face Hub"),
     "analyze": ("decur_lightning.analysis.cli:main", "explainability analyses of a checkpoint (alias: decur-analyze)"),
+    "prepare": ("decur_lightning.prepare:main", "write a pretraining data set in litdata's streaming format"),
 }
 
 

@@ -55,7 +55,7 @@ def assert_specs_describe_batch(
 
 def test_every_datamodule_describes_its_modalities() -> None:
     classes = [getattr(datamodules, name) for name in datamodules.__all__ if name.endswith("DataModule")]
-    assert len(classes) == 8  # SSL4EO, GeoNRW x2, BigEarthNet, RGB-D x2, synthetic, own rasters
+    assert len(classes) == 9  # SSL4EO, GeoNRW x2, BigEarthNet, RGB-D x2, synthetic, own rasters, streaming
     for cls in classes:
         assert issubclass(cls, DescribesModalities), cls.__name__
         assert cls.modality_specs is not DescribesModalities.modality_specs, cls.__name__

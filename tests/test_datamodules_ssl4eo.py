@@ -341,3 +341,12 @@ def test_distributed_loader_shards_one_permutation_and_keeps_the_epoch(root: Pat
     size = len(datamodule.train_dataset)
     assert set(shards[0]) | set(shards[1]) == set(range(size))  # every location, padded to equal shards
     assert len(shards[0]) == len(shards[1]) == -(-size // 2)
+
+
+def test_season_draws_follow_the_restored_shuffle_seed(root: Path) -> None:
+    """Lightning restores the datamodule's state after setup: the season seed must follow it."""
+    datamodule = SSL4EOS12MMDataModule(root, batch_size=2, season_per_view=True)
+    datamodule.setup("fit")
+    datamodule.load_state_dict({"shuffle_seed": 123})  # as a resume does, after setup
+    datamodule.train_dataloader()
+    assert datamodule.train_dataset.guarded.seed == 123

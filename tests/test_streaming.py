@@ -229,6 +229,7 @@ def test_ranks_read_disjoint_shards(geonrw, monkeypatch):
     assert sorted(shards[0] + shards[1]) == list(range(12))
 
 
+@pytest.mark.slow  # about 70 s on 2 cores; the loader-state test below covers the position in the default run
 def test_resume_inside_an_epoch_repeats_every_step(tmp_path, geonrw):
     """A run resumed from a mid-epoch checkpoint continues with the next streamed batch (tests/test_resume.py)."""
     from test_resume import _assert_resume_is_exact

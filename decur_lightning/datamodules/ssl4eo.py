@@ -22,6 +22,7 @@ import numpy as np
 import rasterio
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchgeo.datasets import NonGeoDataset, Sentinel1, Sentinel2, SSL4EOS12
 from torchgeo.datasets.utils import Path, disambiguate_timestamp
 
@@ -410,3 +411,13 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
                 "extract more locations (both s1/ and s2c/)",
             )
         self.train_dataset = ReadErrorGuard(dataset, self.on_read_error, self.max_read_errors)
+
+    def train_dataloader(self) -> DataLoader[dict[str, Tensor]]:
+        """As :class:`PretrainDataModule`'s, with the season draws seeded by :attr:`shuffle_seed`.
+
+        Lightning calls ``setup`` before it restores the datamodule's state from a checkpoint,
+        so the seed is applied again here: a resumed run draws the seasons of the run it
+        continues, also under another global seed.
+        """
+        self.train_dataset.guarded.seed = self.shuffle_seed
+        return super().train_dataloader()
