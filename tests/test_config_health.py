@@ -28,10 +28,11 @@ MAX_NORM_GROWTH = 2.0
 HEALTHY_STD = (0.5, 1.5)
 
 
-def assert_healthy(report: HealthReport) -> None:
+def assert_healthy(report: HealthReport, probe_tolerance: float = 0.0) -> None:
+    """``probe_tolerance``: the relative rise of the probe loss still accepted (0: it must fall)."""
     assert all(math.isfinite(loss) for loss in report.losses), report.losses
     assert math.isfinite(report.probe_before) and math.isfinite(report.probe_after)
-    assert report.probe_after < report.probe_before, (
+    assert report.probe_after < report.probe_before * (1 + probe_tolerance), (
         f"{report.config}: the probe loss did not fall ({report.probe_before:.2f} -> {report.probe_after:.2f})"
     )
     low, high = min(report.embedding_stds), max(report.embedding_stds)
@@ -41,8 +42,14 @@ def assert_healthy(report: HealthReport) -> None:
 
 
 def test_rda_config_trains_healthily_under_lars() -> None:
-    """The paper's RDA run with LARS: before the fix, proj_out grew 25x in 10 steps."""
-    assert_healthy(run_health_check(CONFIGS / "pretrain_ssl4eo_rn50_rda.yaml", steps=10))
+    """The paper's RDA run with LARS: before the fix, proj_out grew 25x in 10 steps.
+
+    After 10 steps the probe loss moves by a few per cent either way depending on the seed
+    (seeds 0-2, before and after the named-modalities redesign: -1.7 % to +1.3 %), so this short
+    check accepts a 5 % rise; the norm-growth bound is what catches the blow-up (25x against
+    1.0004x). The slow 20-step checks require the probe loss to fall.
+    """
+    assert_healthy(run_health_check(CONFIGS / "pretrain_ssl4eo_rn50_rda.yaml", steps=10), probe_tolerance=0.05)
 
 
 @pytest.mark.slow
