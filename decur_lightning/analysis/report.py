@@ -171,8 +171,14 @@ def analyze(
 
     3. GradCAM overlap scores of every pair of modalities for the common and unique outputs:
        ``saliency_overlap.png`` and example maps ``saliency_examples.png`` (with the suffix
-       ``_<m>_<n>`` per pair for more than two modalities);
-    4. Integrated Gradients band importances, one panel per modality: ``band_importance.png``.
+       ``_<m>_<n>`` per pair for more than two modalities). The layer and its map size are
+       recorded (``saliency.gradcam_layers``); samples whose maps are zero or constant are
+       left out of the overlap statistics and counted (``undefined``, ``degenerate``, with a
+       ``note``), and the figure says so;
+    4. Integrated Gradients band importances, one panel per modality: ``band_importance.png``;
+       when the datamodule knows which bands carry shared and private factors (a
+       ``band_truth`` attribute, as the synthetic data's), the importance is scored against it
+       (``saliency.band_truth``, :func:`~decur_lightning.analysis.band_truth_score`).
 
     Everything numeric goes to ``statistics.json`` (summaries; per-pair entries keyed
     ``"<m>_<n>"``, per-modality entries by name) and ``analysis.npz`` (the per-dimension
@@ -192,8 +198,9 @@ def analyze(
         ig_internal_batch_size: inputs per forward pass inside IG (``None``: the loader's batch
             size).
         layers: GradCAM layer name of every encoder, or ``{modality: name}`` (``None``, or a
-            modality left out: the encoder's last stage; use ``"layer3"`` for images so small
-            that the last stage is 1 x 1).
+            modality left out: the deepest stage whose maps are at least 4 x 4 for the data's
+            image size, e.g. ``layer2`` of a ResNet at 32 px; recorded in
+            ``statistics.json`` under ``saliency.gradcam_layers``).
         comparison_checkpoint: optional checkpoint of a comparison model with the same
             modalities (Fig. 5a).
         comparison_class: its LightningModule class (class, name in :mod:`decur_lightning.ssl`
