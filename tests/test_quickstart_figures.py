@@ -62,10 +62,11 @@ def run(tmp_path_factory) -> Path:
     return folder / "quickstart" / "version_0"
 
 
-def _data() -> SyntheticMultimodalDataModule:
-    data = SyntheticMultimodalDataModule(
-        rendering="structure", num_train=NUM_TRAIN, num_val=128, batch_size=64
-    )
+def _data(run: Path) -> SyntheticMultimodalDataModule:
+    """The run's datamodule, rebuilt from its checkpoint's hyper-parameters."""
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["datamodule_hyper_parameters"]
+    data = SyntheticMultimodalDataModule(**{k: v for k, v in saved.items() if not k.startswith("_")})
+    assert data.hparams.rendering == "structure"
     data.setup()
     return data
 
@@ -78,7 +79,7 @@ def test_fit_writes_the_readme_figures(run):
 def test_common_dimensions_aligned_unique_not(run):
     with single_thread():
         model = load_ssl_module(run / "checkpoints" / "last.ckpt")
-        embeddings = collect_embeddings(model, _data().val_dataloader(), 128)
+        embeddings = collect_embeddings(model, _data(run).val_dataloader(), 128)
     alignment = alignment_per_pair(embeddings, [("sar", "optical")])[("sar", "optical")]
     kc = model.common_dims
     common, unique = float(alignment[:kc].median()), float(alignment[kc:].median())
@@ -86,13 +87,13 @@ def test_common_dimensions_aligned_unique_not(run):
 
 
 def test_band_importance_finds_the_known_bands_better_than_untrained(run):
-    data = _data()
+    data = _data(run)
     truth = data.band_truth
     batches = [next(iter(data.val_dataloader()))]
     with single_thread():
         trained = load_ssl_module(run / "checkpoints" / "last.ckpt")
         torch.manual_seed(0)
-        untrained = DeCURModule(**{**trained.hparams, "modalities": trained.hparams["modalities"]}).eval()
+        untrained = DeCURModule(**trained.hparams).eval()  # the same network, initial weights
         scores = {}
         for label, model in (("trained", trained), ("untrained", untrained)):
             reference = collect_embeddings(model, data.val_dataloader(), 128)

@@ -333,7 +333,11 @@ def analyze(
         for modality in modalities:
             for name in OUTPUT_NAMES:
                 arrays[f"band_importance_{modality}_{name}"] = saliency.band_importance[modality][name].numpy()
-        save("band_importance", band_importance_figure(saliency.band_importance, bands_of))
+        title = "Spectral saliency statistics"
+        if truth is not None and statistics["saliency"]["band_truth"]["skill"] is not None:
+            score = statistics["saliency"]["band_truth"]
+            title += f" (known bands found: skill {score['skill']:.2f}, ranking {score['ranking']:.2f}; chance 0, 0.5)"
+        save("band_importance", band_importance_figure(saliency.band_importance, bands_of, title=title))
 
     np.savez(out / "analysis.npz", **arrays)
     (out / "statistics.json").write_text(json.dumps(statistics, indent=2))

@@ -317,8 +317,9 @@ def _render_structure(
 
     Each factor ``f`` in [-1, 1] sets the contrast ``(f + 1) / 2`` of its own grating (so the
     sign survives the random phase) and, with weight 1.5, the brightness ``f`` of its bands; a
-    band's structure is the loading-weighted sum over its group (each factor's home band
-    ``j mod bands`` loads it 1, the others 0.2-0.3; loadings normalised per band), scaled to a
+    band's structure is the loading-weighted sum over its group (each factor's home band, the
+    ``(j mod n)``-th of the ``n`` bands that show the group, loads it 1, the others 0.2-0.3;
+    loadings normalised per band), scaled to a
     peak amplitude of 0.42 around 0.5; band ``c`` mixes the common structure (shared and
     subset-shared factors) and the private one as ``(1 - w_c) * common + w_c * private``
     (:func:`private_band_weights`).
@@ -329,24 +330,25 @@ def _render_structure(
     """
     weights = private_band_weights(bands, share)
 
-    def structure(factors: Tensor, gratings: Tensor) -> tuple[Tensor, Tensor]:
+    def structure(factors: Tensor, gratings: Tensor, group: list[int]) -> tuple[Tensor, Tensor]:
         count = factors.shape[1]
-        # Each factor has a home band (j mod the group's bands) with loading 1; the other bands
-        # see it at 0.2-0.3 (sensors overlap), so every band is a mix with one dominant factor.
+        # Each factor has a home band among the bands that show its group (the j-th factor the
+        # (j mod n)-th of them) with loading 1; the other bands see it at 0.2-0.3 (sensors
+        # overlap), so every band is a mix with one dominant factor.
         loadings = 0.2 + 0.1 * torch.rand(count, bands, generator=generator, dtype=torch.float64)
         if count == 0:
             return torch.zeros(gratings.shape[0], bands, *gratings.shape[-2:]), loadings
-        group = torch.arange(bands)
+        group = group or list(range(bands))
         for j in range(count):
-            loadings[j, group[j % bands]] = 1.0
+            loadings[j, group[j % len(group)]] = 1.0
         loadings = loadings / loadings.sum(0, keepdim=True)
         contrast = (factors.double() + 1) / 2
         texture = torch.einsum("nf,fc,nfhw->nchw", contrast, loadings, gratings.double())
         level = (factors.double() @ loadings)[:, :, None, None]
         return (texture + _LEVEL * level) / (1 + _LEVEL), loadings
 
-    common_structure, common_loadings = structure(*common)
-    private_structure, _ = structure(*private)
+    common_structure, common_loadings = structure(*common, [c for c in range(bands) if weights[c] < 1])
+    private_structure, _ = structure(*private, [c for c in range(bands) if weights[c] > 0])
     if private[0].shape[1] == 0 and bool((weights > 0).any()):
         raise ValueError(
             f"private_share={share} gives bands to private factors, but num_private=0: set num_private >= 1 or "
