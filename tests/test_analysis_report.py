@@ -80,18 +80,45 @@ def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
     assert saliency["num_samples"] == 4
     for name in ("common", "unique"):
         overlap = saliency["overlap"]["sar_optical"][name]
-        assert overlap["count"] + overlap["undefined"] == 4
+        assert overlap["count"] + overlap["undefined"] + overlap["degenerate"] == 4
         if overlap["count"]:
             assert 0.0 <= overlap["min"] <= overlap["max"] <= 1.0 + 1e-6
     optical = saliency["band_importance"]["optical"]
     assert optical["bands"] == ["B2", "B3", "B4", "B8"]
     assert sum(optical["unique"]["mean"]) == pytest.approx(1.0, abs=1e-5)
     assert saliency["band_importance"]["sar"]["bands"] == ["b1", "b2"]
+    # the layer of the GradCAM maps and their size are recorded (layer3 is 2 x 2 at 32 px)
+    assert saliency["gradcam_layers"]["sar"] == {"name": "layer3", "map_size": [2, 2], "degenerate": False}
+    # the synthetic data knows its bands: the importance is scored against that truth
+    truth = saliency["band_truth"]
+    assert set(truth["per_modality"]) == {"sar", "optical"}
+    assert truth["per_modality"]["sar"]["common"]["truth"] == "shared"
+    assert 0.0 <= truth["per_modality"]["optical"]["unique"]["ranking"] <= 1.0
     arrays = np.load(tmp_path / "out" / "analysis.npz")
     assert arrays["alignment_sar_optical"].shape == (64,) and arrays["tsne_coordinates"].shape == (128, 2)
     assert arrays["comparison_alignment_sar_optical"].shape == (64,)
     assert arrays["band_importance_sar_common"].shape == (4, 2) and arrays["overlap_sar_optical_unique"].shape == (4,)
     assert arrays["alignment_sar_optical"].mean() == pytest.approx(alignment["all"]["mean"], rel=1e-5)
+
+
+def test_analyze_says_when_the_maps_are_degenerate(checkpoints, tmp_path):
+    """Issue 18: 1 x 1 GradCAM maps give overlap 1.0 or undefined; statistics.json must not
+    report them as a result, and must say which layer and why."""
+    with pytest.warns(UserWarning, match="no spatial"):
+        stats = analyze(
+            checkpoints[0], small_data(), tmp_path, max_samples=8, saliency_samples=3, ig_steps=2, layers="layer4",
+            tsne=False,
+        )
+    saliency = stats["saliency"]
+    assert saliency["gradcam_layers"]["optical"] == {"name": "layer4", "map_size": [1, 1], "degenerate": True}
+    for name in ("common", "unique"):
+        overlap = saliency["overlap"]["sar_optical"][name]
+        assert overlap["count"] == 0 and overlap["undefined"] + overlap["degenerate"] == 3
+        assert "no overlap statistic" in overlap["note"] and "mean" not in overlap
+    # by default the layer is chosen with maps of at least 4 x 4 (layer2 at 32 px)
+    stats = analyze(checkpoints[0], small_data(), tmp_path / "auto", max_samples=8, saliency_samples=2, ig_steps=2,
+                    tsne=False)
+    assert stats["saliency"]["gradcam_layers"]["sar"] == {"name": "layer2", "map_size": [4, 4], "degenerate": False}
 
 
 def test_analyze_without_tsne_and_saliency(checkpoints, tmp_path):

@@ -14,7 +14,9 @@ from decur_lightning.analysis import (
     CommonUniqueOutput,
     band_importance,
     band_importance_figure,
+    band_truth_score,
     default_target_layer,
+    degenerate_maps,
     gradcam,
     integrated_gradients,
     modality_common_dims,
@@ -23,6 +25,8 @@ from decur_lightning.analysis import (
     saliency_examples_figure,
     saliency_overlap,
     save_figure,
+    select_target_layer,
+    stage_layers,
 )
 
 from helpers import tiny_batch, tiny_decur
@@ -98,7 +102,56 @@ def test_gradcam_shape_and_relu(model):
 def test_gradcam_warns_on_one_pixel_maps(model):
     head = CommonUniqueOutput.from_model(model, "sar")
     with pytest.warns(UserWarning, match="1 x 1"):
-        gradcam(head, tiny_batch(2)["image_sar"], COMMON)
+        gradcam(head, tiny_batch(2)["image_sar"], COMMON, layer="layer4")
+
+
+def test_layer_choice_gives_maps_of_at_least_4x4(model):
+    """At 32 px a ResNet's layer4 is 1 x 1 and layer3 2 x 2: the default moves to layer2 (4 x 4);
+    at 128 px the last stage is 4 x 4 and is kept (issue 18)."""
+    encoder = model.encoders["sar"]
+    assert [name for name, _ in stage_layers(encoder)] == ["layer4", "layer3", "layer2", "layer1"]
+    small = select_target_layer(encoder, tiny_batch(2, size=32)["image_sar"])
+    assert (small.name, small.map_size, small.module) == ("layer2", (4, 4), encoder.layer2)
+    assert not small.degenerate
+    large = select_target_layer(encoder, tiny_batch(1, size=128)["image_sar"])
+    assert (large.name, large.map_size) == ("layer4", (4, 4))
+    given = select_target_layer(encoder, tiny_batch(1)["image_sar"], "layer4")
+    assert (given.name, given.map_size, given.degenerate) == ("layer4", (1, 1), True)
+    # tiny inputs: no stage reaches 4 x 4; the largest maps are taken and flagged when 1 x 1
+    tiny = select_target_layer(encoder, torch.rand(1, 2, 8, 8))
+    assert (tiny.name, tiny.map_size, tiny.degenerate) == ("layer1", (2, 2), False)
+    assert encoder.training, "the probe must restore the encoder's mode"
+    maps = gradcam(CommonUniqueOutput.from_model(model, "sar"), tiny_batch(3)["image_sar"], COMMON, upsample=False)
+    assert maps.shape == (3, 4, 4)
+
+
+def test_degenerate_maps_are_zero_or_constant():
+    maps = torch.rand(4, 8, 8)
+    maps[1] = 0.0
+    maps[2] = 0.7  # an upsampled 1 x 1 map
+    assert degenerate_maps(maps).tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        degenerate_maps(torch.rand(8, 8))
+
+
+def test_band_truth_score_rewards_importance_on_the_right_bands():
+    truth = {"sar": {"shared": torch.tensor([1.0, 0.0]), "private": torch.tensor([0.0, 1.0])}}
+    right = {"sar": {"common": torch.tensor([[0.9, 0.1], [0.7, 0.3]]), "unique": torch.tensor([[0.2, 0.8]])}}
+    score = band_truth_score(right, truth)
+    common = score["per_modality"]["sar"]["common"]
+    assert common["on_truth"] == pytest.approx(0.8) and common["chance"] == pytest.approx(0.5)
+    assert common["skill"] == pytest.approx(0.6) and common["ranking"] == 1.0
+    assert score["per_modality"]["sar"]["unique"]["skill"] == pytest.approx(0.6)
+    assert score["skill"] == pytest.approx(0.6) and score["ranking"] == 1.0
+    wrong = {"sar": {"common": torch.tensor([[0.1, 0.9]]), "unique": torch.tensor([[0.5, 0.5]])}}
+    score = band_truth_score(wrong, truth)
+    assert score["per_modality"]["sar"]["common"]["skill"] == pytest.approx(-0.8)
+    assert score["per_modality"]["sar"]["unique"]["ranking"] == 0.5
+    # no private bands (private_share=0): nothing to find for the unique output
+    none = {"sar": {"shared": torch.ones(2), "private": torch.zeros(2)}}
+    assert band_truth_score(right, none)["per_modality"]["sar"]["unique"]["skill"] is None
+    with pytest.raises(ValueError, match="bands"):
+        band_truth_score({"sar": {"common": torch.rand(2, 3)}}, truth)
 
 
 def test_gradcam_works_inside_inference_mode(model):
@@ -178,6 +231,14 @@ def test_saliency_analysis_and_figures(model, tmp_path):
     batches = [tiny_batch(3, size=64), tiny_batch(3, size=64)]
     result = saliency_analysis(model, batches, max_samples=5, layers={"sar": "layer3"}, ig_steps=8, num_examples=2)
     assert result.num_samples == 5 and result.pairs == [("sar", "optical")]
+    # the given layer for sar; for optical the deepest stage with maps of at least 4 x 4 at 64 px
+    assert {m: (layer.name, layer.map_size) for m, layer in result.layers.items()} == {
+        "sar": ("layer3", (4, 4)), "optical": ("layer3", (4, 4))
+    }
+    for name in ("common", "unique"):
+        overlap = result.overlap[("sar", "optical")][name]
+        flat = result.degenerate[("sar", "optical")][name]
+        assert flat.dtype == torch.bool and flat[overlap.isnan()].all()
     for name in ("common", "unique"):
         overlap = result.overlap[("sar", "optical")][name]
         defined = overlap[~overlap.isnan()]
@@ -193,7 +254,7 @@ def test_saliency_analysis_and_figures(model, tmp_path):
         overlap_histogram_figure(result.overlap)
     partly_undefined = {"common": torch.tensor([0.2, float("nan")]), "unique": torch.tensor([float("nan")] * 2)}
     legend = overlap_histogram_figure(partly_undefined).axes[0].get_legend().get_texts()
-    assert [t.get_text() for t in legend] == ["common (mean 0.20), 1 undefined", "unique, 2 undefined"]
+    assert [t.get_text() for t in legend] == ["common (mean 0.20, n=1), 1 undefined", "unique, 2 undefined"]
     bands = band_importance_figure(result.band_importance, {"optical": ["B2", "B3", "B4", "B8"]})
     assert [t.get_text() for t in bands.axes[1].get_xticklabels()] == ["B2", "B3", "B4", "B8"]
     assert_png(save_figure(bands, tmp_path / "bands.png"))
@@ -204,6 +265,23 @@ def test_saliency_analysis_and_figures(model, tmp_path):
         saliency_examples_figure(without_examples)
     with pytest.raises(ValueError, match="band_names"):
         band_importance_figure(result.band_importance, {"sar": ["VV"]})
+
+
+def test_one_pixel_layer_marks_every_sample_degenerate(model, tmp_path):
+    """Issue 18: at 32 px layer4 gives 1 x 1 maps, whose overlap is 1.0 or undefined - a statistic
+    of nothing. Every sample is flagged, the figure says so instead of drawing bars at 1.0."""
+    with pytest.warns(UserWarning, match="no spatial"):
+        result = saliency_analysis(model, [tiny_batch(3)], max_samples=3, layers="layer4", ig_steps=2, num_examples=0)
+    assert result.layers["sar"].map_size == (1, 1) and result.layers["sar"].degenerate
+    for name in ("common", "unique"):
+        assert result.degenerate[("sar", "optical")][name].all()
+    figure = overlap_histogram_figure(
+        result.overlap[("sar", "optical")], degenerate=result.degenerate[("sar", "optical")], note="layer4 (1x1)"
+    )
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert any("every map is degenerate" in text for text in texts)
+    assert "layer4 (1x1)" in figure.axes[0].get_title()
+    assert all(patch.get_height() == 0 for patch in figure.axes[0].patches)
 
 
 def test_layers_and_references_by_name_only(model):

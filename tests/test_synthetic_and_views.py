@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from decur_lightning.analysis import alignment_loss_per_dimension, plot_alignment_histogram
 from decur_lightning.augmentations import VIEW_KINDS, make_view_augmentation, make_view_pair
 from decur_lightning.datamodules import SyntheticMultimodalDataModule, SyntheticMultimodalDataset
+from decur_lightning.datamodules.synthetic import private_band_weights
 
 
 def test_synthetic_sample_layout_and_ranges():
@@ -257,3 +260,78 @@ def test_alignment_loss_known_answers(tmp_path):
     path = plot_alignment_histogram(torch.cat([aligned[:24], independent[24:]]), 24, tmp_path / "h.png",
                                     comparison=independent)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _grating_power(images: torch.Tensor, frequency: float, angle: float) -> torch.Tensor:
+    """Per image and band: the amplitude of the grating of one (frequency, orientation) channel."""
+    size = images.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    coord = (xs * math.cos(angle) + ys * math.sin(angle)) / size
+    cos, sin = torch.cos(2 * math.pi * frequency * coord), torch.sin(2 * math.pi * frequency * coord)
+    centred = images - images.mean(dim=(-2, -1), keepdim=True)
+    return ((centred * cos).mean(dim=(-2, -1)) ** 2 + (centred * sin).mean(dim=(-2, -1)) ** 2).sqrt()
+
+
+def test_structure_rendering_puts_factors_in_known_bands():
+    """rendering='structure' (issue 18): each factor sets the contrast of its own grating, so its
+    sign survives (linear in the factor, not in |factor|), in the bands the truth names."""
+    ds = SyntheticMultimodalDataset(num_samples=256, rendering="structure", private_share=0.5, seed=1)
+    truth = ds.band_truth
+    assert truth["sar"]["shared"].tolist() == [1.0, 0.0] and truth["sar"]["private"].tolist() == [0.0, 1.0]
+    assert truth["optical"]["private"].tolist() == [0.0, 0.0, 1.0, 1.0]
+    # shared factor 0: grating at 2.5 cycles, 0 degrees; private factor 0: 5.5 cycles, 0 degrees
+    shared = _grating_power(ds.images["sar"], 2.5, 0.0)
+    private = _grating_power(ds.images["sar"], 5.5, 0.0)
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    assert corr(shared[:, 0], ds.shared[:, 0]) > 0.9  # the shared band carries the shared factor, sign included
+    assert abs(corr(shared[:, 1], ds.shared[:, 0])) < 0.2  # the private band does not
+    assert corr(private[:, 1], ds.private["sar"][:, 0]) > 0.9
+    assert abs(corr(private[:, 0], ds.private["sar"][:, 0])) < 0.2
+    optical = _grating_power(ds.images["optical"], 2.5, 0.0)
+    assert corr(optical[:, 0], ds.shared[:, 0]) > 0.9  # the other sensor sees the same shared factor
+    for images in ds.images.values():
+        assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.08  # visible, not faint
+
+
+def test_private_share_settings_and_errors():
+    assert private_band_weights(4, 0.25).tolist() == [0, 0, 0, 1]
+    assert private_band_weights(2, 0.25).tolist() == [0, 0.5]
+    assert private_band_weights(4, 0.0).tolist() == [0, 0, 0, 0]
+    for share in (0.0, 0.25, 0.5):
+        ds = SyntheticMultimodalDataset(num_samples=2, rendering="structure", private_share=share)
+        for truth in ds.band_truth.values():
+            assert float(truth["private"].mean()) == pytest.approx(share)
+            torch.testing.assert_close(truth["shared"] + truth["private"] + truth["subset_shared"], torch.ones_like(truth["shared"]))
+    per_modality = SyntheticMultimodalDataset(num_samples=2, rendering="structure", private_share={"sar": 0.0})
+    assert per_modality.band_truth["sar"]["private"].tolist() == [0, 0]
+    assert per_modality.band_truth["optical"]["private"].tolist() == [0, 0, 1, 1]  # the default 0.5
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        SyntheticMultimodalDataset(num_samples=2, rendering="structure", private_share=1.0)
+    with pytest.raises(ValueError, match="rendering='structure'"):
+        SyntheticMultimodalDataModule(private_share=0.25)
+    with pytest.raises(ValueError, match="rendering must be one of"):
+        SyntheticMultimodalDataModule(rendering="stripes")
+    with pytest.raises(ValueError, match="not among the modalities"):
+        SyntheticMultimodalDataModule(rendering="structure", private_share={"dem": 0.5})
+    with pytest.raises(ValueError, match="num_private"):
+        SyntheticMultimodalDataset(num_samples=2, rendering="structure", num_private=0)
+    three = SyntheticMultimodalDataset(
+        num_samples=4, modalities={"sar": 2, "optical": 4, "dem": 1}, subset_shared={"sar_dem": ["sar", "dem"]},
+        rendering="structure", private_share=0.0,
+    )
+    assert float(three.band_truth["sar"]["subset_shared"].sum()) > 0 and float(three.band_truth["optical"]["subset_shared"].sum()) == 0
+
+
+def test_datamodule_band_truth_texture_and_structure():
+    texture = SyntheticMultimodalDataModule().band_truth  # the default rendering: every band mixes
+    for truth in texture.values():
+        torch.testing.assert_close(truth["shared"] + truth["private"] + truth["subset_shared"], torch.ones_like(truth["shared"]))
+        assert (truth["shared"] > 0).all() and (truth["private"] > 0).all()
+    dm = SyntheticMultimodalDataModule(rendering="structure", private_share=0.25, num_train=8, num_val=8, num_test=8)
+    before = dm.band_truth
+    dm.setup()
+    assert dm.band_truth["optical"]["private"].tolist() == [0, 0, 0, 1] == before["optical"]["private"].tolist()
+    assert dm.hparams.rendering == "structure" and dm.hparams.private_share == 0.25

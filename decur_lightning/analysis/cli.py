@@ -69,7 +69,8 @@ def build_parser() -> ArgumentParser:
         help=(
             "GradCAM layer by modality name: --layer sar=layer3 --layer optical=layer2 (repeatable), "
             "--layer.sar=layer3, or a YAML mapping {sar: layer3}; --layer layer3 for every modality. "
-            "Default: each encoder's last stage."
+            "Default: each encoder's deepest stage with maps of at least 4x4 for the data's image size "
+            "(statistics.json records the choice under saliency.gradcam_layers)."
         ),
     )
     parser.add_argument("--comparison_checkpoint", type=str | None, default=None)

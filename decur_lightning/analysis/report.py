@@ -28,6 +28,7 @@ from .plotting import save_figure
 from .saliency import (
     OUTPUT_NAMES,
     band_importance_figure,
+    band_truth_score,
     overlap_histogram_figure,
     saliency_analysis,
     saliency_examples_figure,
@@ -170,8 +171,14 @@ def analyze(
 
     3. GradCAM overlap scores of every pair of modalities for the common and unique outputs:
        ``saliency_overlap.png`` and example maps ``saliency_examples.png`` (with the suffix
-       ``_<m>_<n>`` per pair for more than two modalities);
-    4. Integrated Gradients band importances, one panel per modality: ``band_importance.png``.
+       ``_<m>_<n>`` per pair for more than two modalities). The layer and its map size are
+       recorded (``saliency.gradcam_layers``); samples whose maps are zero or constant are
+       left out of the overlap statistics and counted (``undefined``, ``degenerate``, with a
+       ``note``), and the figure says so;
+    4. Integrated Gradients band importances, one panel per modality: ``band_importance.png``;
+       when the datamodule knows which bands carry shared and private factors (a
+       ``band_truth`` attribute, as the synthetic data's), the importance is scored against it
+       (``saliency.band_truth``, :func:`~decur_lightning.analysis.band_truth_score`).
 
     Everything numeric goes to ``statistics.json`` (summaries; per-pair entries keyed
     ``"<m>_<n>"``, per-modality entries by name) and ``analysis.npz`` (the per-dimension
@@ -191,8 +198,9 @@ def analyze(
         ig_internal_batch_size: inputs per forward pass inside IG (``None``: the loader's batch
             size).
         layers: GradCAM layer name of every encoder, or ``{modality: name}`` (``None``, or a
-            modality left out: the encoder's last stage; use ``"layer3"`` for images so small
-            that the last stage is 1 x 1).
+            modality left out: the deepest stage whose maps are at least 4 x 4 for the data's
+            image size, e.g. ``layer2`` of a ResNet at 32 px; recorded in
+            ``statistics.json`` under ``saliency.gradcam_layers``).
         comparison_checkpoint: optional checkpoint of a comparison model with the same
             modalities (Fig. 5a).
         comparison_class: its LightningModule class (class, name in :mod:`decur_lightning.ssl`
@@ -305,21 +313,64 @@ def analyze(
             ig_internal_batch_size=ig_internal_batch_size,
         )
         statistics["saliency"] = _saliency_statistics(saliency, bands_of, ig_steps)
+        truth = _band_truth(datamodule, modalities)
+        if truth is not None:
+            statistics["saliency"]["band_truth"] = band_truth_score(saliency.band_importance, truth)
         for pair in pairs:
             label, suffix = pair_label(pair), pair_suffix(pair, len(pairs))
             for name in OUTPUT_NAMES:
                 arrays[f"overlap_{label}_{name}"] = saliency.overlap[pair][name].numpy()
+                arrays[f"overlap_degenerate_{label}_{name}"] = saliency.degenerate[pair][name].numpy()
             title = f"Spatial saliency statistics: {pair[0]}-{pair[1]}"
-            save(f"saliency_overlap{suffix}", overlap_histogram_figure(saliency.overlap[pair], title=title))
+            note = "GradCAM at " + ", ".join(
+                f"{m} {_layer_text(saliency.layers[m])}" for m in pair
+            )
+            figure = overlap_histogram_figure(
+                saliency.overlap[pair], title=title, degenerate=saliency.degenerate[pair], note=note
+            )
+            save(f"saliency_overlap{suffix}", figure)
             save(f"saliency_examples{suffix}", saliency_examples_figure(saliency, pair=pair))
         for modality in modalities:
             for name in OUTPUT_NAMES:
                 arrays[f"band_importance_{modality}_{name}"] = saliency.band_importance[modality][name].numpy()
-        save("band_importance", band_importance_figure(saliency.band_importance, bands_of))
+        title = "Spectral saliency statistics"
+        if truth is not None and statistics["saliency"]["band_truth"]["skill"] is not None:
+            score = statistics["saliency"]["band_truth"]
+            title += f" (known bands found: skill {score['skill']:.2f}, ranking {score['ranking']:.2f}; chance 0, 0.5)"
+        save("band_importance", band_importance_figure(saliency.band_importance, bands_of, title=title))
 
     np.savez(out / "analysis.npz", **arrays)
     (out / "statistics.json").write_text(json.dumps(statistics, indent=2))
     return {**statistics, "figures": figures}
+
+
+def _layer_text(layer: Any) -> str:
+    size = "not spatial" if layer.map_size is None else f"{layer.map_size[0]}x{layer.map_size[1]}"
+    return f"{layer.name} ({size})"
+
+
+def _band_truth(datamodule: LightningDataModule, modalities: Sequence[str]) -> dict[str, Any] | None:
+    """The datamodule's band truth (data with a known answer, e.g. the synthetic data), if any."""
+    truth = getattr(datamodule, "band_truth", None)
+    if not isinstance(truth, Mapping) or not all(name in truth for name in modalities):
+        return None
+    return {name: truth[name] for name in modalities}
+
+
+def _overlap_summary(values: torch.Tensor, degenerate: torch.Tensor) -> dict[str, Any]:
+    """Summary of the defined, non-degenerate overlap scores, with the counts left out."""
+    undefined = values.isnan()
+    flat = degenerate.bool() & ~undefined
+    kept = values[~undefined & ~flat]
+    summary: dict[str, Any] = {**summarize(kept), "undefined": int(undefined.sum()), "degenerate": int(flat.sum())}
+    if kept.numel() == 0:
+        summary["note"] = "no sample with spatially informative maps of both modalities: no overlap statistic"
+    elif int(undefined.sum()) + int(flat.sum()):
+        summary["note"] = (
+            f"over {kept.numel()} of {values.numel()} samples; left out: {int(undefined.sum())} with a map zero "
+            f"everywhere (undefined), {int(flat.sum())} with a constant map (no spatial information)"
+        )
+    return summary
 
 
 def _saliency_statistics(
@@ -337,10 +388,17 @@ def _saliency_statistics(
             }
     return {
         "num_samples": saliency.num_samples,
+        "gradcam_layers": {
+            modality: {
+                "name": layer.name,
+                "map_size": None if layer.map_size is None else list(layer.map_size),
+                "degenerate": layer.degenerate,
+            }
+            for modality, layer in saliency.layers.items()
+        },
         "overlap": {
             pair_label(pair): {
-                name: {**summarize(values), "undefined": int(values.isnan().sum())}
-                for name, values in per_output.items()
+                name: _overlap_summary(values, saliency.degenerate[pair][name]) for name, values in per_output.items()
             }
             for pair, per_output in saliency.overlap.items()
         },

@@ -6,12 +6,16 @@ dimensions (output 0) and the mean of its unique dimensions (output 1)
 (:class:`CommonUniqueOutput`). Attributions of each output give one "common" and one "unique"
 saliency map per modality:
 
-- spatial: GradCAM on the encoder's last convolutional stage (captum
-  :class:`~captum.attr.LayerGradCam`), upsampled to the input size; per sample, the overlap
-  score of two modalities' maps (:func:`saliency_overlap`) is counted for the common and
-  for the unique output, for every pair (Fig. 6a);
+- spatial: GradCAM (captum :class:`~captum.attr.LayerGradCam`) on the deepest encoder stage
+  whose maps are at least 4 x 4 for the data's image size (the last stage at the paper's
+  224 px; an earlier one at small sizes, :func:`select_target_layer`), upsampled to the input
+  size; per sample, the overlap score of two modalities' maps (:func:`saliency_overlap`) is
+  counted for the common and for the unique output, for every pair (Fig. 6a). Samples whose
+  maps cannot locate anything (zero or constant, :func:`degenerate_maps`) are left out of the
+  statistics and counted;
 - spectral: Integrated Gradients (captum :class:`~captum.attr.IntegratedGradients`) averaged
-  per input band and normalised (:func:`band_importance`, Fig. 6b).
+  per input band and normalised (:func:`band_importance`, Fig. 6b); on data with known band
+  content, :func:`band_truth_score` checks it against the truth.
 
 captum is an optional dependency: ``pip install decur-lightning[analysis]``.
 """
@@ -35,13 +39,17 @@ from .plotting import COLORS, new_figure
 
 __all__ = [
     "COMMON",
+    "MIN_MAP_SIZE",
     "OUTPUT_NAMES",
     "UNIQUE",
     "CommonUniqueOutput",
     "SaliencyResult",
+    "TargetLayer",
     "band_importance",
     "band_importance_figure",
+    "band_truth_score",
     "default_target_layer",
+    "degenerate_maps",
     "gradcam",
     "integrated_gradients",
     "modality_common_dims",
@@ -49,6 +57,8 @@ __all__ = [
     "saliency_analysis",
     "saliency_examples_figure",
     "saliency_overlap",
+    "select_target_layer",
+    "stage_layers",
 ]
 
 #: Output index of the mean of the common dimensions (Algorithm 2: ``target=0``).
@@ -181,24 +191,134 @@ def modality_common_dims(model: nn.Module, modality: str) -> int:
     return int(values.pop())  # type: ignore[arg-type]
 
 
+#: Smallest side (in feature-map pixels) of a GradCAM map that the automatic layer choice accepts.
+MIN_MAP_SIZE = 4
+
+
+def stage_layers(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The encoder's spatial stages, deepest first, as ``(name, module)``.
+
+    ResNet (timm/torchvision): ``layer4`` .. ``layer1`` (with residual deformable attention,
+    ``da_l4`` / ``da_l3`` in place of ``layer4`` / ``layer3``: their outputs are the stage outputs);
+    MiT: ``norm4`` .. ``norm1``; other timm models: ``stages.<i>``, last first. Empty when none is
+    found.
+    """
+    found: list[tuple[str, nn.Module]] = []
+    for index in (4, 3, 2, 1):
+        for name in (f"da_l{index}", f"layer{index}", f"norm{index}"):
+            layer = getattr(encoder, name, None)
+            if isinstance(layer, nn.Module):
+                found.append((name, layer))
+                break
+    if found:
+        return found
+    stages = getattr(encoder, "stages", None)
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)):
+        return [(f"stages.{i}", stages[i]) for i in reversed(range(len(stages)))]
+    return []
+
+
 def default_target_layer(encoder: nn.Module) -> nn.Module:
-    """The encoder's last spatial stage, where GradCAM is taken.
+    """The encoder's last spatial stage (the paper's GradCAM layer for 224 px inputs).
 
     ``da_l4`` (ResNet with residual deformable attention), ``layer4`` (timm/torchvision
-    ResNet), ``norm4`` (MiT) or the last of ``stages`` (ConvNeXt and other timm models).
+    ResNet), ``norm4`` (MiT) or the last of ``stages`` (ConvNeXt and other timm models). At
+    small input sizes its maps can be 1 x 1: :func:`select_target_layer` picks by map size.
     """
-    for name in ("da_l4", "layer4", "norm4"):
-        layer = getattr(encoder, name, None)
-        if isinstance(layer, nn.Module):
-            return layer
-    stages = getattr(encoder, "stages", None)
-    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) > 0:
-        return stages[-1]
+    stages = stage_layers(encoder)
+    if stages:
+        return stages[0][1]
     raise ValueError(
         f"Cannot find the last convolutional stage of a {type(encoder).__name__} encoder. Pass layer= "
         "(a module of the encoder, or its name such as 'layer4'): GradCAM needs a layer whose output "
         "is a spatial map (N, C, h, w). Token-based encoders (ViT) have none."
     )
+
+
+@dataclass
+class TargetLayer:
+    """The layer GradCAM is taken on, and the size of its maps.
+
+    Attributes:
+        name: the layer's name in the encoder (``"layer2"``), or its class name when a module
+            was given.
+        module: the layer.
+        map_size: ``(h, w)`` of its output for the inputs it was chosen on (``None`` when the
+            output is not a spatial map).
+    """
+
+    name: str
+    module: nn.Module
+    map_size: tuple[int, int] | None
+
+    @property
+    def degenerate(self) -> bool:
+        """True when the maps cannot locate anything (a 1 x 1 map upsamples to a constant)."""
+        return self.map_size is None or min(self.map_size) < 2
+
+
+@torch.no_grad()
+def _output_sizes(encoder: nn.Module, layers: Sequence[nn.Module], inputs: Tensor) -> list[tuple[int, int] | None]:
+    """Spatial size of each layer's output on one input sample (eval mode, restored afterwards)."""
+    sizes: dict[int, tuple[int, int] | None] = {}
+    hooks = []
+    for index, layer in enumerate(layers):
+        def hook(_module: nn.Module, _args: Any, output: Any, index: int = index) -> None:
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            sizes[index] = tuple(output.shape[-2:]) if isinstance(output, Tensor) and output.ndim == 4 else None
+
+        hooks.append(layer.register_forward_hook(hook))
+    states = {m: m.training for m in encoder.modules()}
+    encoder.eval()
+    try:
+        parameter = next(encoder.parameters())
+        encoder(inputs[:1].detach().to(device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in states.items():
+            m.training = training
+    return [sizes.get(index) for index in range(len(layers))]
+
+
+def select_target_layer(
+    encoder: nn.Module, inputs: Tensor, layer: nn.Module | str | None = None, min_size: int = MIN_MAP_SIZE
+) -> TargetLayer:
+    """The GradCAM layer for ``inputs`` of this size: the deepest stage whose maps are at least
+    ``min_size x min_size`` (or ``layer`` when given), with its map size.
+
+    The paper attributes the last stage at 224 px (7 x 7 maps). At small inputs the last stages
+    shrink to 2 x 2 or 1 x 1 (a ResNet at 32 px: ``layer1`` 8 x 8, ``layer2`` 4 x 4, ``layer3``
+    2 x 2, ``layer4`` 1 x 1), where GradCAM cannot locate anything; the choice then moves to an
+    earlier stage (``layer2`` at 32 px). When no stage reaches ``min_size``, the one with the
+    largest maps is taken, and :attr:`TargetLayer.degenerate` says when even it has no extent.
+
+    Args:
+        encoder: the modality's encoder.
+        inputs: ``(N, C, H, W)`` inputs of the size to attribute (one sample is run).
+        layer: a module or name to use instead of choosing (its map size is still measured).
+        min_size: smallest accepted map side.
+    """
+    if layer is not None:
+        module = _resolve_layer(encoder, layer)
+        name = layer if isinstance(layer, str) else next(
+            (n for n, m in encoder.named_modules() if m is module), type(module).__name__
+        )
+        (size,) = _output_sizes(encoder, [module], inputs)
+        return TargetLayer(name, module, size)
+    stages = stage_layers(encoder)
+    if not stages:
+        default_target_layer(encoder)  # raises the explanatory error
+    sizes = _output_sizes(encoder, [module for _, module in stages], inputs)
+    for (name, module), size in zip(stages, sizes):
+        if size is not None and min(size) >= min_size:
+            return TargetLayer(name, module, size)
+    spatial = [(min(size), index) for index, size in enumerate(sizes) if size is not None]
+    if not spatial:
+        name, module = stages[0]
+        return TargetLayer(name, module, None)
+    _, index = max(spatial, key=lambda item: (item[0], -item[1]))
+    return TargetLayer(stages[index][0], stages[index][1], sizes[index])
 
 
 def _resolve_layer(encoder: nn.Module, layer: nn.Module | str | None) -> nn.Module:
@@ -239,8 +359,9 @@ def gradcam(
 ) -> Tensor:
     """GradCAM maps ``(N, H, W)`` of output ``target`` of ``head`` (Algorithm 2, ``gradcam_vis``).
 
-    captum's :class:`~captum.attr.LayerGradCam` on ``layer`` (default: the last stage of
-    ``head.encoder``, :func:`default_target_layer`), with the ReLU of GradCAM applied (maps are
+    captum's :class:`~captum.attr.LayerGradCam` on ``layer`` (default: the deepest stage of
+    ``head.encoder`` whose maps are at least 4 x 4 for these inputs, :func:`select_target_layer`;
+    the last stage at 128 px and above), with the ReLU of GradCAM applied (maps are
     non-negative), bilinearly upsampled to the input size (``upsample=False`` keeps the layer's
     ``h x w``). The head runs in eval mode.
 
@@ -249,10 +370,10 @@ def gradcam(
         inputs: ``(N, C, H, W)`` images of the head's modality.
         target: :data:`COMMON` or :data:`UNIQUE`.
         layer: the attributed layer: a module, its name in ``head.encoder`` (``"layer3"``), or
-            ``None`` for :func:`default_target_layer`.
+            ``None`` for :func:`select_target_layer`'s choice.
     """
     attr = _captum_attr()
-    layer = _resolve_layer(head.encoder, layer)
+    layer = select_target_layer(head.encoder, inputs).module if layer is None else _resolve_layer(head.encoder, layer)
     with _attribution_mode(head):
         x = _prepare_input(inputs, head)
         maps = attr.LayerGradCam(head, layer).attribute(x, target=target, relu_attributions=True)
@@ -300,6 +421,22 @@ def saliency_overlap(map_m: Tensor, map_n: Tensor) -> Tensor:
     norm_m, norm_n = flat_m.norm(dim=1), flat_n.norm(dim=1)
     score = (flat_m * flat_n).sum(1) / (norm_m * norm_n)
     return score.masked_fill((norm_m == 0) | (norm_n == 0), float("nan"))
+
+
+def degenerate_maps(maps: Tensor, tolerance: float = 1e-6) -> Tensor:
+    """``(N,)`` True where a saliency map cannot locate anything: zero everywhere (GradCAM's ReLU
+    found no positive evidence; the overlap is undefined) or constant over the image (e.g. an
+    upsampled 1 x 1 map, whose overlap with any constant map is exactly 1).
+
+    Args:
+        maps: ``(N, H, W)`` maps.
+        tolerance: a map is constant when ``max - min <= tolerance * max``.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"Expected (N, H, W) maps; got {tuple(maps.shape)}.")
+    flat = maps.detach().float().flatten(1)
+    high, low = flat.amax(1), flat.amin(1)
+    return (high <= 0) | ((high - low) <= tolerance * high.abs())
 
 
 def integrated_gradients(
@@ -362,6 +499,10 @@ class SaliencyResult:
             divided by ``|output - baseline output|`` (a check of the integration).
         examples: the first samples' images and GradCAM maps for plotting:
             ``{"images": {modality: (E, C, H, W)}, "maps": {modality: {"common": (E, H, W), ...}}}``.
+        layers: ``{modality: TargetLayer}``: the GradCAM layer of each encoder and its map size.
+        degenerate: ``{(m, n): {"common": (N,) bool, "unique": ...}}``: samples whose overlap
+            score says nothing (a map of either modality zero everywhere or constant, see
+            :func:`degenerate_maps`); statistics leave them out and count them.
     """
 
     modalities: tuple[str, ...]
@@ -369,6 +510,8 @@ class SaliencyResult:
     band_importance: dict[str, dict[str, Tensor]]
     relative_delta: dict[str, dict[str, Tensor]]
     examples: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, TargetLayer] = field(default_factory=dict)
+    degenerate: dict[tuple[str, str], dict[str, Tensor]] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -402,7 +545,9 @@ def saliency_analysis(
             embeddings (``BN`` of Algorithm 2; see :class:`CommonUniqueOutput`), e.g. the output
             of :func:`~decur_lightning.analysis.collect_embeddings`.
         layers: GradCAM layer: one for every encoder, or ``{modality: layer}`` (a module, a
-            name such as ``"layer3"``, or ``None`` for :func:`default_target_layer`).
+            name such as ``"layer3"``, or ``None``: the deepest stage with maps of at least 4 x 4
+            for the data's image size, :func:`select_target_layer`). The choice is recorded in
+            :attr:`SaliencyResult.layers`.
         ig_steps: Integrated Gradients steps.
         ig_internal_batch_size: inputs per forward pass inside IG (bounds memory; ``None``: the
             data batch size, so IG needs the memory of one training-size batch).
@@ -418,7 +563,7 @@ def saliency_analysis(
     reference_of = modality_mapping(model, reference, "reference")
     counts = modality_mapping(model, common_dims, "common_dims")
     heads = {m: CommonUniqueOutput.from_model(model, m, reference_of[m], counts[m]) for m in modalities}
-    target_layers = {m: _resolve_layer(heads[m].encoder, layer_of[m]) for m in modalities}
+    chosen: dict[str, TargetLayer] = {}
     maps: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
     importance: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
     deltas: dict[str, dict[str, list[Tensor]]] = {m: {name: [] for name in OUTPUT_NAMES} for m in modalities}
@@ -434,8 +579,17 @@ def saliency_analysis(
                 f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every modality of the model."
             )
         for modality in modalities:
-            head, layer = heads[modality], target_layers[modality]
             x = batch[f"image_{modality}"][:remaining]
+            if modality not in chosen:
+                chosen[modality] = select_target_layer(heads[modality].encoder, x, layer_of[modality])
+                if chosen[modality].degenerate:
+                    warnings.warn(
+                        f"The GradCAM maps of {modality!r} at layer {chosen[modality].name!r} are "
+                        f"{chosen[modality].map_size} for {tuple(x.shape[-2:])} px inputs: they carry no spatial "
+                        "information, so the overlap statistics are left out (pass a shallower layer or larger images).",
+                        stacklevel=2,
+                    )
+            head, layer = heads[modality], chosen[modality].module
             if sum(t.shape[0] for t in images[modality]) < num_examples:
                 images[modality].append(x[:num_examples].detach().cpu())
             for target, name in enumerate(OUTPUT_NAMES):
@@ -449,8 +603,13 @@ def saliency_analysis(
     if count == 0:
         raise ValueError("No samples to attribute: the dataloader is empty (or max_samples < 1).")
     cat = {m: {name: torch.cat(maps[m][name]) for name in OUTPUT_NAMES} for m in modalities}
+    flat = {
+        m: {name: degenerate_maps(cat[m][name]) | chosen[m].degenerate for name in OUTPUT_NAMES} for m in modalities
+    }
     return SaliencyResult(
         modalities=modalities,
+        layers=chosen,
+        degenerate={(m, n): {name: flat[m][name] | flat[n][name] for name in OUTPUT_NAMES} for m, n in pairs},
         overlap={
             (m, n): {name: saliency_overlap(cat[m][name], cat[n][name]) for name in OUTPUT_NAMES} for m, n in pairs
         },
@@ -480,14 +639,26 @@ def _relative_delta(head: nn.Module, x: Tensor, target: int, delta: Tensor) -> T
     return delta.abs().to(change.device) / change.abs().clamp_min(1e-12)
 
 
-def overlap_histogram_figure(overlap: Mapping[str, Tensor], bins: int = 20, title: str | None = None) -> Figure:
+def overlap_histogram_figure(
+    overlap: Mapping[str, Tensor],
+    bins: int = 20,
+    title: str | None = None,
+    degenerate: Mapping[str, Tensor] | None = None,
+    note: str | None = None,
+) -> Figure:
     """Histogram of one pair's per-sample GradCAM overlap scores, common vs unique (Fig. 6a).
 
     Args:
         overlap: ``{"common": (N,), "unique": (N,)}``, e.g. ``result.overlap[("sar", "optical")]``
             of :func:`saliency_analysis`.
+        bins: histogram bins over [0, 1].
+        title: axes title.
+        degenerate: ``{"common": (N,) bool, ...}`` samples to leave out (maps without spatial
+            information, ``result.degenerate[pair]``); counted in the legend.
+        note: a line under the title (e.g. which layer the maps come from).
 
-    Undefined scores (NaN, a map zero everywhere) are left out and counted in the legend.
+    Undefined scores (NaN, a map zero everywhere) and degenerate samples are left out and
+    counted in the legend; when no sample is left, the axes say so instead of drawing bars.
     """
     if any(isinstance(key, tuple) for key in overlap):
         raise ValueError(
@@ -496,21 +667,104 @@ def overlap_histogram_figure(overlap: Mapping[str, Tensor], bins: int = 20, titl
         )
     fig, ax = new_figure()
     edges = np.linspace(0.0, 1.0, bins + 1)
+    shown = 0
     for name in OUTPUT_NAMES:
         if name not in overlap:
             continue
         values = overlap[name].detach().float().cpu().numpy()
-        finite = values[np.isfinite(values)]
-        label = f"{name} (mean {finite.mean():.2f})" if finite.size else f"{name}"
-        if finite.size < values.size:
-            label += f", {values.size - finite.size} undefined"
+        undefined = ~np.isfinite(values)
+        flat = np.zeros_like(undefined)
+        if degenerate is not None and name in degenerate:
+            flat = degenerate[name].detach().cpu().numpy().astype(bool) & ~undefined
+        finite = values[~undefined & ~flat]
+        shown += finite.size
+        label = f"{name} (mean {finite.mean():.2f}, n={finite.size})" if finite.size else f"{name}"
+        if undefined.any():
+            label += f", {int(undefined.sum())} undefined"
+        if flat.any():
+            label += f", {int(flat.sum())} without spatial information"
         ax.hist(finite, bins=edges, color=COLORS[name], alpha=0.6, label=label)
+    if shown == 0:
+        ax.text(
+            0.5, 0.5, "no overlap statistic: every map is degenerate\n(zero or constant; see statistics.json)",
+            ha="center", va="center", transform=ax.transAxes, color="tab:red",
+        )
     ax.set_xlabel("overlap score of the two modalities' GradCAM maps")
     ax.set_ylabel("number of samples")
-    ax.set_title(title or "Spatial saliency statistics")
+    heading = title or "Spatial saliency statistics"
+    ax.set_title(f"{heading}\n{note}" if note else heading, fontsize=10 if note else None)
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def band_truth_score(
+    importance: Mapping[str, Mapping[str, Tensor]], truth: Mapping[str, Mapping[str, Tensor]]
+) -> dict[str, Any]:
+    """How well band importance (Fig. 6b) finds the bands that carry each output's factors.
+
+    Data with a known answer (:attr:`SyntheticMultimodalDataModule.band_truth
+    <decur_lightning.datamodules.SyntheticMultimodalDataModule.band_truth>`) says, per band, which
+    share of its signal comes from shared factors and which from the modality's private ones.
+    The common output should draw on the shared bands, the unique output on the private ones.
+    Per modality and output, with ``p`` the mean normalised importance (sums to 1) and ``t`` the
+    truth (``"shared"`` for common, ``"private"`` for unique):
+
+    - ``on_truth = sum_c p_c t_c``: the importance mass on the right bands;
+    - ``chance = mean_c t_c``: the same for importance spread evenly;
+    - ``skill = (on_truth - chance) / (max_c t_c - chance)``: 0 at chance, 1 when all the
+      importance sits on the band(s) with most of the output's factors, negative when the
+      wrong bands rank higher; ``None`` when every band has the same truth (nothing to find);
+    - ``ranking``: the share of band pairs with different truth whose importance is ordered as
+      their truth (0.5 at chance).
+
+    Returns:
+        ``{"per_modality": {modality: {"common": {...}, "unique": {...}}}, "skill": mean skill,
+        "ranking": mean ranking}`` (means over the defined entries; ``None`` if none).
+    """
+    pairs = {"common": "shared", "unique": "private"}
+    per_modality: dict[str, Any] = {}
+    skills: list[float] = []
+    rankings: list[float] = []
+    for modality, outputs in importance.items():
+        if modality not in truth:
+            continue
+        per_modality[modality] = {}
+        for output, truth_key in pairs.items():
+            if output not in outputs:
+                continue
+            p = outputs[output].detach().double().cpu().mean(0)
+            t = torch.as_tensor(truth[modality][truth_key]).double().cpu()
+            if p.shape != t.shape:
+                raise ValueError(
+                    f"band truth of {modality!r} has {t.numel()} bands, the importance {p.numel()}: give the truth of "
+                    "the data the importance was computed on."
+                )
+            on_truth, chance, best = float((p * t).sum()), float(t.mean()), float(t.max())
+            skill = None if best - chance < 1e-9 else (on_truth - chance) / (best - chance)
+            ordered = [
+                (1.0 if p[c] > p[d] else 0.5 if p[c] == p[d] else 0.0)
+                for c in range(t.numel())
+                for d in range(t.numel())
+                if t[c] > t[d] + 1e-9
+            ]
+            ranking = float(np.mean(ordered)) if ordered else None
+            per_modality[modality][output] = {
+                "truth": truth_key,
+                "on_truth": on_truth,
+                "chance": chance,
+                "skill": skill,
+                "ranking": ranking,
+            }
+            if skill is not None:
+                skills.append(skill)
+            if ranking is not None:
+                rankings.append(ranking)
+    return {
+        "per_modality": per_modality,
+        "skill": float(np.mean(skills)) if skills else None,
+        "ranking": float(np.mean(rankings)) if rankings else None,
+    }
 
 
 def band_importance_figure(

@@ -14,11 +14,30 @@ sees it. Factors come in three groups:
 * optional **subset-shared** factors are seen by some modalities but not all (e.g. SAR and
   elevation both see surface roughness, optical does not), ``num_subset_shared`` per subset.
 
-A modality's image is ``0.5 + sum_j f_j * (a_j[c] * grating_j + b_j[c]) + noise`` over the
-factors it sees, clipped to [0, 1]; the grating phase is random per sample, so the factors are
-properties of the texture and of the band means, not of pixel positions, and survive crops and
-flips. With two modalities and no subsets the tensors are exactly those of version 0.1 for the
-same seeds.
+Two renderings (``rendering``):
+
+* ``"texture"`` (default, version 0.1's data): a modality's image is
+  ``0.5 + sum_j f_j * (a_j[c] * grating_j + b_j[c]) + noise`` over the factors it sees, clipped
+  to [0, 1], with random signed loadings in every band. The grating phase is random per sample,
+  so the factors are properties of the texture and of the band means, not of pixel positions,
+  and survive crops and flips. But ``f_j * grating_j`` with a random phase only shows ``|f_j|``
+  (the sign lives in the faint band means, ``b ~ 0.08``), and every band mixes every factor: a
+  linear probe of the shared factors reaches R^2 of about 0.35 at best. With two modalities and
+  no subsets the tensors are exactly those of version 0.1 for the same seeds.
+* ``"structure"`` (the quickstart's): strong, sign-preserving structure in known bands. Each
+  factor ``f_j`` sets both the brightness of its bands (``f_j``, signed) and the contrast
+  ``(f_j + 1) / 2`` of its own grating (orientations 30 degrees apart, two frequencies; a flip
+  maps an orientation to its mirror, so the orientations are distinct up to flips). Factors
+  of one group (shared, or one modality's private ones) each have a home band (loading 1;
+  0.2-0.3 in the group's other bands). Band ``c`` of a modality shows
+  ``(1 - w_c) * shared structure + w_c * private structure`` with private weights ``w_c`` set by
+  ``private_share`` (:func:`private_band_weights`), scaled to 0.5 +- 0.42 (no clipping before
+  noise). The **share of private information** of a modality is the mean of its ``w_c``: the
+  share of its bands (band-units) given to its private factors. 0: no private information (the
+  modalities differ only by their loadings and noise), 0.25: a quarter of the bands (4 bands:
+  the last one; 2 bands: half of the last one), 0.5: half of them (default). The truth is
+  recorded per band (:attr:`SyntheticMultimodalDataset.band_truth`), so analyses can be
+  checked against it (:func:`~decur_lightning.analysis.band_truth_score`).
 """
 
 from __future__ import annotations
@@ -27,7 +46,7 @@ import copy
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 from lightning import LightningDataModule
@@ -40,7 +59,16 @@ from ..modalities import Modality
 from ._common import DescribesModalities
 from .samplers import EpochSeededRandomSampler
 
-__all__ = ["DEFAULT_MODALITIES", "SyntheticModalities", "SyntheticMultimodalDataModule", "SyntheticMultimodalDataset"]
+__all__ = [
+    "DEFAULT_MODALITIES",
+    "DEFAULT_PRIVATE_SHARE",
+    "RENDERINGS",
+    "Rendering",
+    "SyntheticModalities",
+    "SyntheticMultimodalDataModule",
+    "SyntheticMultimodalDataset",
+    "private_band_weights",
+]
 
 #: How the synthetic data's modalities are given: an ordered mapping name -> band count, or
 #: name -> dict of the data-side :class:`~decur_lightning.modalities.Modality` fields
@@ -182,6 +210,156 @@ def _check_counts(**counts: int) -> None:
             raise ValueError(f"{name} must be a non-negative int; got {value!r}.")
 
 
+#: How the synthetic factors become pixels: ``"texture"`` (version 0.1's faint signed grating
+#: amplitudes, the default, unchanged) or ``"structure"`` (strong, sign-preserving structure
+#: with shared and private factors in known bands; see :class:`SyntheticMultimodalDataset`).
+Rendering = Literal["texture", "structure"]
+RENDERINGS: tuple[str, ...] = get_args(Rendering)
+
+#: Default share of private information per modality with ``rendering="structure"``.
+DEFAULT_PRIVATE_SHARE = 0.5
+
+# Grating "channels" of the structure rendering: orientations 30 degrees apart in [0, 90]
+# (a flip maps an orientation theta to -theta, so only |theta| is a property of the scene) and
+# two frequencies (cycles per image) further apart than random resized crops stretch them.
+_ORIENTATIONS = (0.0, math.pi / 6, math.pi / 3, math.pi / 2)
+_FREQUENCIES = (2.5, 5.5)
+# Peak amplitude of a band's structure (0.5 +- 0.42 stays inside [0, 1] before noise).
+_STRUCTURE_AMPLITUDE = 0.42
+# Weight of a factor's band level (brightness, signed) beside its grating contrast.
+_LEVEL = 1.5
+
+
+def _check_rendering(rendering: Any) -> str:
+    if rendering not in RENDERINGS:
+        raise ValueError(f"rendering must be one of {RENDERINGS}; got {rendering!r}.")
+    return rendering
+
+
+def _check_private_share(
+    share: float | Mapping[str, float] | None, rendering: str, modalities: Sequence[str]
+) -> dict[str, float]:
+    """Per-modality share of private information (``rendering="structure"`` only)."""
+    if rendering != "structure":
+        if share is not None:
+            raise ValueError(
+                f"private_share applies to rendering='structure' (bands of known content); got private_share={share!r} "
+                f"with rendering={rendering!r}. Set rendering='structure' or leave private_share out."
+            )
+        return {}
+    if share is None:
+        share = DEFAULT_PRIVATE_SHARE
+    if isinstance(share, Mapping):
+        unknown = sorted(set(share) - set(modalities))
+        if unknown:
+            raise ValueError(f"private_share names {unknown}, not among the modalities {list(modalities)}.")
+        shares = {name: share.get(name, DEFAULT_PRIVATE_SHARE) for name in modalities}
+    else:
+        shares = dict.fromkeys(modalities, share)
+    for name, value in shares.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"private_share of {name!r} must be a number in [0, 1) (0: no private information, 0.5: half the "
+                f"bands); got {value!r}."
+            )
+    return {name: float(value) for name, value in shares.items()}
+
+
+def private_band_weights(bands: int, share: float) -> Tensor:
+    """Private weight ``w_c`` of each band for a modality's share of private information.
+
+    The private information fills the last bands: ``share * bands`` band-units, whole bands
+    first (``w = 1``), then one mixed band (``0 < w < 1``); the first bands stay shared
+    (``w = 0``). E.g. 4 bands: 0.25 -> ``[0, 0, 0, 1]``, 0.5 -> ``[0, 0, 1, 1]``; 2 bands: 0.25 ->
+    ``[0, 0.5]``. The mean of the weights is ``share``.
+    """
+    remaining = share * bands
+    weights = torch.zeros(bands, dtype=torch.float64)
+    for c in reversed(range(bands)):
+        weights[c] = min(max(remaining, 0.0), 1.0)
+        remaining -= weights[c].item()
+    return weights
+
+
+def _structure_channels(
+    num_shared: int, num_private: int, num_modalities: int, num_subsets: int, num_subset_shared: int
+) -> tuple[Tensor, Tensor]:
+    """(frequency, angle) of every factor's grating for ``rendering="structure"``.
+
+    Factors of one group get distinct channels (the shared ones the first, each modality's
+    private ones the next, reused across modalities since they live in different images).
+    """
+    def channel(k: int) -> tuple[float, float]:
+        orientation = _ORIENTATIONS[k % len(_ORIENTATIONS)]
+        level = k // len(_ORIENTATIONS)
+        frequency = _FREQUENCIES[level % len(_FREQUENCIES)] * (1.0 + 0.15 * (level // len(_FREQUENCIES)))
+        return frequency, orientation
+
+    channels = [channel(k) for k in range(num_shared)]
+    channels += [channel(num_shared + k) for _ in range(num_modalities) for k in range(num_private)]
+    start = num_shared + num_private
+    channels += [channel(start + j * num_subset_shared + k) for j in range(num_subsets) for k in range(num_subset_shared)]
+    if not channels:
+        return torch.zeros(0), torch.zeros(0)
+    freq, angle = zip(*channels)
+    return torch.tensor(freq), torch.tensor(angle)
+
+
+def _render_structure(
+    bands: int,
+    share: float,
+    common: tuple[Tensor, Tensor],
+    private: tuple[Tensor, Tensor],
+    num_subset: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One modality's noiseless image for ``rendering="structure"``.
+
+    Each factor ``f`` in [-1, 1] sets the contrast ``(f + 1) / 2`` of its own grating (so the
+    sign survives the random phase) and, with weight 1.5, the brightness ``f`` of its bands; a
+    band's structure is the loading-weighted sum over its group (each factor's home band, the
+    ``(j mod n)``-th of the ``n`` bands that show the group, loads it 1, the others 0.2-0.3;
+    loadings normalised per band), scaled to a
+    peak amplitude of 0.42 around 0.5; band ``c`` mixes the common structure (shared and
+    subset-shared factors) and the private one as ``(1 - w_c) * common + w_c * private``
+    (:func:`private_band_weights`).
+
+    Returns:
+        image ``(N, bands, H, W)``, private weights ``w`` ``(bands,)``, and the subset factors'
+        part of each band's common loadings ``(bands,)``.
+    """
+    weights = private_band_weights(bands, share)
+
+    def structure(factors: Tensor, gratings: Tensor, group: list[int]) -> tuple[Tensor, Tensor]:
+        count = factors.shape[1]
+        # Each factor has a home band among the bands that show its group (the j-th factor the
+        # (j mod n)-th of them) with loading 1; the other bands see it at 0.2-0.3 (sensors
+        # overlap), so every band is a mix with one dominant factor.
+        loadings = 0.2 + 0.1 * torch.rand(count, bands, generator=generator, dtype=torch.float64)
+        if count == 0:
+            return torch.zeros(gratings.shape[0], bands, *gratings.shape[-2:]), loadings
+        group = group or list(range(bands))
+        for j in range(count):
+            loadings[j, group[j % len(group)]] = 1.0
+        loadings = loadings / loadings.sum(0, keepdim=True)
+        contrast = (factors.double() + 1) / 2
+        texture = torch.einsum("nf,fc,nfhw->nchw", contrast, loadings, gratings.double())
+        level = (factors.double() @ loadings)[:, :, None, None]
+        return (texture + _LEVEL * level) / (1 + _LEVEL), loadings
+
+    common_structure, common_loadings = structure(*common, [c for c in range(bands) if weights[c] < 1])
+    private_structure, _ = structure(*private, [c for c in range(bands) if weights[c] > 0])
+    if private[0].shape[1] == 0 and bool((weights > 0).any()):
+        raise ValueError(
+            f"private_share={share} gives bands to private factors, but num_private=0: set num_private >= 1 or "
+            "private_share=0."
+        )
+    mix = weights[None, :, None, None]
+    image = 0.5 + _STRUCTURE_AMPLITUDE * ((1 - mix) * common_structure + mix * private_structure)
+    subset_part = common_loadings[common_loadings.shape[0] - num_subset :].sum(0) if num_subset else torch.zeros(bands)
+    return image.float(), weights, subset_part.double()
+
+
 class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
     """M >= 2 modalities rendered from shared, subset-shared and modality-private latent factors.
 
@@ -204,6 +382,11 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         seed: the seed of the samples (factors, phases, noise).
         render_seed: the seed of the rendering (gratings and loadings). Keep it equal across
             splits so that train and validation data come from the same "sensors".
+        rendering: ``"texture"`` (default; version 0.1's data, unchanged) or ``"structure"``
+            (strong sign-preserving structure in known bands; see the module docstring).
+        private_share: with ``rendering="structure"``, the share of private information of
+            every modality in [0, 1) (``None``: 0.5), or ``{name: share}`` (modalities left out:
+            0.5). Must be ``None`` with ``"texture"``.
 
     Attributes:
         specs: name -> :class:`~decur_lightning.modalities.Modality` (bands, view kind).
@@ -211,6 +394,9 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         images: name -> ``(N, bands, size, size)`` images.
         shared: ``(N, num_shared)`` factors; private: name -> ``(N, num_private)``;
         subsets: subset name -> its modalities; subset_shared: subset name -> ``(N, num_subset_shared)``.
+        band_truth: name -> ``{"shared": (bands,), "private": (bands,), "subset_shared": (bands,)}``,
+            each band's share of signal from each group of factors (sums to 1 per band; see
+            :attr:`SyntheticMultimodalDataModule.band_truth`).
 
     Example:
         >>> ds = SyntheticMultimodalDataset(num_samples=4, modalities={"sar": 2, "optical": 4, "elevation": 1},
@@ -232,6 +418,8 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         noise: float = 0.05,
         seed: int = 0,
         render_seed: int = 0,
+        rendering: Rendering = "texture",
+        private_share: float | Mapping[str, float] | None = None,
     ) -> None:
         self.specs = _synthetic_specs(modalities)
         self.modalities = tuple(self.specs)
@@ -239,6 +427,8 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         _check_counts(num_shared=num_shared, num_private=num_private, num_subset_shared=num_subset_shared)
         if num_samples < 1 or size < 4:
             raise ValueError(f"Need num_samples >= 1 and size >= 4; got {num_samples} and {size}.")
+        self.rendering = _check_rendering(rendering)
+        shares = _check_private_share(private_share, self.rendering, self.modalities)
         render = torch.Generator().manual_seed(render_seed)
         sample = torch.Generator().manual_seed(seed + 1_000_003)
 
@@ -249,6 +439,8 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         # Distinct frequencies/orientations per factor, so each factor is a separable texture.
         freq = 2.0 + 4.0 * torch.rand(num_factors, generator=render)
         angle = math.pi * (torch.arange(num_factors) + torch.rand(num_factors, generator=render)) / num_factors
+        if self.rendering == "structure":
+            freq, angle = _structure_channels(num_shared, num_private, num_modalities, len(self.subsets), num_subset_shared)
         ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         coord = (xs[None] * torch.cos(angle)[:, None, None] + ys[None] * torch.sin(angle)[:, None, None]) / size
 
@@ -265,21 +457,51 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
 
         subset_start = num_shared + num_modalities * num_private
         self.images: dict[str, Tensor] = {}
+        self.band_truth: dict[str, dict[str, Tensor]] = {}
         for m, (name, spec) in enumerate(self.specs.items()):
             private_start = num_shared + m * num_private
-            factor_ids = list(range(num_shared)) + list(range(private_start, private_start + num_private))
-            seen = [self.shared, self.private[name]]
+            private_ids = list(range(private_start, private_start + num_private))
+            shared_ids = list(range(num_shared))
+            seen = [self.shared]
+            subset_ids: list[int] = []
+            subset_seen: list[Tensor] = []
             for k, (subset, members) in enumerate(self.subsets.items()):
                 if name in members:
                     start = subset_start + k * num_subset_shared
-                    factor_ids += list(range(start, start + num_subset_shared))
-                    seen.append(self.subset_shared[subset])
-            factors = torch.cat(seen, dim=1)  # (N, F_m)
-            texture = torch.randn(len(factor_ids), spec.bands, generator=render) * 0.35
-            offset = torch.randn(len(factor_ids), spec.bands, generator=render) * 0.08
-            g = gratings[:, factor_ids]  # (N, F_m, H, W)
-            image = 0.5 + torch.einsum("nf,fc,nfhw->nchw", factors, texture, g)
-            image = image + (factors @ offset)[:, :, None, None]
+                    subset_ids += list(range(start, start + num_subset_shared))
+                    subset_seen.append(self.subset_shared[subset])
+            if self.rendering == "texture":
+                factor_ids = shared_ids + private_ids + subset_ids
+                factors = torch.cat([*seen, self.private[name], *subset_seen], dim=1)  # (N, F_m)
+                texture = torch.randn(len(factor_ids), spec.bands, generator=render) * 0.35
+                offset = torch.randn(len(factor_ids), spec.bands, generator=render) * 0.08
+                g = gratings[:, factor_ids]  # (N, F_m, H, W)
+                image = 0.5 + torch.einsum("nf,fc,nfhw->nchw", factors, texture, g)
+                image = image + (factors @ offset)[:, :, None, None]
+                # Signal variance per factor and band (factors uniform in [-1, 1]: variance 1/3; a
+                # grating of random phase: mean square 1/2), for the band truth.
+                power = (texture**2 / 2 + offset**2) / 3  # (F_m, bands)
+                groups = {
+                    "shared": power[: num_shared].sum(0),
+                    "private": power[num_shared : num_shared + num_private].sum(0),
+                    "subset_shared": power[num_shared + num_private :].sum(0),
+                }
+                total = sum(groups.values()).clamp_min(torch.finfo(torch.float32).tiny)
+                self.band_truth[name] = {key: (value / total).float() for key, value in groups.items()}
+            else:
+                image, weights, subset_part = _render_structure(
+                    spec.bands,
+                    shares[name],
+                    common=(torch.cat([*seen, *subset_seen], dim=1), gratings[:, shared_ids + subset_ids]),
+                    private=(self.private[name], gratings[:, private_ids]),
+                    num_subset=len(subset_ids),
+                    generator=render,
+                )
+                self.band_truth[name] = {
+                    "shared": ((1 - weights) * (1 - subset_part)).float(),
+                    "private": weights.float(),
+                    "subset_shared": ((1 - weights) * subset_part).float(),
+                }
             image = image + noise * torch.randn(image.shape, generator=sample)
             self.images[name] = image.clamp_(0.0, 1.0).float()
 
@@ -314,8 +536,10 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
             ``{"sar": 2, "optical": 4}``. (Not called ``modalities``: Lightning refuses a
             datamodule hyper-parameter of the same name as a module's with another value, and
             the modules' ``modalities`` says what to build on each.)
-        size, num_shared, num_private, subset_shared, num_subset_shared, noise: see
-            :class:`SyntheticMultimodalDataset`.
+        size, num_shared, num_private, subset_shared, num_subset_shared, noise, rendering,
+            private_share: see :class:`SyntheticMultimodalDataset` (``rendering="structure"``
+            for data a short run can learn, with the share of private information set by
+            ``private_share``).
         num_train, num_val, num_test: split sizes.
         batch_size, num_workers: DataLoader settings.
         seed: the seed of everything.
@@ -345,6 +569,8 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
         subset_shared: dict[str, list[str]] | None = None,
         num_subset_shared: int = 2,
         noise: float = 0.05,
+        rendering: Rendering = "texture",
+        private_share: float | dict[str, float] | None = None,
         num_train: int = 512,
         num_val: int = 128,
         num_test: int = 128,
@@ -357,6 +583,7 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
         self._specs = _synthetic_specs(modality_specs)
         self._subsets = _check_subsets(subset_shared, tuple(self._specs))
         _check_counts(num_shared=num_shared, num_private=num_private, num_subset_shared=num_subset_shared)
+        _check_private_share(private_share, _check_rendering(rendering), tuple(self._specs))
         self.save_hyperparameters()
         self.hparams["modality_specs"] = copy.deepcopy(dict(modality_specs))  # not the shared default object
         self.modalities = tuple(self._specs)
@@ -371,6 +598,22 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
             for name, spec in self._specs.items()
         }
 
+    @property
+    def band_truth(self) -> dict[str, dict[str, Tensor]]:
+        """Which bands carry which factors: ``{modality: {"shared": (bands,), "private": (bands,),
+        "subset_shared": (bands,)}}``, each band's share of its signal from the factors every
+        modality sees, from the modality's private factors, and from subset-shared factors (the
+        three sum to 1 per band). The same for every split (it depends on the rendering only).
+
+        With ``rendering="structure"`` the shares are the band's mixing weights (e.g. 2 bands,
+        ``private_share=0.5``: ``shared [1, 0]``, ``private [0, 1]``); with ``"texture"`` the
+        signal-variance shares implied by the random loadings (every band mixes both).
+        Compared with the band importance of the common and unique outputs by
+        :func:`~decur_lightning.analysis.band_truth_score`.
+        """
+        dataset = self.datasets.get("train") or self._make(1, 0)
+        return {name: {key: value.clone() for key, value in truth.items()} for name, truth in dataset.band_truth.items()}
+
     def _make(self, num_samples: int, offset: int) -> SyntheticMultimodalDataset:
         hp = self.hparams
         return SyntheticMultimodalDataset(
@@ -384,6 +627,8 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
             noise=hp.noise,
             seed=hp.seed * 3 + offset,
             render_seed=hp.seed,
+            rendering=hp.rendering,
+            private_share=hp.private_share,
         )
 
     def setup(self, stage: str | None = None) -> None:
