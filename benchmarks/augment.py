@@ -88,20 +88,29 @@ def batched_rate(images: Tensor, kind: str, size: int, batch: int, device: str) 
     return images.shape[0] / (time.perf_counter() - start)
 
 
-def run(n: int = 128, batch: int = 32, input_size: int = 264, size: int = 224, device: str = "cpu", repeats: int = 3) -> list[dict[str, Any]]:
+def run(
+    n: int = 128, batch: int = 32, input_size: int = 264, size: int = 224, device: str = "cpu", repeats: int = 3
+) -> list[dict[str, Any]]:
     """Rows per modality: batched images/s vs per-sample images/s (best of 0 and 2 workers)."""
     rows = []
     for kind, bands in (("optical", 13), ("sar", 2)):
         images = torch.rand(n, bands, input_size, input_size)
         batched = statistics.median(batched_rate(images, kind, size, batch, device) for _ in range(repeats))
-        per_sample = {w: statistics.median(per_sample_rate(images, kind, size, w, batch) for _ in range(repeats)) for w in (0, 2)}
+        per_sample = {
+            w: statistics.median(per_sample_rate(images, kind, size, w, batch) for _ in range(repeats)) for w in (0, 2)
+        }
         best_workers = max(per_sample, key=per_sample.get)
-        rows.append({
-            "row": f"views/s, {kind} {bands} bands {input_size}->{size} px: batched vs per-sample torchvision v2 ({best_workers} workers)",
-            "setting": f"N={n}, batch {batch}, {device}",
-            "measured": batched, "baseline": per_sample[best_workers], "ratio": batched / per_sample[best_workers],
-            "unit": "images/s (2 views each)", "target": ">= 3",
-        })
+        rows.append(
+            {
+                "row": f"views/s, {kind} {bands} bands {input_size}->{size} px: batched vs per-sample torchvision v2 ({best_workers} workers)",
+                "setting": f"N={n}, batch {batch}, {device}",
+                "measured": batched,
+                "baseline": per_sample[best_workers],
+                "ratio": batched / per_sample[best_workers],
+                "unit": "images/s (2 views each)",
+                "target": ">= 3",
+            }
+        )
     return rows
 
 
@@ -115,7 +124,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     for row in run(args.n, device=args.device, repeats=args.repeats):
-        print(f"{row['row']}: {row['measured']:.1f} vs {row['baseline']:.1f} {row['unit']} = {row['ratio']:.2f}x (target {row['target']})")
+        print(
+            f"{row['row']}: {row['measured']:.1f} vs {row['baseline']:.1f} {row['unit']} = {row['ratio']:.2f}x (target {row['target']})"
+        )
 
 
 if __name__ == "__main__":

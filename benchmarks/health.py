@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="tensors with the largest norm growth to list")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print("| config | probe loss before | after | train loss first 3 | last 3 | emb. std min-max | largest norm growth | s |")
+    print(
+        "| config | probe loss before | after | train loss first 3 | last 3 | emb. std min-max | largest norm growth | s |"
+    )
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for config in pretrain_configs():
         if args.only not in config.name:

@@ -59,7 +59,11 @@ def _measure_in_process(
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step()  # warm-up (and the peak)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) - base
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -85,13 +89,19 @@ def run(cases: list[tuple[int, ...]], device: str = "cpu", repeats: int = 5) -> 
         n, k, m = (*case, 2) if len(case) == 2 else case
         dense = _measure(n, k, "dense", device, repeats, m)
         cheap = _measure(n, k, "cheap", device, repeats, m)
-        rows.append({
-            "M": m, "N": n, "K": k,
-            "dense_ms": 1e3 * dense["time_s"], "cheap_ms": 1e3 * cheap["time_s"],
-            "speedup": dense["time_s"] / cheap["time_s"],
-            "dense_mb": dense["peak_mb"], "cheap_mb": cheap["peak_mb"],
-            "memory_ratio": dense["peak_mb"] / max(cheap["peak_mb"], 1e-3),
-        })
+        rows.append(
+            {
+                "M": m,
+                "N": n,
+                "K": k,
+                "dense_ms": 1e3 * dense["time_s"],
+                "cheap_ms": 1e3 * cheap["time_s"],
+                "speedup": dense["time_s"] / cheap["time_s"],
+                "dense_mb": dense["peak_mb"],
+                "cheap_mb": cheap["peak_mb"],
+                "memory_ratio": dense["peak_mb"] / max(cheap["peak_mb"], 1e-3),
+            }
+        )
     return rows
 
 

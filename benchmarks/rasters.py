@@ -46,12 +46,23 @@ PATCH = 264
 BATCH = 16
 
 
-def _write(path: Path, data_fn, count: int, width: int, height: int, dtype: str, crs: str, transform, nodata=None) -> None:
+def _write(
+    path: Path, data_fn, count: int, width: int, height: int, dtype: str, crs: str, transform, nodata=None
+) -> None:
     """A tiled uncompressed GeoTIFF filled block row by block row (bounded memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = dict(
-        driver="GTiff", width=width, height=height, count=count, dtype=dtype, crs=crs, transform=transform,
-        nodata=nodata, tiled=True, blockxsize=512, blockysize=512,
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
     )
     with rasterio.open(path, "w", **profile) as dst:
         for row in range(0, height, 512):
@@ -103,8 +114,12 @@ def sources(paths: dict[str, Path], names: tuple[str, ...]) -> dict[str, dict]:
 def read_times(paths: dict[str, Path], count: int = 40) -> dict[str, float]:
     """Milliseconds per patch read of each source alone (torchgeo query, warp, merge), one process."""
     dm = RasterPretrainDataModule(
-        sources(paths, ("s2", "s1", "dem")), patch_size=PATCH, batch_size=BATCH, length=count + 5,
-        stats_patches=16, stats_file=str(paths["s2"].parent / "stats.json"),
+        sources(paths, ("s2", "s1", "dem")),
+        patch_size=PATCH,
+        batch_size=BATCH,
+        length=count + 5,
+        stats_patches=16,
+        stats_file=str(paths["s2"].parent / "stats.json"),
     )
     dataset = dm.build_dataset()
     res = dataset.joined.res
@@ -118,11 +133,18 @@ def read_times(paths: dict[str, Path], count: int = 40) -> dict[str, float]:
     return {name: 1000 * total / count for name, total in totals.items()}
 
 
-def measure(paths: dict[str, Path], names: tuple[str, ...], workers: int, samples: int, repeats: int) -> tuple[float, float]:
+def measure(
+    paths: dict[str, Path], names: tuple[str, ...], workers: int, samples: int, repeats: int
+) -> tuple[float, float]:
     """Median samples/s over ``repeats`` passes of ``samples`` samples; and the setup time in s."""
     dm = RasterPretrainDataModule(
-        sources(paths, names), patch_size=PATCH, batch_size=BATCH, num_workers=workers, length=samples,
-        stats_patches=16, stats_file=str(paths["s2"].parent / "stats.json"),
+        sources(paths, names),
+        patch_size=PATCH,
+        batch_size=BATCH,
+        num_workers=workers,
+        length=samples,
+        stats_patches=16,
+        stats_file=str(paths["s2"].parent / "stats.json"),
     )
     start = time.perf_counter()
     dm.setup("fit")
@@ -174,7 +196,8 @@ def main() -> None:
         "setup: join, grid/sampler and band statistics (16 patches; computed at the first set-up of a set of "
         "sources, read from the JSON cache afterwards: here computed only on the first row).",
         "Read time per 264 px patch and source alone (one process): "
-        + ", ".join(f"{name} {ms:.1f} ms" for name, ms in reads.items()) + ".",
+        + ", ".join(f"{name} {ms:.1f} ms" for name, ms in reads.items())
+        + ".",
     ]
     print("\n".join(table))
     if args.out is not None:

@@ -29,8 +29,8 @@ import torch
 
 from decur_lightning.losses import decur_loss
 from decur_lightning.models import create_encoder
-from decur_lightning.ssl.base import build_projector
 from decur_lightning.optim import build_optimizer
+from decur_lightning.ssl.base import build_projector
 
 
 def time_step(encoder: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:

@@ -36,12 +36,30 @@ def loss_rows(paper: bool, device: str) -> list[dict[str, Any]]:
     rows = []
     for r in loss.run(cases, device, repeats=3):
         setting = f"N={r['N']}, K={r['K']}, {device}"
-        rows.append({"row": "DeCUR loss fwd+bwd time: cheap vs dense", "setting": setting, "measured": r["cheap_ms"],
-                     "baseline": r["dense_ms"], "unit": "ms", "ratio": r["dense_ms"] / r["cheap_ms"],
-                     "ratio_meaning": "dense / cheap (speed-up)", "target": ">= 20 at N=256, K=8192"})
-        rows.append({"row": "DeCUR loss fwd+bwd peak memory: cheap vs dense", "setting": setting, "measured": r["cheap_mb"],
-                     "baseline": r["dense_mb"], "unit": "MB", "ratio": r["memory_ratio"],
-                     "ratio_meaning": "dense / cheap", "target": ">= 5 at N=256, K=8192"})
+        rows.append(
+            {
+                "row": "DeCUR loss fwd+bwd time: cheap vs dense",
+                "setting": setting,
+                "measured": r["cheap_ms"],
+                "baseline": r["dense_ms"],
+                "unit": "ms",
+                "ratio": r["dense_ms"] / r["cheap_ms"],
+                "ratio_meaning": "dense / cheap (speed-up)",
+                "target": ">= 20 at N=256, K=8192",
+            }
+        )
+        rows.append(
+            {
+                "row": "DeCUR loss fwd+bwd peak memory: cheap vs dense",
+                "setting": setting,
+                "measured": r["cheap_mb"],
+                "baseline": r["dense_mb"],
+                "unit": "MB",
+                "ratio": r["memory_ratio"],
+                "ratio_meaning": "dense / cheap",
+                "target": ">= 5 at N=256, K=8192",
+            }
+        )
     return rows
 
 
@@ -49,9 +67,18 @@ def step_rows(paper: bool, device: str, precision: str, switches: bool) -> list[
     rows = []
     cfg = step.config(paper, device, precision)
     for r in step.run(cfg) + (step.run_switches(cfg) if switches else []):
-        rows.append({"row": r["row"], "setting": r["setting"], "measured": 1e3 * r["measured_s"],
-                     "baseline": 1e3 * r["baseline_s"], "unit": "ms/step", "ratio": r["ratio"],
-                     "ratio_meaning": "measured / baseline", "target": r["target"]})
+        rows.append(
+            {
+                "row": r["row"],
+                "setting": r["setting"],
+                "measured": 1e3 * r["measured_s"],
+                "baseline": 1e3 * r["baseline_s"],
+                "unit": "ms/step",
+                "ratio": r["ratio"],
+                "ratio_meaning": "measured / baseline",
+                "target": r["target"],
+            }
+        )
     return rows
 
 
@@ -72,9 +99,18 @@ def rda_rows(paper: bool, device: str) -> list[dict[str, Any]]:
             if repeat:
                 times[name].append(seconds)
     base, with_rda = statistics.median(times["resnet50"]), statistics.median(times["resnet50_rda"])
-    return [{"row": "ResNet-50 fwd+bwd with RDA vs without", "setting": f"13 bands, {size} px, batch {batch}, {device}",
-             "measured": 1e3 * with_rda, "baseline": 1e3 * base, "unit": "ms", "ratio": with_rda / base,
-             "ratio_meaning": "RDA / plain (overhead)", "target": "reported"}]
+    return [
+        {
+            "row": "ResNet-50 fwd+bwd with RDA vs without",
+            "setting": f"13 bands, {size} px, batch {batch}, {device}",
+            "measured": 1e3 * with_rda,
+            "baseline": 1e3 * base,
+            "unit": "ms",
+            "ratio": with_rda / base,
+            "ratio_meaning": "RDA / plain (overhead)",
+            "target": "reported",
+        }
+    ]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -90,8 +126,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="paper-size settings")
-    parser.add_argument("--only", nargs="+", choices=["loss", "step", "augment", "rda"], default=["loss", "step", "augment", "rda"])
-    parser.add_argument("--switches", action="store_true", help="also measure channels_last and torch.compile (slow: compiles)")
+    parser.add_argument(
+        "--only", nargs="+", choices=["loss", "step", "augment", "rda"], default=["loss", "step", "augment", "rda"]
+    )
+    parser.add_argument(
+        "--switches", action="store_true", help="also measure channels_last and torch.compile (slow: compiles)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     sections = [("cpu", "32-true")]

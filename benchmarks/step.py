@@ -65,8 +65,11 @@ class _StepTimer(L.Callback):
 def make_module(cfg: dict[str, Any], **switches: Any) -> DeCURModule:
     torch.manual_seed(0)
     return DeCURModule(
-        modalities={"s1": {"bands": 2, "view": "sar"}, "s2": {"bands": 13, "view": "optical"}}, encoder=cfg["encoder"],
-        projector_dims=(cfg["dim"],) * 3, crop_size=cfg["size"], **switches,
+        modalities={"s1": {"bands": 2, "view": "sar"}, "s2": {"bands": 13, "view": "optical"}},
+        encoder=cfg["encoder"],
+        projector_dims=(cfg["dim"],) * 3,
+        crop_size=cfg["size"],
+        **switches,
     )
 
 
@@ -76,8 +79,15 @@ def time_module_step(cfg: dict[str, Any], steps: int, warmup: int, **switches: A
     timer = _StepTimer()
     data = DataLoader(_Batches(cfg["batch"] * (steps + warmup), (2, 13), cfg["input_size"]), batch_size=cfg["batch"])
     trainer = L.Trainer(
-        max_steps=steps + warmup, accelerator=cfg["device"], devices=1, precision=cfg["precision"], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        max_steps=steps + warmup,
+        accelerator=cfg["device"],
+        devices=1,
+        precision=cfg["precision"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(module, data)
     return timer.times[warmup:]
@@ -137,7 +147,11 @@ def time_algorithm1(cfg: dict[str, Any], steps: int, warmup: int) -> list[float]
     module = make_module(cfg).to(cfg["device"]).train()
     decay = [p for p in module.parameters() if p.ndim > 1]
     no_decay = [p for p in module.parameters() if p.ndim <= 1]
-    optimizer = LARS([{"params": decay, "weight_decay": 1e-6}, {"params": no_decay, "weight_decay": 0.0, "lr": 0.0048}], lr=0.2, momentum=0.9)
+    optimizer = LARS(
+        [{"params": decay, "weight_decay": 1e-6}, {"params": no_decay, "weight_decay": 0.0, "lr": 0.0048}],
+        lr=0.2,
+        momentum=0.9,
+    )
     data = _Batches(cfg["batch"], (2, 13), cfg["input_size"])
     batch = {"image_s1": data.x1.to(cfg["device"]), "image_s2": data.x2.to(cfg["device"])}
     times = []
@@ -166,7 +180,9 @@ def _sync(cfg: dict[str, Any]) -> None:
 
 def config(paper: bool = False, device: str = "cpu", precision: str = "32-true") -> dict[str, Any]:
     if paper:
-        return dict(encoder="resnet50", size=224, input_size=264, dim=8192, batch=256, device=device, precision=precision)
+        return dict(
+            encoder="resnet50", size=224, input_size=264, dim=8192, batch=256, device=device, precision=precision
+        )
     return dict(encoder="resnet18", size=96, input_size=112, dim=2048, batch=32, device=device, precision=precision)
 
 
@@ -182,12 +198,26 @@ def run(cfg: dict[str, Any], steps: int = 2, warmup: int = 1, rounds: int = 3) -
         times["bare"] += time_bare(cfg, steps, warmup)
         times["algorithm1"] += time_algorithm1(cfg, steps, warmup)
     module, bare, algorithm1 = (statistics.median(times[k]) for k in ("module", "bare", "algorithm1"))
-    setting = f"{cfg['encoder']}, {cfg['size']} px, K={cfg['dim']}, N={cfg['batch']}, {cfg['device']} {cfg['precision']}"
+    setting = (
+        f"{cfg['encoder']}, {cfg['size']} px, K={cfg['dim']}, N={cfg['batch']}, {cfg['device']} {cfg['precision']}"
+    )
     return [
-        {"row": "DeCURModule step vs bare encoder+projector fwd/bwd", "setting": setting,
-         "measured_s": module, "baseline_s": bare, "ratio": module / bare, "target": "<= 1.15"},
-        {"row": "DeCURModule step vs Algorithm 1 transcription", "setting": setting,
-         "measured_s": module, "baseline_s": algorithm1, "ratio": module / algorithm1, "target": "<= 1.0"},
+        {
+            "row": "DeCURModule step vs bare encoder+projector fwd/bwd",
+            "setting": setting,
+            "measured_s": module,
+            "baseline_s": bare,
+            "ratio": module / bare,
+            "target": "<= 1.15",
+        },
+        {
+            "row": "DeCURModule step vs Algorithm 1 transcription",
+            "setting": setting,
+            "measured_s": module,
+            "baseline_s": algorithm1,
+            "ratio": module / algorithm1,
+            "target": "<= 1.0",
+        },
     ]
 
 
@@ -197,16 +227,25 @@ def run_switches(cfg: dict[str, Any], steps: int = 3, rounds: int = 2) -> list[d
     Compilation happens in the warm-up steps (not timed); it is reported separately.
     """
     rows = []
-    setting = f"{cfg['encoder']}, {cfg['size']} px, K={cfg['dim']}, N={cfg['batch']}, {cfg['device']} {cfg['precision']}"
+    setting = (
+        f"{cfg['encoder']}, {cfg['size']} px, K={cfg['dim']}, N={cfg['batch']}, {cfg['device']} {cfg['precision']}"
+    )
     for switch, warmup in (("channels_last", 1), ("compile_encoders", 2)):
         default: list[float] = []
         switched: list[float] = []
         for _ in range(rounds):
             default += time_module_step(cfg, steps, 1)
             switched += time_module_step(cfg, steps, warmup, **{switch: True})
-        rows.append({"row": f"DeCURModule step with {switch}=True vs without", "setting": setting,
-                     "measured_s": statistics.median(switched), "baseline_s": statistics.median(default),
-                     "ratio": statistics.median(switched) / statistics.median(default), "target": "reported"})
+        rows.append(
+            {
+                "row": f"DeCURModule step with {switch}=True vs without",
+                "setting": setting,
+                "measured_s": statistics.median(switched),
+                "baseline_s": statistics.median(default),
+                "ratio": statistics.median(switched) / statistics.median(default),
+                "target": "reported",
+            }
+        )
     return rows
 
 
@@ -222,7 +261,9 @@ def main() -> None:
     cfg = config(args.paper, args.device, args.precision)
     rows = run(cfg, args.steps, rounds=args.rounds) + (run_switches(cfg) if args.switches else [])
     for row in rows:
-        print(f"{row['row']} ({row['setting']}): {row['measured_s']:.3f} s vs {row['baseline_s']:.3f} s = {row['ratio']:.2f}x (target {row['target']})")
+        print(
+            f"{row['row']} ({row['setting']}): {row['measured_s']:.3f} s vs {row['baseline_s']:.3f} s = {row['ratio']:.2f}x (target {row['target']})"
+        )
 
 
 if __name__ == "__main__":

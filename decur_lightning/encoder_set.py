@@ -275,17 +275,25 @@ class NamedModalitiesMixin:
         trainer = getattr(self, "_trainer", None)
         if trainer is not None:  # the last logged values, for exports and model cards
             checkpoint["metrics"] = {
-                key: float(value) for key, value in trainer.callback_metrics.items() if getattr(value, "numel", lambda: 1)() == 1
+                key: float(value)
+                for key, value in trainer.callback_metrics.items()
+                if getattr(value, "numel", lambda: 1)() == 1
             }
         hparams = checkpoint.get("hyper_parameters")
         modalities = hparams.get("modalities") if isinstance(hparams, Mapping) else None
         if not isinstance(modalities, Mapping):
             return
-        sources = {name: spec["weights"] for name, spec in modalities.items() if isinstance(spec, Mapping) and spec.get("weights")}
+        sources = {
+            name: spec["weights"]
+            for name, spec in modalities.items()
+            if isinstance(spec, Mapping) and spec.get("weights")
+        }
         if not sources:
             return
         stripped = {
-            name: {k: v for k, v in spec.items() if k not in ("weights", "weights_modality")} if isinstance(spec, Mapping) else spec
+            name: {k: v for k, v in spec.items() if k not in ("weights", "weights_modality")}
+            if isinstance(spec, Mapping)
+            else spec
             for name, spec in modalities.items()
         }
         checkpoint["hyper_parameters"] = {**hparams, "modalities": stripped}

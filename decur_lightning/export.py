@@ -208,7 +208,9 @@ def export_pretrained(
     path = None if isinstance(checkpoint, Mapping) else Path(checkpoint)
     if isinstance(checkpoint, Mapping):
         if "state_dict" not in checkpoint:
-            raise ValueError("The given dict is not a Lightning checkpoint of a decur-lightning module (no 'state_dict').")
+            raise ValueError(
+                "The given dict is not a Lightning checkpoint of a decur-lightning module (no 'state_dict')."
+            )
         loaded: Mapping[str, Any] = checkpoint
         where = "the given checkpoint"
     else:
@@ -235,7 +237,9 @@ def export_pretrained(
     skipped: list[str] = []
     for entry in entries:
         name = _export_name(entry)
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in _entry_state_dict(loaded["state_dict"], entry).items()}
+        state_dict = {
+            k: v.detach().cpu().contiguous() for k, v in _entry_state_dict(loaded["state_dict"], entry).items()
+        }
         description = entry.description
         encoder = description.get("encoder")
         bands = description.get("bands") or _input_channels(state_dict)
@@ -384,13 +388,19 @@ def _normalization_lines(meta: Mapping[str, Any]) -> list[str]:
             f"Each image's band is clipped to its {norm.get('lower')} / {norm.get('upper')} quantiles and min-max "
             "scaled to `[0, 1]` (per image: no fixed statistics)."
         )
-    lines += ["", "| band | " + " | ".join(k for k in ("mean", "std") if k in norm) + " | timm mean | timm std |",
-              "|---|" + "---|" * (sum(k in norm for k in ("mean", "std")) + 2)]
+    lines += [
+        "",
+        "| band | " + " | ".join(k for k in ("mean", "std") if k in norm) + " | timm mean | timm std |",
+        "|---|" + "---|" * (sum(k in norm for k in ("mean", "std")) + 2),
+    ]
     for i, band in enumerate(bands):
         stats = [f"{norm[k][i]:.6g}" for k in ("mean", "std") if k in norm]
         lines.append(f"| {band} | " + " | ".join([*stats, f"{cfg['mean'][i]:.6g}", f"{cfg['std'][i]:.6g}"]) + " |")
-    lines += ["", "timm's `pretrained_cfg` mean/std give the same affine map as `(x - mean) / std` on the stored "
-              "values" + (f" ({cfg['note']})." if cfg.get("note") else ".")]
+    lines += [
+        "",
+        "timm's `pretrained_cfg` mean/std give the same affine map as `(x - mean) / std` on the stored "
+        "values" + (f" ({cfg['note']})." if cfg.get("note") else "."),
+    ]
     return lines
 
 

@@ -106,8 +106,7 @@ def _check_pair(za: Tensor, zb: Tensor, names: tuple[str, str]) -> None:
         )
     if za.shape != zb.shape:
         raise ValueError(
-            f"{names[0]} and {names[1]} must have the same shape (N, K); "
-            f"got {tuple(za.shape)} and {tuple(zb.shape)}."
+            f"{names[0]} and {names[1]} must have the same shape (N, K); got {tuple(za.shape)} and {tuple(zb.shape)}."
         )
     if za.shape[0] < 2:
         raise ValueError(
@@ -143,9 +142,7 @@ def _cheap_stats(za: Tensor, zb: Tensor, gram_a: Tensor, gram_b: Tensor) -> _Cor
     return _CorrelationStats((za * zb).sum(0) / n, (gram_a * gram_b).sum() / (n * n))
 
 
-def barlow_twins_loss(
-    za: Tensor, zb: Tensor, lambd: float = DEFAULT_LAMBDA, method: Method = "auto"
-) -> Tensor:
+def barlow_twins_loss(za: Tensor, zb: Tensor, lambd: float = DEFAULT_LAMBDA, method: Method = "auto") -> Tensor:
     """Barlow Twins loss of two embedding batches (paper eq. 4/5, Algorithm 1 ``loss_c``).
 
     ``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` with ``C`` the cross-correlation of the
@@ -412,8 +409,7 @@ def _check_common_dims(common_dims: CommonDims, pairs: list[Pair], k: int) -> di
             raise TypeError(f"common_dims for pair {pair} must be an int; got {type(kc).__name__}.")
         if not 0 < kc <= k:
             raise ValueError(
-                f"common_dims for pair {pair} must satisfy 0 < common_dims <= K = {k} (the embedding "
-                f"size); got {kc}."
+                f"common_dims for pair {pair} must satisfy 0 < common_dims <= K = {k} (the embedding size); got {kc}."
             )
     return per_pair
 
@@ -593,4 +589,6 @@ class DeCURLoss(nn.Module):
         return replace(terms, total=(intra + cross / 2) / 3)
 
     def extra_repr(self) -> str:
-        return f"common_dims={self.common_dims}, lambd={self.lambd}, method={self.method!r}, weighting={self.weighting!r}"
+        return (
+            f"common_dims={self.common_dims}, lambd={self.lambd}, method={self.method!r}, weighting={self.weighting!r}"
+        )

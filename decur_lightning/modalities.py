@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Union
+from typing import Any
 
 from .augmentations import VIEW_KINDS
 
@@ -104,7 +104,7 @@ class Modality:
 #: How a module's ``modalities`` argument may be given: ``None`` (every modality of the
 #: datamodule), a list of names (those of the datamodule, in this order), or a mapping name ->
 #: :class:`Modality` / dict of its fields / band count / ``None``.
-ModalitiesArg = Union[Mapping[str, Union[Modality, Mapping[str, Any], int, None]], Sequence[str], None]
+ModalitiesArg = Mapping[str, Modality | Mapping[str, Any] | int | None] | Sequence[str] | None
 
 
 def _as_modality(name: str, value: Modality | Mapping[str, Any] | int | None) -> Modality:

@@ -284,7 +284,11 @@ class LoaderStateRestore(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fit_loop = trainer.fit_loop
         combined = getattr(fit_loop, "_combined_loader", None)
-        if not getattr(fit_loop, "_combined_loader_states_to_load", None) or not fit_loop.restarting or combined is None:
+        if (
+            not getattr(fit_loop, "_combined_loader_states_to_load", None)
+            or not fit_loop.restarting
+            or combined is None
+        ):
             return
         if fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
             # Saved after the epoch's last batch: the next batch is the first of the next epoch,

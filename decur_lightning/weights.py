@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,11 +54,11 @@ __all__ = [
 
 #: A weight source: a file or folder path, a torchgeo weight (``WeightsEnum`` member or its
 #: name, e.g. ``"ResNet50_Weights.SENTINEL1_ALL_DECUR"``), or an already loaded dict.
-WeightsSource = Union[str, Path, Mapping[str, Any], Any]
+WeightsSource = str | Path | Mapping[str, Any] | Any
 #: Which encoder of a source holding several: a modality name the source records, or the
 #: modality's 1-based position (the n-th modality in order; for the authors' joint checkpoints,
 #: which record no names, 1 = SAR and 2 = optical); ``None`` only for sources with one encoder.
-ModalitySelector = Union[int, str, None]
+ModalitySelector = int | str | None
 
 _CLASSIFIER_PREFIXES: tuple[str, ...] = ("fc.",)
 _MAX_LISTED_KEYS = 20
@@ -701,15 +701,11 @@ def _export_entries(folder: Path) -> tuple[list[_Entry], Path]:
         description = _description({**entry, "bands": entry.get("bands", entry.get("in_channels"))})
         others = entry.get("files") if isinstance(entry.get("files"), Mapping) else {}
         files = tuple(str(f) for f in others.values() if isinstance(f, str))
-        entries.append(
-            _Entry(str(name), int(position), file=str(entry["file"]), description=description, files=files)
-        )
+        entries.append(_Entry(str(name), int(position), file=str(entry["file"]), description=description, files=files))
     return entries, manifest_path
 
 
-def _from_export_folder(
-    folder: Path, modality: ModalitySelector
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _from_export_folder(folder: Path, modality: ModalitySelector) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     entries, _ = _export_entries(folder)
     entry = _select(entries, modality, str(folder))
     path = folder / str(entry.file)

@@ -66,16 +66,25 @@ MODALITIES = {"sar": 2, "optical": 4}
 def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Encoders, projector, views and optimiser common to every method."""
     return dict(
-        modalities=MODALITIES, encoder="resnet18", projector_dims=(args.dim, args.dim, args.dim),
-        crop_size=args.size, crop_scale=(0.5, 1.0), warmup_epochs=1,
+        modalities=MODALITIES,
+        encoder="resnet18",
+        projector_dims=(args.dim, args.dim, args.dim),
+        crop_size=args.size,
+        crop_scale=(0.5, 1.0),
+        warmup_epochs=1,
         **OPTIMIZERS[args.optimizer](args.batch_size),
     )
 
 
 def datamodule(args: argparse.Namespace, seed: int) -> SyntheticMultimodalDataModule:
     dm = SyntheticMultimodalDataModule(
-        modality_specs=MODALITIES, size=args.size, num_train=args.num_train,
-        num_val=args.num_probe, num_test=args.num_probe, batch_size=args.batch_size, seed=seed,
+        modality_specs=MODALITIES,
+        size=args.size,
+        num_train=args.num_train,
+        num_val=args.num_probe,
+        num_test=args.num_probe,
+        batch_size=args.batch_size,
+        seed=seed,
     )
     dm.setup()
     return dm
@@ -94,8 +103,13 @@ def pretrain(key: str, args: argparse.Namespace, seed: int, dm: SyntheticMultimo
         model = cls(**variant, **extra)
         if key != "random":
             trainer = L.Trainer(
-                max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                max_epochs=args.epochs,
+                accelerator="cpu",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
             )
             trainer.fit(model, dm)
         models.append(model)
@@ -141,7 +155,9 @@ def write_table(runs: list[dict[str, Any]], args: argparse.Namespace, out: Path,
         for name in (m1, m2):
             cells.append(mean_std([r[name]["shared"] for r in rows]))
             cells.append(mean_std([r[name]["private_own"] for r in rows]))
-        other = f"{mean_std([r[m1]['private_other'] for r in rows])} / {mean_std([r[m2]['private_other'] for r in rows])}"
+        other = (
+            f"{mean_std([r[m1]['private_other'] for r in rows])} / {mean_std([r[m2]['private_other'] for r in rows])}"
+        )
         lines.append(f"| {METHODS[key][0]} | " + " | ".join(cells) + f" | {other} |")
     text = "\n".join(lines) + "\n"
     out.write_text(text)
@@ -159,7 +175,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
-    parser.add_argument("--alpha", type=float, default=None, help="ridge penalty (default: selected on a hold-out of the fitting split)")
+    parser.add_argument(
+        "--alpha", type=float, default=None, help="ridge penalty (default: selected on a hold-out of the fitting split)"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/decoupling.md"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,12 +199,17 @@ def main() -> None:
                 alignment[key] = alignment_loss_per_dimension(*z.values())  # the two modalities, in order
     seconds = time.perf_counter() - start
     print(write_table(runs, args, args.out, seconds))
-    args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1)
+    )
     if "decur" in alignment:
         common = int(0.75 * args.dim)
         plot_alignment_histogram(
-            alignment["decur"], common, args.out.with_name(args.out.stem + "_alignment.png"),
-            comparison=alignment.get("barlow_cross"), comparison_label="cross-modal Barlow Twins",
+            alignment["decur"],
+            common,
+            args.out.with_name(args.out.stem + "_alignment.png"),
+            comparison=alignment.get("barlow_cross"),
+            comparison_label="cross-modal Barlow Twins",
         )
 
 

@@ -14,12 +14,11 @@ Pretrained weights are left out (nothing is downloaded). Used by
 
 from __future__ import annotations
 
+import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import importlib
-import math
 
 import lightning as L
 import torch
@@ -40,8 +39,20 @@ SMALL_ENCODERS = {
 }
 #: Model arguments that a shrunk run keeps from the config.
 KEPT = (
-    "common_ratio", "common_dims", "lambd", "intra", "decouple", "loss_weighting", "crop_scale",
-    "optimizer", "lr", "lr_bias", "weight_decay", "momentum", "warmup_epochs", "encoder_kwargs",
+    "common_ratio",
+    "common_dims",
+    "lambd",
+    "intra",
+    "decouple",
+    "loss_weighting",
+    "crop_scale",
+    "optimizer",
+    "lr",
+    "lr_bias",
+    "weight_decay",
+    "momentum",
+    "warmup_epochs",
+    "encoder_kwargs",
     "view_asymmetry",
 )
 
@@ -81,7 +92,9 @@ def probe_loss(module: DeCURModule, batch: dict[str, torch.Tensor], seed: int = 
 
 
 class _Recorder(L.Callback):
-    def __init__(self, report: HealthReport, steps: int, modalities: tuple[str, ...], probe: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, report: HealthReport, steps: int, modalities: tuple[str, ...], probe: dict[str, torch.Tensor]
+    ) -> None:
         self.report, self.steps, self.modalities, self.probe = report, steps, modalities, probe
         self.start: dict[str, torch.Tensor] = {}
 
@@ -89,7 +102,9 @@ class _Recorder(L.Callback):
         self.start = {name: p.detach().norm().clone() for name, p in module.named_parameters()}
         self.report.probe_before = probe_loss(module, self.probe)
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.report.losses.append(float(outputs["loss"]))
         metrics = trainer.callback_metrics
         stds = [float(metrics[f"train/embedding_std_{name}_step"]) for name in self.modalities]
@@ -134,7 +149,9 @@ def config_modalities(full: dict[str, Any]) -> dict[str, Modality]:
     return datamodule_modalities(cls(**full["data"].get("init_args", {})))
 
 
-def run_health_check(config: Path, steps: int = 20, schedule_steps: int = 200, batch_size: int = 16, seed: int = 0) -> HealthReport:
+def run_health_check(
+    config: Path, steps: int = 20, schedule_steps: int = 200, batch_size: int = 16, seed: int = 0
+) -> HealthReport:
     """Train the shrunk config for ``steps`` optimiser steps and report its health."""
     L.seed_everything(seed, verbose=False)
     module = shrunk_module(config, batch_size=batch_size)

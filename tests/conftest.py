@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
 from threads import single_thread
 
 torch.set_num_threads(2)

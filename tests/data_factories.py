@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from PIL import Image
 from affine import Affine
+from PIL import Image
 from torchgeo.datasets import GeoNRW
 
 SSL4EO_S1_BANDS = ("VV", "VH")

@@ -27,4 +27,3 @@ def tiny_batch(n: int = 4, size: int = 32, channels: tuple[int, int] = (2, 4)) -
         "image_sar": torch.rand(n, channels[0], size, size),
         "image_optical": torch.rand(n, channels[1], size, size),
     }
-

@@ -106,7 +106,13 @@ def test_analyze_says_when_the_maps_are_degenerate(checkpoints, tmp_path):
     report them as a result, and must say which layer and why."""
     with pytest.warns(UserWarning, match="no spatial"):
         stats = analyze(
-            checkpoints[0], small_data(), tmp_path, max_samples=8, saliency_samples=3, ig_steps=2, layers="layer4",
+            checkpoints[0],
+            small_data(),
+            tmp_path,
+            max_samples=8,
+            saliency_samples=3,
+            ig_steps=2,
+            layers="layer4",
             tsne=False,
         )
     saliency = stats["saliency"]
@@ -116,8 +122,9 @@ def test_analyze_says_when_the_maps_are_degenerate(checkpoints, tmp_path):
         assert overlap["count"] == 0 and overlap["undefined"] + overlap["degenerate"] == 3
         assert "no overlap statistic" in overlap["note"] and "mean" not in overlap
     # by default the layer is chosen with maps of at least 4 x 4 (layer2 at 32 px)
-    stats = analyze(checkpoints[0], small_data(), tmp_path / "auto", max_samples=8, saliency_samples=2, ig_steps=2,
-                    tsne=False)
+    stats = analyze(
+        checkpoints[0], small_data(), tmp_path / "auto", max_samples=8, saliency_samples=2, ig_steps=2, tsne=False
+    )
     assert stats["saliency"]["gradcam_layers"]["sar"] == {"name": "layer2", "map_size": [4, 4], "degenerate": False}
 
 

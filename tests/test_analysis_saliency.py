@@ -233,7 +233,8 @@ def test_saliency_analysis_and_figures(model, tmp_path):
     assert result.num_samples == 5 and result.pairs == [("sar", "optical")]
     # the given layer for sar; for optical the deepest stage with maps of at least 4 x 4 at 64 px
     assert {m: (layer.name, layer.map_size) for m, layer in result.layers.items()} == {
-        "sar": ("layer3", (4, 4)), "optical": ("layer3", (4, 4))
+        "sar": ("layer3", (4, 4)),
+        "optical": ("layer3", (4, 4)),
     }
     for name in ("common", "unique"):
         overlap = result.overlap[("sar", "optical")][name]

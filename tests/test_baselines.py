@@ -81,7 +81,9 @@ def embeddings():
 
 def test_cross_modal_barlow_twins_loss(embeddings):
     model = CrossModalBarlowTwinsModule(**SHARED)
-    torch.testing.assert_close(model.compute_loss(_named(*embeddings))["loss"], _barlow_twins_reference(*embeddings), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        model.compute_loss(_named(*embeddings))["loss"], _barlow_twins_reference(*embeddings), rtol=1e-5, atol=1e-4
+    )
     assert model.views_per_modality == 1
 
 
@@ -96,7 +98,9 @@ def test_single_modal_barlow_twins_uses_one_encoder(embeddings):
 
 def test_simclr_cross_loss(embeddings):
     model = SimCLRCrossModule(temperature=0.2, **SHARED)
-    torch.testing.assert_close(model.compute_loss(_named(*embeddings))["loss"], _nt_xent_reference(*embeddings, 0.2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.compute_loss(_named(*embeddings))["loss"], _nt_xent_reference(*embeddings, 0.2), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_clip_loss_and_learnable_temperature(embeddings):
@@ -116,14 +120,23 @@ def test_clip_temperature_is_optimised(tmp_path):
 
     model = CLIPModule(init_temperature=0.07, optimizer="adamw", lr=0.05, **SHARED)
     before = model.logit_scale.detach().clone()
-    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              limit_val_batches=0, default_root_dir=tmp_path).fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
+    L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    ).fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
     assert not torch.equal(model.logit_scale.detach(), before)
 
 
 def test_vicreg_cross_loss(embeddings):
     model = VICRegCrossModule(**SHARED)
-    torch.testing.assert_close(model.compute_loss(_named(*embeddings))["loss"], _vicreg_reference(*embeddings), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.compute_loss(_named(*embeddings))["loss"], _vicreg_reference(*embeddings), rtol=1e-5, atol=1e-5
+    )
 
 
 def _four():
@@ -160,7 +173,9 @@ def test_ablation_without_decoupling_makes_every_dimension_common():
     torch.testing.assert_close(out["intra_optical"], full.intra2)
     both = tiny_decur(projector_dims=(32,), intra=False, decouple=False).compute_loss(_named(z[0], z[2]))
     torch.testing.assert_close(both["loss"], all_common.common)
-    torch.testing.assert_close(both["loss"], CrossModalBarlowTwinsModule(**SHARED).compute_loss(_named(z[0], z[2]))["loss"])
+    torch.testing.assert_close(
+        both["loss"], CrossModalBarlowTwinsModule(**SHARED).compute_loss(_named(z[0], z[2]))["loss"]
+    )
 
 
 def test_authors_weighting_reweights_the_same_terms():
@@ -220,12 +235,18 @@ def test_compare_config_fits_with_every_method(tmp_path, method):
         "init_args": {"modality_specs": {"s1": 2, "s2": 4}, "num_train": 16, "num_val": 4, "batch_size": 8},
     }
     config["trainer"] = {
-        "accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "logger": False, "enable_progress_bar": False,
+        "accelerator": "cpu",
+        "max_steps": 2,
+        "limit_val_batches": 0,
+        "logger": False,
+        "enable_progress_bar": False,
         "default_root_dir": str(tmp_path),
-        "callbacks": [{
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2, "save_top_k": -1},
-        }],
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2, "save_top_k": -1},
+            }
+        ],
     }
     path = tmp_path / "method.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -246,8 +267,15 @@ def test_single_modal_checkpoint_exports_its_one_encoder(tmp_path):
     from decur_lightning.weights import export_encoders
 
     model = SingleModalBarlowTwinsModule(**SHARED)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
     trainer.save_checkpoint(tmp_path / "bt.ckpt")
     paths = export_encoders(tmp_path / "bt.ckpt", tmp_path / "out")

@@ -25,14 +25,19 @@ QUICKSTART = ROOT / "examples" / "configs" / "quickstart.yaml"
 
 
 def test_cli_fit_quickstart_fast_dev_run(tmp_path):
-    main([
-        "fit", "--config", str(QUICKSTART),
-        "--trainer.fast_dev_run=true",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--data.init_args.num_train=64", "--data.init_args.num_val=32",
-        "--data.init_args.batch_size=16",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--trainer.fast_dev_run=true",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--data.init_args.num_train=64",
+            "--data.init_args.num_val=32",
+            "--data.init_args.batch_size=16",
+        ]
+    )
     # fast_dev_run disables loggers' folders, the histogram lands in the root folder
     histograms = list(tmp_path.rglob("alignment_histogram.png"))
     assert histograms, "the AlignmentHistogram callback did not write its PNG"
@@ -40,14 +45,25 @@ def test_cli_fit_quickstart_fast_dev_run(tmp_path):
 
 
 def test_cli_accepts_short_class_names(tmp_path):
-    main([
-        "fit", "--model=DeCURModule", "--data=SyntheticMultimodalDataModule",
-        "--model.encoder=resnet18",
-        "--model.projector_dims=[32,32]", "--data.num_train=32", "--data.num_val=16", "--data.batch_size=8",
-        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-        "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
-    ])
+    main(
+        [
+            "fit",
+            "--model=DeCURModule",
+            "--data=SyntheticMultimodalDataModule",
+            "--model.encoder=resnet18",
+            "--model.projector_dims=[32,32]",
+            "--data.num_train=32",
+            "--data.num_val=16",
+            "--data.batch_size=8",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        ]
+    )
     # the short names resolved to the package's classes, which trained one step
     (path,) = (tmp_path / "ckpt").glob("*.ckpt")
     checkpoint = torch.load(path, weights_only=False)
@@ -80,8 +96,15 @@ def test_cli_rejects_unknown_argument():
 def checkpoint(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("ckpt")
     model = tiny_decur()
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp,
+    )
     trainer.fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
     path = tmp / "decur.ckpt"
     trainer.save_checkpoint(path)
@@ -114,7 +137,13 @@ def test_exported_encoders_load_into_timm_strictly(tmp_path):
     paths = export_encoders(tmp_path / "decur.ckpt", tmp_path / "exported")
     assert list(paths) == ["sar", "optical", "dem"]
     manifest = json.loads((tmp_path / "exported" / "encoders.json").read_text())
-    assert manifest["sar"] == {"file": "encoder_sar.pt", "encoder": "resnet18", "bands": 2, "view": "sar", "position": 1}
+    assert manifest["sar"] == {
+        "file": "encoder_sar.pt",
+        "encoder": "resnet18",
+        "bands": 2,
+        "view": "sar",
+        "position": 1,
+    }
     assert [entry["position"] for entry in manifest.values()] == [1, 2, 3]
     for name, channels in (("sar", 2), ("optical", 4), ("dem", 1)):
         encoder = timm.create_model("resnet18", in_chans=channels, num_classes=0)

@@ -7,12 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from data_factories import bigearthnet_s1_values, bigearthnet_s2_value, make_bigearthnet
 from test_datamodules_common import assert_specs_describe_batch, block_batch
 from torchgeo.datasets import BigEarthNet, DatasetNotFoundError
 
 from decur_lightning.datamodules import BigEarthNetMM, BigEarthNetMMDataModule
 from decur_lightning.datamodules.bigearthnet import B10_INDEX, S2_L1C_BANDS, S2_L2A_BANDS
+
+from data_factories import bigearthnet_s1_values, bigearthnet_s2_value, make_bigearthnet
 
 SAMPLES = {"train": 20, "val": 4, "test": 4}
 
@@ -109,14 +110,18 @@ def test_augmentation_on_device(bigearthnet: tuple[Path, dict[str, list[int]]]) 
         "image_s2": torch.cat([blocks, torch.zeros(4, 10, 64, 64)], 1),
         "label": loaded["label"],
     }
-    datamodule.trainer = SimpleNamespace(training=True, validating=False, sanity_checking=False, testing=False, predicting=False)  # type: ignore[assignment]
+    datamodule.trainer = SimpleNamespace(
+        training=True, validating=False, sanity_checking=False, testing=False, predicting=False
+    )  # type: ignore[assignment]
     out = datamodule.on_after_batch_transfer(dict(batch), 0)
     assert out["image_s1"].shape == (4, 2, 40, 40) and out["image_s2"].shape == (4, 13, 40, 40)
     torch.testing.assert_close(out["image_s1"], out["image_s2"][:, :2])
     assert not torch.equal(out["image_s1"][0], out["image_s1"][1])
     assert torch.equal(out["label"], batch["label"]) and out["label"].dtype == torch.int64
     assert torch.count_nonzero(out["image_s2"][:, 3:]) == 0
-    datamodule.trainer = SimpleNamespace(training=False, validating=True, sanity_checking=False, testing=False, predicting=False)  # type: ignore[assignment]
+    datamodule.trainer = SimpleNamespace(
+        training=False, validating=True, sanity_checking=False, testing=False, predicting=False
+    )  # type: ignore[assignment]
     evaluated = datamodule.on_after_batch_transfer(dict(batch), 0)
     assert evaluated["image_s2"].shape == (4, 13, 40, 40)
     torch.testing.assert_close(evaluated["image_s1"], evaluated["image_s2"][:, :2])
@@ -149,7 +154,9 @@ def test_43_classes_still_work(bigearthnet: tuple[Path, dict[str, list[int]]]) -
 
 def test_training_fraction_smaller_than_a_batch_fails_at_setup(bigearthnet: tuple[Path, dict[str, list[int]]]) -> None:
     datamodule = BigEarthNetMMDataModule(bigearthnet[0], batch_size=8, train_fraction=0.25)  # 5 of 20 samples
-    with pytest.raises(ValueError, match=r"BigEarthNet train .* 5 sample\(s\), fewer than batch_size=8.*train_fraction"):
+    with pytest.raises(
+        ValueError, match=r"BigEarthNet train .* 5 sample\(s\), fewer than batch_size=8.*train_fraction"
+    ):
         datamodule.setup("fit")
     datamodule.setup("test")  # evaluation needs no full batch
     BigEarthNetMMDataModule(bigearthnet[0], batch_size=5, train_fraction=0.25).setup("fit")

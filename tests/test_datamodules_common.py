@@ -11,7 +11,6 @@ import kornia.augmentation as K
 import numpy as np
 import pytest
 import torch
-from data_factories import write_geotiff
 from rasterio.errors import RasterioIOError
 from torch.utils.data import Subset
 
@@ -31,6 +30,8 @@ from decur_lightning.datamodules._common import (
 )
 from decur_lightning.datamodules.samplers import EpochIndex, EpochSeededRandomSampler
 
+from data_factories import write_geotiff
+
 
 def assert_specs_describe_batch(
     datamodule: DescribesModalities,
@@ -45,7 +46,7 @@ def assert_specs_describe_batch(
     specs = datamodule.modality_specs
     assert {name: (spec.bands, spec.view, spec.band_names) for name, spec in specs.items()} == expected
     assert list(specs) == list(expected)
-    assert [key[len("image_"):] for key in batch if key.startswith("image_")] == list(specs)
+    assert [key[len("image_") :] for key in batch if key.startswith("image_")] == list(specs)
     for name, spec in specs.items():
         assert batch[f"image_{name}"].shape[1] == spec.bands, name
         if f"image2_{name}" in batch:
@@ -234,7 +235,9 @@ def test_unreadable_files_finds_corrupt_truncated_and_missing(files: list[Path])
 def test_guard_raise_names_file_index_and_data_set(files: list[Path]) -> None:
     guard = ReadErrorGuard(FlakyFiles(files), name="Flaky")
     assert [guard[i] for i in (0, 2, 4)] == [0, 2, 4]
-    with pytest.raises(OSError, match=r"cannot read sample 3 of Flaky: unreadable file\(s\) .*3\.tif.*on_read_error='skip'") as info:
+    with pytest.raises(
+        OSError, match=r"cannot read sample 3 of Flaky: unreadable file\(s\) .*3\.tif.*on_read_error='skip'"
+    ) as info:
         guard[3]
     assert isinstance(info.value.__cause__, RasterioIOError)
 
@@ -288,7 +291,9 @@ def test_guard_rejects_bad_policies(files: list[Path], policy: str, limit: int) 
 
 def test_check_enough_for_a_batch() -> None:
     check_enough_for_a_batch("x", 4, 4, "")
-    with pytest.raises(ValueError, match=r"the demo split has 3 sample\(s\), fewer than batch_size=4.*at most 3, or raise it"):
+    with pytest.raises(
+        ValueError, match=r"the demo split has 3 sample\(s\), fewer than batch_size=4.*at most 3, or raise it"
+    ):
         check_enough_for_a_batch("demo", 3, 4, "raise it")
 
 

@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from data_factories import make_geonrw
 from PIL import Image
 from test_datamodules_common import assert_moved_together, assert_specs_describe_batch, block_batch
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import GeoNRWMM, GeoNRWMMDataModule, GeoNRWMMPretrainDataModule
 from decur_lightning.datamodules._common import percentile_min_max
+
+from data_factories import make_geonrw
 
 TILE, PATCH = 64, 16
 TRAIN_CITIES = ("aachen", "bergisch", "bielefeld", "bochum", "bonn")
@@ -130,7 +131,9 @@ def test_train_fraction_is_a_reproducible_subset_of_the_city_split(
     root = geonrw[0]
 
     def split(fraction: float, seed: int = 3) -> tuple[list[int], list[int]]:
-        datamodule = GeoNRWMMDataModule(root, batch_size=4, patch_size=PATCH, tile_size=TILE, seed=seed, train_fraction=fraction)
+        datamodule = GeoNRWMMDataModule(
+            root, batch_size=4, patch_size=PATCH, tile_size=TILE, seed=seed, train_fraction=fraction
+        )
         datamodule.setup("fit")
         return list(datamodule.train_dataset.indices), list(datamodule.val_dataset.indices)
 
@@ -148,12 +151,16 @@ def test_train_augmentation_moves_rgb_dem_and_mask_together() -> None:
     datamodule = GeoNRWMMDataModule(crop_size=40)
     batch = block_batch()
     batch.pop("image_hha")
-    datamodule.trainer = SimpleNamespace(training=True, validating=False, sanity_checking=False, testing=False, predicting=False)  # type: ignore[assignment]
+    datamodule.trainer = SimpleNamespace(
+        training=True, validating=False, sanity_checking=False, testing=False, predicting=False
+    )  # type: ignore[assignment]
     out = datamodule.on_after_batch_transfer(batch, 0)
     assert out["image_rgb"].shape == (4, 3, 40, 40) and out["mask"].shape == (4, 40, 40)
     out["image_hha"] = out["image_rgb"]
     assert_moved_together(batch, out)
-    datamodule.trainer = SimpleNamespace(training=False, validating=True, sanity_checking=False, testing=False, predicting=False)  # type: ignore[assignment]
+    datamodule.trainer = SimpleNamespace(
+        training=False, validating=True, sanity_checking=False, testing=False, predicting=False
+    )  # type: ignore[assignment]
     evaluated = datamodule.on_after_batch_transfer(batch, 0)
     assert all(torch.equal(evaluated[key], batch[key]) for key in ("image_rgb", "image_dem", "mask"))
 
@@ -178,11 +185,14 @@ def test_pretrain_datamodule_batch(geonrw: tuple[Path, dict[str, dict[str, np.nd
     batch = next(iter(datamodule.train_dataloader()))
     assert set(batch) == {"image_rgb", "image_dem"}
     assert batch["image_rgb"].shape == (4, 3, PATCH, PATCH) and batch["image_dem"].shape == (4, 1, PATCH, PATCH)
-    assert_specs_describe_batch(datamodule, batch, {"rgb": (3, "aerial_rgb", ["R", "G", "B"]), "dem": (1, "dem", ["DEM"])})
+    assert_specs_describe_batch(
+        datamodule, batch, {"rgb": (3, "aerial_rgb", ["R", "G", "B"]), "dem": (1, "dem", ["DEM"])}
+    )
     tripled = GeoNRWMMPretrainDataModule(geonrw[0], batch_size=4, patch_size=PATCH, tile_size=TILE, dem_channels=3)
     tripled.setup("fit")
     assert_specs_describe_batch(
-        tripled, next(iter(tripled.train_dataloader())),
+        tripled,
+        next(iter(tripled.train_dataloader())),
         {"rgb": (3, "aerial_rgb", ["R", "G", "B"]), "dem": (3, "dem", ["DEM"] * 3)},
     )
 
@@ -222,13 +232,17 @@ def test_val_fraction_out_of_range_is_refused_at_init(fraction: float) -> None:
         GeoNRWMMDataModule(val_fraction=fraction)
 
 
-def test_val_fraction_leaving_no_city_names_the_usable_range(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:
+def test_val_fraction_leaving_no_city_names_the_usable_range(
+    geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]],
+) -> None:
     datamodule = GeoNRWMMDataModule(geonrw[0], batch_size=4, patch_size=PATCH, tile_size=TILE, val_fraction=0.05)
     with pytest.raises(ValueError, match=r"leaves 0 validation .* between 0.1 and 0.9"):
         datamodule.setup("fit")
 
 
-def test_training_split_smaller_than_a_batch_fails_at_setup(geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]]) -> None:
+def test_training_split_smaller_than_a_batch_fails_at_setup(
+    geonrw: tuple[Path, dict[str, dict[str, np.ndarray]]],
+) -> None:
     root = geonrw[0]
     # 4 training cities x 16 patches = 64 patches; 5 % of them is 3 < batch_size 4
     datamodule = GeoNRWMMDataModule(root, batch_size=4, patch_size=PATCH, tile_size=TILE, train_fraction=0.05)
@@ -260,13 +274,20 @@ def test_unreadable_tile_raise_names_the_file_and_skip_replaces_its_patches(tmp_
     with pytest.warns(RuntimeWarning, match=str(bad)):
         sample = lenient.train_dataset[patches]
     expected = plain[2 * patches]  # first patch of the next, readable tile
-    assert torch.equal(sample["image_rgb"], expected["image_rgb"]) and torch.equal(sample["image_dem"], expected["image_dem"])
+    assert torch.equal(sample["image_rgb"], expected["image_rgb"]) and torch.equal(
+        sample["image_dem"], expected["image_dem"]
+    )
     assert sorted(lenient.train_dataset.skipped) == list(range(patches, 2 * patches))
     assert all(files == [str(bad)] for files in lenient.train_dataset.skipped.values())
 
-    capped = GeoNRWMMPretrainDataModule(tmp_path, patch_size=PATCH, tile_size=TILE, on_read_error="skip", max_read_errors=3)
+    capped = GeoNRWMMPretrainDataModule(
+        tmp_path, patch_size=PATCH, tile_size=TILE, on_read_error="skip", max_read_errors=3
+    )
     capped.setup("validate")
-    with pytest.warns(RuntimeWarning), pytest.raises(OSError, match="4 unreadable samples, more than max_read_errors=3"):
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(OSError, match="4 unreadable samples, more than max_read_errors=3"),
+    ):
         capped.train_dataset[patches]
 
     segmentation = GeoNRWMMDataModule(tmp_path, batch_size=4, patch_size=PATCH, tile_size=TILE, val_fraction=0.0)

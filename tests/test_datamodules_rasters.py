@@ -35,8 +35,16 @@ MERC_RES = 25.0
 def _write(path: Path, data: np.ndarray, crs: str, transform, nodata=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(
-        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-        dtype=data.dtype, crs=crs, transform=transform, nodata=nodata,
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
     ) as dst:
         dst.write(data)
 
@@ -89,7 +97,11 @@ def _pixel_centres(bounds: torch.Tensor, size: int, res: float) -> tuple[np.ndar
 @pytest.mark.parametrize("sampling", ["random", "grid"])
 def test_every_sample_shows_the_same_place_in_every_modality(rasters, tmp_path, sampling):
     dm = RasterPretrainDataModule(
-        sources(rasters, ("utm", "geo", "merc")), patch_size=16, batch_size=4, sampling=sampling, length=12,
+        sources(rasters, ("utm", "geo", "merc")),
+        patch_size=16,
+        batch_size=4,
+        sampling=sampling,
+        length=12,
         stats_file=str(tmp_path / "stats.json"),
     )
     dataset = dm.build_dataset(seed=3, normalize=False)
@@ -127,13 +139,18 @@ def test_every_sample_shows_the_same_place_in_every_modality(rasters, tmp_path, 
 
 def test_batches_are_named_normalised_and_described(rasters, tmp_path):
     dm = RasterPretrainDataModule(
-        sources(rasters, ("utm", "geo", "merc")), patch_size=16, batch_size=4, length=8,
+        sources(rasters, ("utm", "geo", "merc")),
+        patch_size=16,
+        batch_size=4,
+        length=8,
         stats_file=str(tmp_path / "stats.json"),
     )
     specs = dm.modality_specs
     assert list(specs) == ["utm", "geo", "merc"]
     assert [(s.bands, s.view, s.band_names) for s in specs.values()] == [
-        (2, "optical", ["easting", "northing"]), (2, "sar", ["lon", "lat"]), (1, "dem", ["mx"]),
+        (2, "optical", ["easting", "northing"]),
+        (2, "sar", ["lon", "lat"]),
+        (1, "dem", ["mx"]),
     ]
     dm.setup("fit")
     assert dm.train_dataset.normalizations == {"utm": "mean_std", "geo": "sar", "merc": "percentile"}
@@ -190,7 +207,12 @@ def test_default_cache_lies_beside_the_first_source(tmp_path):
 def test_mostly_nodata_patches_are_skipped_and_counted(tmp_path):
     paths = make_rasters(tmp_path, nodata_rows=60)  # the top half of the UTM raster is nodata
     dm = RasterPretrainDataModule(
-        sources(paths), patch_size=16, batch_size=4, length=24, max_nodata_fraction=0.25, stats_file="",
+        sources(paths),
+        patch_size=16,
+        batch_size=4,
+        length=24,
+        max_nodata_fraction=0.25,
+        stats_file="",
     )
     dataset = dm.build_dataset(normalize=False)
     assert dataset.nodata == {"utm": -9999.0, "geo": None}
@@ -233,16 +255,21 @@ def test_nothing_but_nodata_fails_clearly(tmp_path):
 
 
 def test_random_patches_are_a_function_of_seed_epoch_and_index(rasters, tmp_path):
-    dm = RasterPretrainDataModule(sources(rasters), patch_size=16, batch_size=2, length=6,
-                                  stats_file=str(tmp_path / "s.json"))
+    dm = RasterPretrainDataModule(
+        sources(rasters), patch_size=16, batch_size=2, length=6, stats_file=str(tmp_path / "s.json")
+    )
     a, b = dm.build_dataset(seed=1), dm.build_dataset(seed=1)
     torch.manual_seed(123)  # the global RNG plays no part
     torch.testing.assert_close(a[2], b[2])
     assert a.location(2) == b.location(2)
     assert a.location(2, epoch=1) != a.location(2, epoch=0)
-    torch.testing.assert_close(a[EpochIndex(2, 1)]["bounds"], torch.tensor(
-        [a.location(2, 1)[0].start, a.location(2, 1)[1].start, a.location(2, 1)[0].stop, a.location(2, 1)[1].stop],
-        dtype=torch.float64))
+    torch.testing.assert_close(
+        a[EpochIndex(2, 1)]["bounds"],
+        torch.tensor(
+            [a.location(2, 1)[0].start, a.location(2, 1)[1].start, a.location(2, 1)[0].stop, a.location(2, 1)[1].stop],
+            dtype=torch.float64,
+        ),
+    )
     assert dm.build_dataset(seed=2).location(2) != a.location(2)
 
 
@@ -252,9 +279,14 @@ def test_accepts_torchgeo_raster_datasets(rasters, tmp_path):
         all_bands = ("easting", "northing")
 
     dm = RasterPretrainDataModule(
-        {"utm": Utm(str(rasters["utm"]), bands=["northing"]), "geo": RasterSource(paths=str(rasters["geo"]),
-                                                                               band_names=["lon", "lat"])},
-        patch_size=16, batch_size=2, length=2, stats_file=str(tmp_path / "s.json"),
+        {
+            "utm": Utm(str(rasters["utm"]), bands=["northing"]),
+            "geo": RasterSource(paths=str(rasters["geo"]), band_names=["lon", "lat"]),
+        },
+        patch_size=16,
+        batch_size=2,
+        length=2,
+        stats_file=str(tmp_path / "s.json"),
     )
     assert dm.modality_specs["utm"].band_names == ["northing"] and dm.modality_specs["utm"].view == "generic"
     sample = dm.build_dataset(normalize=False)[0]
@@ -306,13 +338,25 @@ def test_wrong_band_names_list_both(tmp_path):
 def test_decur_fits_two_steps_on_three_sources(rasters, tmp_path):
     pl.seed_everything(0)
     dm = RasterPretrainDataModule(
-        sources(rasters, ("utm", "geo", "merc")), patch_size=32, batch_size=4, length=8, stats_patches=8,
+        sources(rasters, ("utm", "geo", "merc")),
+        patch_size=32,
+        batch_size=4,
+        length=8,
+        stats_patches=8,
         stats_file=str(tmp_path / "s.json"),
     )
     module = DeCURModule(encoder="resnet18", projector_dims=(32, 32), crop_size=32, optimizer="adamw", lr=1e-3)
     logger = CSVLogger(tmp_path, name="run")
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, dm)
     assert trainer.global_step == 2
     assert module.modalities == ("utm", "geo", "merc")
@@ -328,17 +372,30 @@ def test_decur_fits_two_steps_on_three_sources(rasters, tmp_path):
 def test_example_config_runs_with_decur_fit_on_the_test_rasters(rasters, tmp_path):
     from decur_lightning.cli import main
 
-    main([
-        "fit", "--config", str(CONFIG),
-        f"--data.init_args.sources.s1.paths={rasters['geo']}", "--data.init_args.sources.s1.band_names=[VV, VH]",
-        f"--data.init_args.sources.s2.paths={rasters['utm']}",
-        "--data.init_args.sources.s2.band_names=[B04, B08]", "--data.init_args.sources.s2.bands=[B04, B08]",
-        "--data.init_args.stats_patches=4", "--data.init_args.num_workers=0",
-        "--data.init_args.patch_size=32", "--data.init_args.batch_size=4", "--data.init_args.length=8",
-        f"--data.init_args.stats_file={tmp_path / 's.json'}",
-        "--model.init_args.encoder=resnet18", "--model.init_args.projector_dims=[32, 32]",
-        "--model.init_args.crop_size=32",
-        "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.callbacks=[]",
-        "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            f"--data.init_args.sources.s1.paths={rasters['geo']}",
+            "--data.init_args.sources.s1.band_names=[VV, VH]",
+            f"--data.init_args.sources.s2.paths={rasters['utm']}",
+            "--data.init_args.sources.s2.band_names=[B04, B08]",
+            "--data.init_args.sources.s2.bands=[B04, B08]",
+            "--data.init_args.stats_patches=4",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.patch_size=32",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.length=8",
+            f"--data.init_args.stats_file={tmp_path / 's.json'}",
+            "--model.init_args.encoder=resnet18",
+            "--model.init_args.projector_dims=[32, 32]",
+            "--model.init_args.crop_size=32",
+            "--trainer.max_steps=2",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert json.loads((tmp_path / "s.json").read_text())

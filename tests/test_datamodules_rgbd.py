@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from data_factories import make_rgbd
 from PIL import Image
 from test_datamodules_common import assert_moved_together, assert_specs_describe_batch, block_batch
 from torchgeo.datasets import DatasetNotFoundError
@@ -21,6 +20,8 @@ from decur_lightning.datamodules.rgbd import (
     ResizedCropTransform,
     pad_collate,
 )
+
+from data_factories import make_rgbd
 
 SIZE = (20, 24)
 
@@ -68,7 +69,10 @@ def test_native_size_reads_exact_pixels(sunrgbd: tuple[Path, dict[str, list[str]
 
 @pytest.mark.parametrize(("dataset", "num_classes"), [("sunrgbd", 37), ("nyudv2", 40)])
 def test_mask_follows_cmx_convention(
-    sunrgbd: tuple[Path, dict[str, list[str]]], nyudv2: tuple[Path, dict[str, list[str]]], dataset: str, num_classes: int
+    sunrgbd: tuple[Path, dict[str, list[str]]],
+    nyudv2: tuple[Path, dict[str, list[str]]],
+    dataset: str,
+    num_classes: int,
 ) -> None:
     root = (sunrgbd if dataset == "sunrgbd" else nyudv2)[0]
     data = RGBDMM(root, dataset=dataset, image_size=(24, 32), split="all")  # type: ignore[arg-type]
@@ -281,8 +285,14 @@ def test_metrics_score_every_pixel_of_the_original_images_once(
     model = MultimodalSegmentationModule(modalities={"rgb": 3, "hha": 3}, encoder="resnet18", num_classes=37)
     datamodule = RGBDMMDataModule(sunrgbd[0], eval_batch_size=eval_batch_size)
     counter = Count()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[counter],
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[counter],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     result = trainer.test(model, datamodule)[0]
     datamodule.setup("test")
     samples = [datamodule.test_dataset[i] for i in range(3)]
@@ -381,7 +391,9 @@ def test_unreadable_image_raise_names_the_file_and_skip_replaces_it(tmp_path: Pa
 
 
 def test_fewer_pairs_than_a_batch_fail_at_setup(sunrgbd: tuple[Path, dict[str, list[str]]]) -> None:
-    with pytest.raises(ValueError, match=r"RGB-D pretraining \(train\) split has 8 sample\(s\), fewer than batch_size=16"):
+    with pytest.raises(
+        ValueError, match=r"RGB-D pretraining \(train\) split has 8 sample\(s\), fewer than batch_size=16"
+    ):
         RGBDMMPretrainDataModule(sunrgbd[0], batch_size=16, image_size=SIZE).setup("fit")
     with pytest.raises(ValueError, match=r"RGB-D train split has 8 sample\(s\), fewer than batch_size=9"):
         RGBDMMDataModule(sunrgbd[0], batch_size=9).setup("fit")

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_factories import SSL4EO_SEASON_DATES, make_ssl4eo_s12, ssl4eo_s1_value, ssl4eo_s2_value
 from test_datamodules_common import assert_specs_describe_batch
 from torchgeo.datasets import DatasetNotFoundError
 
 from decur_lightning.datamodules import SSL4EOS12MM, SSL4EOS12MMDataModule
 from decur_lightning.datamodules.samplers import EpochIndex
+
+from data_factories import SSL4EO_SEASON_DATES, make_ssl4eo_s12, ssl4eo_s1_value, ssl4eo_s2_value
 
 LOCATIONS = (0, 1, 2, 7)
 
@@ -63,7 +64,9 @@ def test_pairs_share_location_and_bands_keep_their_order(root: Path) -> None:
         assert s1_location == s2_location == location == int(sample["location"])
         assert s1_bands == [0, 1]  # VV, VH
         assert s2_bands == list(range(13))  # B1 .. B8, B8A, B9, B10, B11, B12
-        torch.testing.assert_close(sample["image_s1"][:, 5, 5], torch.tensor([ssl4eo_s1_value(location, s1_season, b) for b in (0, 1)]))
+        torch.testing.assert_close(
+            sample["image_s1"][:, 5, 5], torch.tensor([ssl4eo_s1_value(location, s1_season, b) for b in (0, 1)])
+        )
         assert sample["image_s2"][12, 0, 0] == ssl4eo_s2_value(location, s2_season, 12)
 
 
@@ -96,7 +99,17 @@ def test_season_per_view_keys_shapes_and_pixels(root: Path) -> None:
     for index in (0, EpochIndex(1, 1), EpochIndex(3, 5)):
         sample = dataset[index]
         epoch, location = dataset.decode_index(index)
-        assert set(sample) == {"location", "image_s1", "image_s2", "t_s1", "t_s2", "image2_s1", "image2_s2", "t2_s1", "t2_s2"}
+        assert set(sample) == {
+            "location",
+            "image_s1",
+            "image_s2",
+            "t_s1",
+            "t_s2",
+            "image2_s1",
+            "image2_s2",
+            "t2_s1",
+            "t2_s2",
+        }
         assert sample["image2_s1"].shape == sample["image_s1"].shape == (2, 264, 264)
         assert sample["image2_s2"].shape == sample["image_s2"].shape == (13, 264, 264)
         for modality, (name, decode) in enumerate((("s1", decode_s1), ("s2", decode_s2))):
@@ -127,7 +140,9 @@ def test_season_draws_cover_all_combinations_independently(root: Path) -> None:
         pairs["s1-s2"].append((draws[0, 0], draws[1, 0]))
         pairs["s1-s2 view 2"].append((draws[0, 1], draws[1, 1]))
     for name, values in pairs.items():
-        counts = {combination: values.count(combination) for combination in {(a, b) for a in range(4) for b in range(4)}}
+        counts = {
+            combination: values.count(combination) for combination in {(a, b) for a in range(4) for b in range(4)}
+        }
         # 1600 draws, 100 expected per cell (sd about 10)
         assert all(60 <= count <= 140 for count in counts.values()), (name, counts)
     # the same (seed, epoch, index) always gives the same seasons; another seed other ones
@@ -163,7 +178,12 @@ def test_datamodule_sampler_passes_the_epoch_and_resumes_identically(root: Path)
             for i, location in enumerate(batch["location"].tolist()):
                 seasons[location] = tuple(
                     decode(batch[key][i])[1]
-                    for key, decode in (("image_s1", decode_s1), ("image2_s1", decode_s1), ("image_s2", decode_s2), ("image2_s2", decode_s2))
+                    for key, decode in (
+                        ("image_s1", decode_s1),
+                        ("image2_s1", decode_s1),
+                        ("image_s2", decode_s2),
+                        ("image2_s2", decode_s2),
+                    )
                 )
         return seasons
 
@@ -278,10 +298,14 @@ def test_modality_specs_follow_seasons_and_the_files_band_order(root: Path) -> N
     datamodule = SSL4EOS12MMDataModule(root, batch_size=2, seasons=2, season_per_view=True)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    assert_specs_describe_batch(datamodule, batch, {
-        "s1": (4, "sar", ["VV_season1", "VH_season1", "VV_season2", "VH_season2"]),
-        "s2": (26, "optical", [f"{band}_season{k}" for k in (1, 2) for band in S2_NAMES]),
-    })
+    assert_specs_describe_batch(
+        datamodule,
+        batch,
+        {
+            "s1": (4, "sar", ["VV_season1", "VH_season1", "VV_season2", "VH_season2"]),
+            "s2": (26, "optical", [f"{band}_season{k}" for k in (1, 2) for band in S2_NAMES]),
+        },
+    )
     # The names follow the order the band files are read in (torchgeo's band lists).
     read = SSL4EOS12MM(root).datasets
     assert [f"B{int(b[1:]):02d}" if b[1:].isdigit() else b for b in read["s2"].bands] == S2_NAMES
@@ -302,7 +326,8 @@ def test_decur_fit_fast_dev_run(root: Path) -> None:
     trainer.fit(model, SSL4EOS12MMDataModule(root, batch_size=2))
     assert trainer.state.finished
     assert {name: (spec["bands"], spec["view"]) for name, spec in model.hparams.modalities.items()} == {
-        "s1": (2, "sar"), "s2": (13, "optical")
+        "s1": (2, "sar"),
+        "s2": (13, "optical"),
     }
 
 

@@ -83,9 +83,16 @@ class _FixedOrderData(SyntheticMultimodalDataModule):
 def _fit(devices: int, out: str, count: int) -> None:
     dm = _FixedOrderData(modality_specs=MODALITIES[count], num_train=16, batch_size=16 // devices, size=32)
     trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[_Record(out)],
+        max_steps=1,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[_Record(out)],
     )
     trainer.fit(_model(count), dm)
 

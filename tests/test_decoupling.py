@@ -36,7 +36,9 @@ def test_probe_factors_separates_shared_own_and_other_private():
     data = {
         "features_a": torch.cat([shared.abs(), p1.abs(), torch.randn(n, 5)], 1),
         "features_b": torch.cat([shared.abs(), torch.randn(n, 5)], 1),  # b lost its private factors
-        "shared": shared, "private_a": p1, "private_b": p2,
+        "shared": shared,
+        "private_a": p1,
+        "private_b": p2,
     }
     train = {k: v[:400] for k, v in data.items()}
     test = {k: v[400:] for k, v in data.items()}
@@ -48,9 +50,25 @@ def test_probe_factors_separates_shared_own_and_other_private():
 
 def test_benchmark_script_runs_end_to_end(tmp_path):
     out = tmp_path / "decoupling.md"
-    cmd = [sys.executable, str(ROOT / "examples" / "decoupling_benchmark.py"), "--methods", "random", "decur",
-           "--seeds", "0", "--epochs", "1", "--num-train", "64", "--num-probe", "64", "--dim", "32",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "decoupling_benchmark.py"),
+        "--methods",
+        "random",
+        "decur",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--num-train",
+        "64",
+        "--num-probe",
+        "64",
+        "--dim",
+        "32",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     table = out.read_text()

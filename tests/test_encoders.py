@@ -276,8 +276,10 @@ def _decur_step(name: str) -> None:
     encoders = EncoderSet({"a": Modality(bands=2, encoder=name), "b": Modality(bands=3, encoder=name)})
     projectors = nn.ModuleDict({m: nn.Linear(width, 64) for m, width in encoders.num_features.items()})
     batch = {"image_a": torch.rand(4, 2, 64, 64), "image_b": torch.rand(4, 3, 64, 64)}
-    views = {m: [projectors[m](encoders.encode(x + 0.05 * k * torch.randn_like(x), m)) for k in (0, 1)]
-             for m, x in encoders.inputs(batch).items()}
+    views = {
+        m: [projectors[m](encoders.encode(x + 0.05 * k * torch.randn_like(x), m)) for k in (0, 1)]
+        for m, x in encoders.inputs(batch).items()
+    }
     loss = decur_loss(*views["a"], *views["b"], common_dims=48).total
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()

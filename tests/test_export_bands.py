@@ -36,7 +36,9 @@ def test_subset_selects_channels_by_name(s2_export, where):
     encoder = create_encoder("resnet18", 4)
     load_pretrained_encoder(encoder, tmp / where, "s2", band_names=target)
     for channel, band in enumerate(target):
-        torch.testing.assert_close(encoder.conv1.weight[:, channel], pretrained[:, S2_BANDS.index(band)], rtol=0, atol=0)
+        torch.testing.assert_close(
+            encoder.conv1.weight[:, channel], pretrained[:, S2_BANDS.index(band)], rtol=0, atol=0
+        )
     torch.testing.assert_close(encoder.layer4[1].conv2.weight, full["layer4.1.conv2.weight"], rtol=0, atol=0)
 
 
@@ -46,7 +48,9 @@ def test_reordering_and_torchgeo_spelling(s2_export):
     encoder = create_encoder("resnet18", 4)
     load_pretrained_encoder(encoder, tmp / "out", "s2", band_names=target)
     for channel, source in enumerate(["B8A", "B04", "B03", "B02"]):
-        torch.testing.assert_close(encoder.conv1.weight[:, channel], pretrained[:, S2_BANDS.index(source)], rtol=0, atol=0)
+        torch.testing.assert_close(
+            encoder.conv1.weight[:, channel], pretrained[:, S2_BANDS.index(source)], rtol=0, atol=0
+        )
 
 
 def test_unseen_bands_initialised_as_timm_adapts_with_a_warning(s2_export):

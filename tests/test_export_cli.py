@@ -29,8 +29,15 @@ def fitted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fit")
     model = tiny_decur(modalities=None)
     data = _SSL4EOLikeSynthetic(modality_specs={"s1": 2, "s2": 13}, num_train=16, num_val=8, batch_size=8)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp,
+    )
     trainer.fit(model, data)
     path = tmp / "decur.ckpt"
     trainer.save_checkpoint(path)
@@ -54,8 +61,10 @@ def test_decur_export_records_the_datamodule_normalisation(fitted, tmp_path, cap
     assert config["pretrained_cfg"]["mean"] == pytest.approx([m - 2 * s for m, s in zip(s2["mean"], s2["std"])])
     # the export is a weight source of the downstream modules: the Hub folder as `weights`
     module = MultimodalClassificationModule(
-        modalities={"s1": {"bands": 2, "encoder": "resnet18", "weights": str(tmp_path / "out" / "hub_s1")},
-                    "s2": {"bands": 13, "encoder": "resnet18", "weights": str(tmp_path / "out" / "encoder_s2.pt")}},
+        modalities={
+            "s1": {"bands": 2, "encoder": "resnet18", "weights": str(tmp_path / "out" / "hub_s1")},
+            "s2": {"bands": 13, "encoder": "resnet18", "weights": str(tmp_path / "out" / "encoder_s2.pt")},
+        },
         num_classes=5,
     )
     for name in ("s1", "s2"):

@@ -46,9 +46,19 @@ def exported(tmp_path_factory) -> tuple[Path, dict[str, torch.nn.Module], dict]:
             "encoder": "resnet18",
             "crop_size": 32,
             "modalities": {
-                "s1": {"bands": 2, "encoder": "resnet18", "view": "sar", "band_names": ["VV", "VH"],
-                       "normalization": S1_NORMALIZATION},
-                "s2": {"bands": 4, "encoder": "resnet18", "view": "optical", "band_names": ["B02", "B03", "B04", "B08"]},
+                "s1": {
+                    "bands": 2,
+                    "encoder": "resnet18",
+                    "view": "sar",
+                    "band_names": ["VV", "VH"],
+                    "normalization": S1_NORMALIZATION,
+                },
+                "s2": {
+                    "bands": 4,
+                    "encoder": "resnet18",
+                    "view": "optical",
+                    "band_names": ["B02", "B03", "B04", "B08"],
+                },
             },
         },
         "datamodule_hyper_parameters": {"batch_size": 8},
@@ -75,11 +85,18 @@ def test_files_and_manifest(exported):
     assert list(manifest) == ["s1", "s2"]
     s1 = manifest["s1"]
     assert s1["files"] == {
-        "pt": "encoder_s1.pt", "safetensors": "encoder_s1.safetensors",
-        "torchgeo": "encoder_s1_torchgeo.ckpt", "hub": "hub_s1",
+        "pt": "encoder_s1.pt",
+        "safetensors": "encoder_s1.safetensors",
+        "torchgeo": "encoder_s1_torchgeo.ckpt",
+        "hub": "hub_s1",
     }
     assert (s1["file"], s1["encoder"], s1["bands"], s1["band_names"], s1["position"]) == (
-        "encoder_s1.pt", "resnet18", 2, ["VV", "VH"], 1)
+        "encoder_s1.pt",
+        "resnet18",
+        2,
+        ["VV", "VH"],
+        1,
+    )
     assert s1["normalization"] == S1_NORMALIZATION
     assert s1["patch_size"] == 32
     # mean - 2 std and 4 std: (x - mean') / std' == (x - (m - 2s)) / (4s)
@@ -95,8 +112,13 @@ def test_files_and_manifest(exported):
 def test_timm_loads_pt_and_safetensors_with_pretrained_cfg_overlay(exported):
     out, encoders, _ = exported
     for suffix in ("pt", "safetensors"):
-        model = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(out / f"encoder_s1.{suffix}")),
-                                  in_chans=2, num_classes=0)
+        model = timm.create_model(
+            "resnet18",
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(out / f"encoder_s1.{suffix}")),
+            in_chans=2,
+            num_classes=0,
+        )
         _assert_same(model.state_dict(), encoders["s1"])
     _assert_same(load_file(str(out / "encoder_s2.safetensors")), encoders["s2"])
 
@@ -115,8 +137,9 @@ def test_torchgeo_classification_task(exported):
     out, encoders, _ = exported
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        task = ClassificationTask(model="resnet18", weights=str(out / "encoder_s1_torchgeo.ckpt"), in_channels=2,
-                                  num_classes=5)
+        task = ClassificationTask(
+            model="resnet18", weights=str(out / "encoder_s1_torchgeo.ckpt"), in_channels=2, num_classes=5
+        )
     loaded = {k: v for k, v in task.model.state_dict().items() if not k.startswith("fc.")}
     _assert_same(loaded, encoders["s1"])
     assert task.model.fc.out_features == 5
@@ -126,8 +149,9 @@ def test_torchgeo_segmentation_task(exported):
     from torchgeo.trainers import SemanticSegmentationTask
 
     out, encoders, _ = exported
-    task = SemanticSegmentationTask(model="unet", backbone="resnet18", weights=str(out / "encoder_s2_torchgeo.ckpt"),
-                                    in_channels=4, num_classes=3)
+    task = SemanticSegmentationTask(
+        model="unet", backbone="resnet18", weights=str(out / "encoder_s2_torchgeo.ckpt"), in_channels=4, num_classes=3
+    )
     _assert_same(task.model.encoder.state_dict(), encoders["s2"])
 
 
@@ -154,8 +178,14 @@ def test_hub_folder_loads_offline_with_timm(exported, monkeypatch):
     config = json.loads((folder / "config.json").read_text())
     assert config["decur"]["band_names"] == ["VV", "VH"] and config["decur"]["modality"] == "s1"
     card = (folder / "README.md").read_text()
-    for text in ("library_name: timm", "`VV`, `VH`", "| VV | -12.59 | 5.26 | -23.11 | 21.04 |", "mean_2std",
-                 "linear_probe_top1", "local-dir:"):
+    for text in (
+        "library_name: timm",
+        "`VV`, `VH`",
+        "| VV | -12.59 | 5.26 | -23.11 | 21.04 |",
+        "mean_2std",
+        "linear_probe_top1",
+        "local-dir:",
+    ):
         assert text in card
 
 
@@ -177,7 +207,10 @@ def test_timm_mean_std_matches_the_datamodule_normalisation():
 def test_formats_argument_and_non_timm_encoders(tmp_path):
     encoder = _perturbed("resnet18_rda", 2)
     state_dict = {f"encoders.sar.{k}": v for k, v in encoder.state_dict().items()}
-    checkpoint = {"state_dict": state_dict, "hyper_parameters": {"modalities": {"sar": {"bands": 2, "encoder": "resnet18_rda"}}}}
+    checkpoint = {
+        "state_dict": state_dict,
+        "hyper_parameters": {"modalities": {"sar": {"bands": 2, "encoder": "resnet18_rda"}}},
+    }
     with pytest.warns(UserWarning, match="need a timm model name"):
         written = export_pretrained(checkpoint, tmp_path, "all")
     assert set(written["sar"]) == {"pt", "safetensors"}

@@ -65,7 +65,9 @@ def test_intra_terms_equal_lightly_barlow_twins():
     torch.testing.assert_close(terms.intra1, lightly_loss(z1a, z1b), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(terms.intra2, lightly_loss(z2a, z2b), rtol=1e-5, atol=1e-4)
     for method in ("dense", "cheap"):
-        torch.testing.assert_close(barlow_twins_loss(z1a, z1b, method=method), lightly_loss(z1a, z1b), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            barlow_twins_loss(z1a, z1b, method=method), lightly_loss(z1a, z1b), rtol=1e-5, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize(("n", "k", "common_dims"), [(8, 64, 48), (32, 256, 224), (64, 512, 384), (256, 1024, 896)])

@@ -8,9 +8,9 @@ import torch
 from lightly.utils.lars import LARS
 
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
+from decur_lightning.optim import warmup_schedule
 from decur_lightning.ssl import resolve_common_dims
 from decur_lightning.ssl.base import build_projector
-from decur_lightning.optim import warmup_schedule
 
 from helpers import tiny_batch, tiny_decur
 
@@ -84,13 +84,23 @@ def test_training_step_returns_loss_and_logs_every_term():
     model.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
     loss = model.training_step(tiny_batch(n=8), 0)
     assert loss.ndim == 0 and loss.requires_grad and torch.isfinite(loss)
-    expected = {"train/loss", "train/intra_sar", "train/intra_optical", "train/common_sar_optical",
-                "train/unique_sar_optical", "train/common_corr_sar_optical", "train/unique_corr_sar_optical",
-                "train/embedding_std_sar", "train/embedding_std_optical"}
+    expected = {
+        "train/loss",
+        "train/intra_sar",
+        "train/intra_optical",
+        "train/common_sar_optical",
+        "train/unique_sar_optical",
+        "train/common_corr_sar_optical",
+        "train/unique_corr_sar_optical",
+        "train/embedding_std_sar",
+        "train/embedding_std_optical",
+    }
     assert expected <= set(logged)
     torch.testing.assert_close(
         logged["train/loss"],
-        logged["train/intra_sar"] + logged["train/intra_optical"] + logged["train/common_sar_optical"]
+        logged["train/intra_sar"]
+        + logged["train/intra_optical"]
+        + logged["train/common_sar_optical"]
         + logged["train/unique_sar_optical"],
     )
     assert -1 <= float(logged["train/common_corr_sar_optical"]) <= 1
@@ -101,7 +111,7 @@ def test_training_step_returns_loss_and_logs_every_term():
 def test_views_have_crop_size_and_differ():
     model = tiny_decur(crop_size=24)
     views = model.make_views(tiny_batch(n=4, size=40))
-    (x1a, x1b), (x2a, x2b) = views["sar"], views["optical"]
+    (x1a, x1b), (_x2a, x2b) = views["sar"], views["optical"]
     assert x1a.shape == (4, 2, 24, 24) and x2b.shape == (4, 4, 24, 24)
     assert not torch.equal(x1a, x1b)
     assert not x1a.requires_grad
@@ -118,7 +128,10 @@ def test_missing_key_wrong_channels_and_batch_of_one():
     model = tiny_decur()
     with pytest.raises(KeyError, match=r"has keys \['image_optical', 'image_s1'\]"):
         model.training_step({"image_s1": torch.rand(4, 2, 32, 32), "image_optical": torch.rand(4, 4, 32, 32)}, 0)
-    with pytest.raises(ValueError, match=r"image_optical has shape \(4, 13, 32, 32\).*expects \(N, 4, H, W\).*'optical': \{'bands': 13\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"image_optical has shape \(4, 13, 32, 32\).*expects \(N, 4, H, W\).*'optical': \{'bands': 13\}",
+    ):
         model.training_step(tiny_batch(channels=(2, 13)), 0)
     with pytest.raises(ValueError, match="batch of 1 sample"):
         model.training_step(tiny_batch(n=1), 0)
@@ -136,8 +149,15 @@ def test_missing_key_wrong_channels_and_batch_of_one():
 
 def test_lars_groups_exclude_biases_and_norms(tmp_path):
     model = tiny_decur()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, LARS)
@@ -173,8 +193,13 @@ def test_fit_on_synthetic_reduces_loss(tmp_path):
     model = tiny_decur(projector_dims=(64, 32), optimizer="adamw", lr=2e-3, crop_scale=(0.5, 1.0))
     dm = SyntheticMultimodalDataModule(num_train=256, num_val=64, batch_size=64)
     trainer = L.Trainer(
-        max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
     )
     dm.setup()
     batch = next(iter(dm.val_dataloader()))
@@ -232,11 +257,17 @@ def test_encoder_kwargs_reach_every_encoder_in_pretraining_and_downstream():
     blocks = [enc.da_l3 for enc in model.encoders.values()] + [enc.da_l4 for enc in model.encoders.values()]
     assert all(not block.residual and block.reference_points == "dat" for block in blocks)
     downstream = MultimodalClassificationModule(
-        modalities={"sar": 2, "optical": 4}, encoder="resnet18_rda", num_classes=3, encoder_kwargs={"rda_residual": False},
+        modalities={"sar": 2, "optical": 4},
+        encoder="resnet18_rda",
+        num_classes=3,
+        encoder_kwargs={"rda_residual": False},
     )
-    assert all(not enc.da_l3.residual and enc.da_l3.reference_points == "centre" for enc in downstream.encoders.values())
+    assert all(
+        not enc.da_l3.residual and enc.da_l3.reference_points == "centre" for enc in downstream.encoders.values()
+    )
     per_modality = tiny_decur(
-        encoder="resnet18_rda", modalities={"sar": {"bands": 2, "encoder_kwargs": {"rda_residual": False}}, "optical": 4}
+        encoder="resnet18_rda",
+        modalities={"sar": {"bands": 2, "encoder_kwargs": {"rda_residual": False}}, "optical": 4},
     )
     assert [enc.da_l3.residual for enc in per_modality.encoders.values()] == [False, True]
     with pytest.raises(TypeError):

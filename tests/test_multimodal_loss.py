@@ -189,9 +189,16 @@ def test_result_type_and_terms_order():
     out = multimodal_decur_loss(_views(3), 12)
     assert isinstance(out, MultimodalDeCURTerms)
     assert list(out.terms()) == [
-        "total", "intra_s1", "intra_s2", "intra_dem",
-        "common_s1_s2", "common_s1_dem", "common_s2_dem",
-        "unique_s1_s2", "unique_s1_dem", "unique_s2_dem",
+        "total",
+        "intra_s1",
+        "intra_s2",
+        "intra_dem",
+        "common_s1_s2",
+        "common_s1_dem",
+        "common_s2_dem",
+        "unique_s1_s2",
+        "unique_s1_dem",
+        "unique_s2_dem",
     ]
     torch.testing.assert_close(out.total, sum(v for k, v in out.terms().items() if k != "total"))
 

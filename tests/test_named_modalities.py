@@ -10,10 +10,9 @@ from torch.utils.data import DataLoader
 
 from decur_lightning import DeCURModule
 from decur_lightning.encoder_set import EncoderSet
-from decur_lightning.losses import multimodal_decur_loss
+from decur_lightning.losses import barlow_twins_loss, multimodal_decur_loss
 from decur_lightning.modalities import Modality, resolve_modalities
 from decur_lightning.ssl import CrossModalBarlowTwinsModule, SingleModalBarlowTwinsModule
-from decur_lightning.losses import barlow_twins_loss
 
 BANDS = {"sar": 2, "optical": 4, "dem": 1}
 
@@ -40,8 +39,15 @@ class ThreeModalities(LightningDataModule):
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    default_root_dir=tmp_path, enable_checkpointing=False)
+    defaults = dict(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -97,14 +103,18 @@ def test_three_modality_loss_is_the_formula_over_every_pair():
     expected = multimodal_decur_loss({n: tuple(z) for n, z in embeddings.items()}, 12, method="dense")
     torch.testing.assert_close(out["loss"], expected.total, rtol=1e-5, atol=1e-4)
     assert {k for k in out if k.startswith("common_") and "corr" not in k} == {
-        "common_sar_optical", "common_sar_dem", "common_optical_dem"
+        "common_sar_optical",
+        "common_sar_dem",
+        "common_optical_dem",
     }
     assert model.encoders.pairs() == [("sar", "optical"), ("sar", "dem"), ("optical", "dem")]
 
 
 def test_per_pair_common_dims():
     model = DeCURModule(
-        modalities=BANDS, encoder="resnet18", projector_dims=(32,),
+        modalities=BANDS,
+        encoder="resnet18",
+        projector_dims=(32,),
         common_dims={"sar-optical": 24, "dem-sar": 8, "optical-dem": 16},
     )
     assert model.common_dims_of("optical", "sar") == 24 and model.common_dims_of("sar", "dem") == 8
@@ -122,7 +132,9 @@ def test_baselines_sum_over_pairs_and_single_modal_picks_one():
     expected = sum(barlow_twins_loss(z[m][0], z[n][0]) for m, n in model.encoders.pairs())
     torch.testing.assert_close(out["loss"], expected)
     assert set(out) == {"loss", "loss_sar_optical", "loss_sar_dem", "loss_optical_dem"}
-    single = SingleModalBarlowTwinsModule(modalities=BANDS, modality="optical", encoder="resnet18", projector_dims=(16,))
+    single = SingleModalBarlowTwinsModule(
+        modalities=BANDS, modality="optical", encoder="resnet18", projector_dims=(16,)
+    )
     assert single.modalities == ("optical",)
     assert set(single.hparams.modalities) == {"optical"}
     with pytest.raises(ValueError, match="modality='x' is not one of"):
@@ -154,18 +166,34 @@ def test_three_modality_config_fits_from_yaml(tmp_path):
     config["model"]["init_args"]["projector_dims"] = [32, 32]
     config["data"]["init_args"].update(num_train=32, num_val=16, batch_size=16)
     config["trainer"].update(
-        max_epochs=None, max_steps=2, limit_val_batches=0, default_root_dir=str(tmp_path), log_every_n_steps=1,
+        max_epochs=None,
+        max_steps=2,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=1,
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
-        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],
+        callbacks=[
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
+            }
+        ],
     )
     path = tmp_path / "three.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))  # the order of the modalities matters
     main(["fit", "--config", str(path)])
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert list(checkpoint["hyper_parameters"]["modalities"]) == ["sar", "optical", "elevation"]
-    assert checkpoint["hyper_parameters"]["modalities"]["elevation"] == {"bands": 1, "encoder": "resnet18", "view": "dem"}
-    assert {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("encoders.")} == {"sar", "optical", "elevation"}
+    assert checkpoint["hyper_parameters"]["modalities"]["elevation"] == {
+        "bands": 1,
+        "encoder": "resnet18",
+        "view": "dem",
+    }
+    assert {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("encoders.")} == {
+        "sar",
+        "optical",
+        "elevation",
+    }
     (metrics,) = tmp_path.rglob("metrics.csv")
     header = metrics.read_text().splitlines()[0]
     for pair in ("sar_optical", "sar_elevation", "optical_elevation"):
@@ -179,8 +207,12 @@ def test_checkpoints_do_not_need_the_pretrained_weight_files_again(tmp_path):
     source = tmp_path / "sar_encoder.pt"
     torch.save(create_encoder("resnet18", 2).state_dict(), source)
     model = DeCURModule(
-        modalities={"sar": {"bands": 2, "weights": str(source)}, "optical": 4}, encoder="resnet18",
-        projector_dims=(16,), crop_size=32, optimizer="adamw", lr=1e-3,
+        modalities={"sar": {"bands": 2, "weights": str(source)}, "optical": 4},
+        encoder="resnet18",
+        projector_dims=(16,),
+        crop_size=32,
+        optimizer="adamw",
+        lr=1e-3,
     )
     trainer = _trainer(tmp_path)
     trainer.fit(model, ThreeModalities(bands={"sar": 2, "optical": 4}))

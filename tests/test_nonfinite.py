@@ -37,13 +37,17 @@ class FakeModule:
 def test_raise_names_stage_step_batch_and_every_bad_item():
     guard = NonFiniteGuard()
     assert guard.check(None, "train", 0, [("the input image_a", finite_flag(OK))])
-    flags = [("the input image_a", finite_flag(NAN)), ("the input image_b", finite_flag(OK)),
-             ("the loss", finite_flag(NAN))]
+    flags = [
+        ("the input image_a", finite_flag(NAN)),
+        ("the input image_b", finite_flag(OK)),
+        ("the loss", finite_flag(NAN)),
+    ]
     with pytest.raises(FloatingPointError) as info:
         guard.check(None, "train", 5, flags)
     message = str(info.value)
-    assert message.startswith("Non-finite values (NaN or Inf) at train step 0 (batch 5) in the input image_a, "
-                              "the loss.")
+    assert message.startswith(
+        "Non-finite values (NaN or Inf) at train step 0 (batch 5) in the input image_a, the loss."
+    )
     assert "image_b" not in message and "nan_policy='skip'" in message and "lower the learning rate" in message
     module = FakeModule(FakeStrategy(torch.ones(2)), global_step=7)
     with pytest.raises(FloatingPointError, match=r"at val step 7 \(batch 2\) in the logits\..*always raise"):

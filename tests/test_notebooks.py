@@ -22,7 +22,9 @@ def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
             "(pip install -e '.[dev]'), which provides it."
         )
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
     # One OpenMP thread per kernel: on a shared or busy CPU, spinning torch/scikit-learn threads
     # make the notebooks several times slower.
     client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -62,8 +62,9 @@ def test_torchgeo_decur_weights_by_enum_and_by_name(monkeypatch):
 
     monkeypatch.setattr(type(ResNet50_Weights.SENTINEL1_ALL_DECUR), "get_state_dict", fake_get_state_dict)
     for weights in (ResNet50_Weights.SENTINEL1_ALL_DECUR, "ResNet50_Weights.SENTINEL1_ALL_DECUR"):
-        encoders = EncoderSet({"s1": Modality(bands=2, encoder="resnet50", weights=weights),
-                               "rgb": Modality(bands=3, encoder="resnet18")})
+        encoders = EncoderSet(
+            {"s1": Modality(bands=2, encoder="resnet50", weights=weights), "rgb": Modality(bands=3, encoder="resnet18")}
+        )
         torch.testing.assert_close(encoders["s1"].conv1.weight, reference.conv1.weight)
         torch.testing.assert_close(encoders["s1"].layer4[2].bn3.running_mean, reference.layer4[2].bn3.running_mean)
     assert calls == ["SENTINEL1_ALL_DECUR", "SENTINEL1_ALL_DECUR"]
@@ -134,11 +135,13 @@ def test_imagenet_weights_with_rda_switches(tmp_path):
 def test_imagenet_weights_in_modules(tmp_path):
     """Per-modality ImageNet weights in a module's encoder set: each modality's first convolution adapted."""
     path, imagenet, _ = _imagenet_file("resnet18", tmp_path)
-    encoders = EncoderSet({
-        "s1": Modality(bands=2, encoder="resnet18", weights=f"imagenet:{path}"),
-        "s2": Modality(bands=13, encoder="resnet18"),
-        "rgb": Modality(bands=3, encoder="resnet18", weights=f"imagenet:{path}"),
-    })
+    encoders = EncoderSet(
+        {
+            "s1": Modality(bands=2, encoder="resnet18", weights=f"imagenet:{path}"),
+            "s2": Modality(bands=13, encoder="resnet18"),
+            "rgb": Modality(bands=3, encoder="resnet18", weights=f"imagenet:{path}"),
+        }
+    )
     torch.testing.assert_close(encoders["s1"].conv1.weight, adapt_input_conv(2, imagenet["conv1.weight"]))
     torch.testing.assert_close(encoders["s1"].layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])
     assert not torch.equal(encoders["s2"].layer1[0].conv1.weight, imagenet["layer1.0.conv1.weight"])  # random

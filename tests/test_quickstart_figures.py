@@ -50,15 +50,19 @@ pytestmark = pytest.mark.slow
 def run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("quickstart")
     with single_thread():
-        main([
-            "fit", "--config", str(QUICKSTART),
-            f"--trainer.max_epochs={EPOCHS}",
-            f"--trainer.default_root_dir={folder}",
-            f"--trainer.logger.init_args.save_dir={folder}",
-            "--trainer.enable_progress_bar=false",
-            f"--data.init_args.num_train={NUM_TRAIN}",
-            "--data.init_args.num_val=128",
-        ])
+        main(
+            [
+                "fit",
+                "--config",
+                str(QUICKSTART),
+                f"--trainer.max_epochs={EPOCHS}",
+                f"--trainer.default_root_dir={folder}",
+                f"--trainer.logger.init_args.save_dir={folder}",
+                "--trainer.enable_progress_bar=false",
+                f"--data.init_args.num_train={NUM_TRAIN}",
+                "--data.init_args.num_val=128",
+            ]
+        )
     return folder / "quickstart" / "version_0"
 
 

@@ -13,8 +13,8 @@ from decur_lightning import DeCURModule
 from decur_lightning.losses import barlow_twins_loss
 from decur_lightning.models import create_encoder
 from decur_lightning.models.rda import ResidualDeformableAttention
-from decur_lightning.ssl.base import build_projector
 from decur_lightning.optim import build_optimizer
+from decur_lightning.ssl.base import build_projector
 from decur_lightning.weights import load_pretrained_encoder
 
 from helpers import tiny_decur
@@ -290,15 +290,15 @@ def authors_rda_file(path, encoder) -> None:
     """An authors' RDA backbone file (``backbone.*`` + ``da1_*``) of ``encoder``'s weights."""
     trunk = {f"backbone.{k}": v for k, v in encoder.trunk_state_dict().items()}
     blocks = {
-        f"da1_{k[3:]}": v for k, v in encoder.state_dict().items() if k.startswith("da_") and not k.endswith("_extra_state")
+        f"da1_{k[3:]}": v
+        for k, v in encoder.state_dict().items()
+        if k.startswith("da_") and not k.endswith("_extra_state")
     }
     torch.save({**trunk, **blocks}, path)
 
 
 def test_resnet_rda_passes_its_switches_to_both_blocks():
-    encoder = create_encoder(
-        "resnet18_rda", 2, rda_reference_points="dat", rda_residual=False, rda_init_gain=1.0
-    )
+    encoder = create_encoder("resnet18_rda", 2, rda_reference_points="dat", rda_residual=False, rda_init_gain=1.0)
     for block in (encoder.da_l3, encoder.da_l4):
         assert block.reference_points == "dat" and block.residual is False
     default = create_encoder("resnet18_rda", 2)
@@ -328,11 +328,16 @@ def test_authors_rda_weights_switch_to_dats_grid_and_keep_it_through_save_and_ch
 
     with pytest.warns(UserWarning, match="DAT's reference grid"):
         module = tiny_decur(
-            modalities={"sar": {"bands": 2, "encoder": "resnet18_rda", "weights": str(tmp_path / "rda_s1.pth")}, "optical": 4},
+            modalities={
+                "sar": {"bands": 2, "encoder": "resnet18_rda", "weights": str(tmp_path / "rda_s1.pth")},
+                "optical": 4,
+            },
             crop_size=64,
         )
     hparams = {**module.hparams, "modalities": {**module.hparams.modalities}}
-    hparams["modalities"]["sar"] = {k: v for k, v in hparams["modalities"]["sar"].items() if k != "weights"}  # the file is gone
+    hparams["modalities"]["sar"] = {
+        k: v for k, v in hparams["modalities"]["sar"].items() if k != "weights"
+    }  # the file is gone
     checkpoint = {
         "state_dict": module.state_dict(),
         "hyper_parameters": hparams,
@@ -355,7 +360,9 @@ def test_lars_trains_the_attention_sanely_from_the_first_step():
     projector = build_projector(encoder.num_features, (128, 128))
     optimizer = build_optimizer([encoder, projector])  # the paper's LARS, lr 0.2
     ratios = []
-    encoder.da_l3.register_forward_hook(lambda m, i, o: ratios.append(float((o - i[0]).detach().norm() / i[0].detach().norm())))
+    encoder.da_l3.register_forward_hook(
+        lambda m, i, o: ratios.append(float((o - i[0]).detach().norm() / i[0].detach().norm()))
+    )
     blocks = (encoder.da_l3, encoder.da_l4)
     start_norms = [float(block.proj_out.weight.norm()) for block in blocks]
     x = torch.rand(4, 3, 64, 64)

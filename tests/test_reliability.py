@@ -27,9 +27,17 @@ class _LossRecorder(L.Callback):
 
 def _trainer(tmp_path, max_epochs: int, recorder: _LossRecorder, **kwargs) -> L.Trainer:
     return L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=tmp_path, deterministic=True, callbacks=[recorder], **kwargs,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        deterministic=True,
+        callbacks=[recorder],
+        **kwargs,
     )
 
 
@@ -57,7 +65,9 @@ def test_resume_continues_with_the_same_losses(tmp_path):
         tiny_decur(**settings), _data(), ckpt_path=checkpoint
     )
     assert len(full.losses) == 9 and len(first.losses) == 3 and len(second.losses) == 6
-    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_loss_and_statistics_stay_float32_under_bf16_autocast():
@@ -82,9 +92,17 @@ def test_bf16_mixed_training_step_logs_float32_loss(tmp_path):
     """(16-mixed needs a GPU: Lightning maps it to bf16 on CPU.)"""
     recorder = _LossRecorder()
     model = tiny_decur(projector_dims=(32, 32))
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[recorder])
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[recorder],
+    )
     trainer.fit(model, _data())
     assert len(recorder.losses) == 1 and math.isfinite(recorder.losses[0])
     assert trainer.callback_metrics["train/loss"].dtype == torch.float32
@@ -94,7 +112,9 @@ def test_nan_in_a_batch_names_step_and_modality():
     model = tiny_decur()
     batch = tiny_batch(n=4)
     batch["image_optical"][1, 2, 3, 4] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"train step 0 \(batch 0\) in the input image_optical.*nan_policy='skip'"):
+    with pytest.raises(
+        FloatingPointError, match=r"train step 0 \(batch 0\) in the input image_optical.*nan_policy='skip'"
+    ):
         model.training_step(batch, 0)
     batch = tiny_batch(n=4)
     batch["image_sar"][0, 0, 0, 0] = float("inf")
@@ -120,8 +140,15 @@ def test_nan_skip_policy_leaves_weights_untouched_in_fit(tmp_path):
 
     model = tiny_decur(nan_policy="skip", projector_dims=(32, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, NaNData(num_train=32, batch_size=16))
     assert model.skipped_batches == 2
     for key, value in model.state_dict().items():
@@ -147,28 +174,52 @@ def test_nan_policy_off_skips_the_check():
 
 def test_too_small_views_for_the_encoder_give_a_clear_error():
     model = tiny_decur(
-        modalities={"sar": {"bands": 2, "encoder": "vit_small_patch16_224"}, "optical": 4}, crop_size=8, projector_dims=(16,)
+        modalities={"sar": {"bands": 2, "encoder": "vit_small_patch16_224"}, "optical": 4},
+        crop_size=8,
+        projector_dims=(16,),
     )
-    with pytest.raises(ValueError, match=r"(?s)encoder of modality 'sar' \(vit_small_patch16_224\) failed on input of shape \(4, 2, 8, 8\).*raise the crop"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)encoder of modality 'sar' \(vit_small_patch16_224\) failed on input of shape \(4, 2, 8, 8\).*raise the crop",
+    ):
         model.training_step(tiny_batch(n=4, size=32), 0)
 
 
 def test_checkpoint_of_other_encoders_is_rejected(tmp_path):
     model = tiny_decur(projector_dims=(32, 32))
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, _data())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     other = tiny_decur(modalities={"sar": 2, "optical": {"bands": 4, "encoder": "resnet34"}}, projector_dims=(32, 32))
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"modalities: checkpoint .*'optical': \['resnet18', 4\].*this module .*'optical': \['resnet34', 4\]"):
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"modalities: checkpoint .*'optical': \['resnet18', 4\].*this module .*'optical': \['resnet34', 4\]",
+    ):
         trainer.fit(other, _data(), ckpt_path=path)
     checkpoint = torch.load(path, weights_only=False)
     checkpoint["decur_lightning"]["method"] = "BarlowTwinsModule"
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"(?s)method: checkpoint 'BarlowTwinsModule'.*BarlowTwinsModule.load_from_checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"(?s)method: checkpoint 'BarlowTwinsModule'.*BarlowTwinsModule.load_from_checkpoint"
+    ):
         DeCURModule.load_from_checkpoint(path)
 
 
@@ -177,10 +228,19 @@ def test_collapse_warns_once_with_the_step(tmp_path):
     model = tiny_decur(projector_dims=(32, 32), lr=0.0, lr_bias=0.0)
     with torch.no_grad():
         model.projectors["sar"].layers[-1].weight.zero_()
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path,
-                        log_every_n_steps=1)
-    with pytest.warns(UserWarning, match=r"Embedding collapse at step 0: embedding std 'sar': 0.000 is below 0.1") as record:
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+    )
+    with pytest.warns(
+        UserWarning, match=r"Embedding collapse at step 0: embedding std 'sar': 0.000 is below 0.1"
+    ) as record:
         trainer.fit(model, _data())
     assert sum("Embedding collapse" in str(w.message) for w in record) == 1
 
@@ -209,9 +269,9 @@ def test_position_tables_are_not_weight_decayed():
 
 
 def test_pretraining_loader_order_depends_only_on_seed_and_epoch(tmp_path):
-    from data_factories import make_ssl4eo_s12
-
     from decur_lightning.datamodules import SSL4EOS12MMDataModule
+
+    from data_factories import make_ssl4eo_s12
 
     root = make_ssl4eo_s12(tmp_path / "ssl4eo", locations=range(10))
 
@@ -234,9 +294,18 @@ def test_pretraining_loader_order_depends_only_on_seed_and_epoch(tmp_path):
 # ---------------------------------------------------------------- monitors (issue 16 items 1 and 3)
 def _monitored_fit(tmp_path, batch_size: int, callbacks=(), steps: int = 4, **model_kwargs) -> L.Trainer:
     L.seed_everything(0)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, log_every_n_steps=1, callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        callbacks=list(callbacks),
+    )
     data = SyntheticMultimodalDataModule(num_train=4 * batch_size, num_val=4, batch_size=batch_size, size=32)
     trainer.fit(tiny_decur(**model_kwargs), data)
     return trainer
@@ -246,19 +315,39 @@ def test_a_split_smaller_than_the_batch_fails_the_fit_with_both_sizes(tmp_path):
     """drop_last with 6 samples and a batch of 8 trains nothing: an error, not a silent success."""
     from decur_lightning.cli import main
 
-    with pytest.raises(ValueError, match=r"training split of 6 samples gives no batch at a batch size of 8 with drop_last"):
-        main([
-            "fit", "--model=DeCURModule", "--data=SyntheticMultimodalDataModule",
-            "--model.encoder=resnet18",
-            "--model.projector_dims=[32,32]", "--data.num_train=6", "--data.num_val=4", "--data.batch_size=8",
-            "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
-        ])
+    with pytest.raises(
+        ValueError, match=r"training split of 6 samples gives no batch at a batch size of 8 with drop_last"
+    ):
+        main(
+            [
+                "fit",
+                "--model=DeCURModule",
+                "--data=SyntheticMultimodalDataModule",
+                "--model.encoder=resnet18",
+                "--model.projector_dims=[32,32]",
+                "--data.num_train=6",
+                "--data.num_val=4",
+                "--data.batch_size=8",
+                "--trainer.max_epochs=1",
+                "--trainer.accelerator=cpu",
+                "--trainer.logger=false",
+                "--trainer.enable_checkpointing=false",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
 
 
 def test_limit_train_batches_zero_is_not_an_error(tmp_path):
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_train_batches=0, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_train_batches=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(tiny_decur(projector_dims=(32, 32)), SyntheticMultimodalDataModule(num_train=6, batch_size=8))
     assert trainer.global_step == 0
 
@@ -290,7 +379,9 @@ def test_batch_of_two_with_lars_warns_of_small_batch_and_divergence(tmp_path):
 
     monitor = next(c for c in trainer.callbacks if isinstance(c, DivergenceMonitor))
     logged = float(trainer.callback_metrics["train/max_param_growth"])
-    assert logged > 10 and logged == pytest.approx(monitor.last_max_growth)  # about 20 at step 8 (chaotic: 6-27 at step 4)
+    assert logged > 10 and logged == pytest.approx(
+        monitor.last_max_growth
+    )  # about 20 at step 8 (chaotic: 6-27 at step 4)
     # the embedding-std collapse monitor stays quiet: it cannot see this
     assert not any("Embedding collapse" in m for m in messages)
 

@@ -24,18 +24,30 @@ class _StepRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         first = next(value for key, value in batch.items() if key.startswith("image_"))
         weights = torch.arange(1, first[:, 0].numel() + 1, dtype=torch.float64).view(first[:, 0].shape)
-        self.steps.append((trainer.current_epoch, batch_idx, float(outputs["loss"]), float((first[:, 0].double() * weights).sum())))
+        self.steps.append(
+            (trainer.current_epoch, batch_idx, float(outputs["loss"]), float((first[:, 0].double() * weights).sum()))
+        )
 
 
 def _trainer(root: Path, recorder: _StepRecorder, callbacks=(), max_epochs: int = 2) -> L.Trainer:
     return L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root,
-        deterministic=True, enable_checkpointing=bool(callbacks), callbacks=[recorder, *callbacks],
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+        deterministic=True,
+        enable_checkpointing=bool(callbacks),
+        callbacks=[recorder, *callbacks],
     )
 
 
-def _assert_resume_is_exact(tmp_path: Path, make_model, make_data, batches_per_epoch: int, resume_steps: list[int]) -> None:
+def _assert_resume_is_exact(
+    tmp_path: Path, make_model, make_data, batches_per_epoch: int, resume_steps: list[int]
+) -> None:
     """One uninterrupted 2-epoch run saving a checkpoint after every step; resumes from ``resume_steps``."""
     L.seed_everything(0)
     full = _StepRecorder()
@@ -57,7 +69,11 @@ def _assert_resume_is_exact(tmp_path: Path, make_model, make_data, batches_per_e
         assert [s[:2] for s in resumed.steps] == [s[:2] for s in later], where  # epochs and true batch indices
         assert [s[3] for s in resumed.steps] == [s[3] for s in later], where  # the same batches
         torch.testing.assert_close(
-            torch.tensor([s[2] for s in resumed.steps]), torch.tensor([s[2] for s in later]), rtol=1e-6, atol=1e-6, msg=where
+            torch.tensor([s[2] for s in resumed.steps]),
+            torch.tensor([s[2] for s in later]),
+            rtol=1e-6,
+            atol=1e-6,
+            msg=where,
         )
         state = model.state_dict()
         for key, value in final.items():
@@ -77,16 +93,20 @@ def test_synthetic_resume_inside_an_epoch_repeats_every_step(tmp_path):
 
 def test_geonrw_pretraining_resume_inside_an_epoch_repeats_every_step(tmp_path):
     """A torchgeo-based PretrainDataModule (GeoNRW RGB + DEM on fake tiles): 12 patches, 3 batches of 4."""
-    from data_factories import make_geonrw
-
     from decur_lightning.datamodules import GeoNRWMMPretrainDataModule
+
+    from data_factories import make_geonrw
 
     root = tmp_path / "geonrw"
     make_geonrw(root, train_cities=("aachen", "bergisch", "bielefeld"), test_cities=("duesseldorf",), size=32)
     _assert_resume_is_exact(
         tmp_path,
         lambda: tiny_decur(
-            modalities={"rgb": 3, "dem": 1}, projector_dims=(32, 32), optimizer="adamw", lr=1e-3, crop_size=16,
+            modalities={"rgb": 3, "dem": 1},
+            projector_dims=(32, 32),
+            optimizer="adamw",
+            lr=1e-3,
+            crop_size=16,
         ),
         lambda: GeoNRWMMPretrainDataModule(root=root, batch_size=4, patch_size=16, tile_size=32),
         batches_per_epoch=3,

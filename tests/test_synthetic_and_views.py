@@ -14,8 +14,9 @@ from decur_lightning.datamodules.synthetic import private_band_weights
 
 
 def test_synthetic_sample_layout_and_ranges():
-    ds = SyntheticMultimodalDataset(num_samples=8, modalities={"sar": 2, "optical": 4}, size=32,
-                                    num_shared=3, num_private=2)
+    ds = SyntheticMultimodalDataset(
+        num_samples=8, modalities={"sar": 2, "optical": 4}, size=32, num_shared=3, num_private=2
+    )
     sample = ds[0]
     assert list(sample) == ["image_sar", "image_optical", "shared", "private_sar", "private_optical"]
     assert sample["image_sar"].shape == (2, 32, 32) and sample["image_optical"].shape == (4, 32, 32)
@@ -73,8 +74,9 @@ def test_default_two_modality_data_is_unchanged():
     assert float(ds[3]["image_sar"][1, 5, 7]) == pytest.approx(0.4706838130950928, abs=1e-7)
     assert float(ds[11]["image_optical"][2, 30, 1]) == pytest.approx(0.9316784739494324, abs=1e-7)
     # The training split of examples/configs/quickstart.yaml's datamodule.
-    dm = SyntheticMultimodalDataModule(modality_specs={"sar": 2, "optical": 4}, size=32, num_train=1024, num_val=256,
-                                       batch_size=64)
+    dm = SyntheticMultimodalDataModule(
+        modality_specs={"sar": 2, "optical": 4}, size=32, num_train=1024, num_val=256, batch_size=64
+    )
     dm.setup("fit")
     train = dm.datasets["train"]
     for key, expected in UNCHANGED_QUICKSTART_TRAIN.items():
@@ -85,13 +87,30 @@ THREE = {"sar": 2, "optical": 4, "elevation": {"bands": 1, "view": "dem"}}
 
 
 def test_three_modality_batches_shapes_and_keys():
-    dm = SyntheticMultimodalDataModule(modality_specs=THREE, subset_shared={"sar_elevation": ["sar", "elevation"]},
-                                       num_shared=3, num_private=2, num_subset_shared=1, size=16, num_train=16,
-                                       num_val=8, num_test=8, batch_size=8)
+    dm = SyntheticMultimodalDataModule(
+        modality_specs=THREE,
+        subset_shared={"sar_elevation": ["sar", "elevation"]},
+        num_shared=3,
+        num_private=2,
+        num_subset_shared=1,
+        size=16,
+        num_train=16,
+        num_val=8,
+        num_test=8,
+        batch_size=8,
+    )
     assert dm.modalities == ("sar", "optical", "elevation")
     batch = next(iter(dm.train_dataloader()))
-    assert list(batch) == ["image_sar", "image_optical", "image_elevation", "shared", "private_sar",
-                           "private_optical", "private_elevation", "shared_sar_elevation"]
+    assert list(batch) == [
+        "image_sar",
+        "image_optical",
+        "image_elevation",
+        "shared",
+        "private_sar",
+        "private_optical",
+        "private_elevation",
+        "shared_sar_elevation",
+    ]
     assert batch["image_sar"].shape == (8, 2, 16, 16)
     assert batch["image_optical"].shape == (8, 4, 16, 16)
     assert batch["image_elevation"].shape == (8, 1, 16, 16)
@@ -125,10 +144,13 @@ def test_synthetic_modality_specs():
 
 def test_factor_sharing_across_three_modalities():
     """Shared factors are in every modality, a subset's in its members only, a private one in its own only."""
-    ds = SyntheticMultimodalDataset(num_samples=1200, modalities=THREE, size=16, noise=0.02,
-                                    subset_shared={"sar_elevation": ["sar", "elevation"]})
-    groups = {"shared": (ds.shared, {"sar", "optical", "elevation"}),
-              "shared_sar_elevation": (ds.subset_shared["sar_elevation"], {"sar", "elevation"})}
+    ds = SyntheticMultimodalDataset(
+        num_samples=1200, modalities=THREE, size=16, noise=0.02, subset_shared={"sar_elevation": ["sar", "elevation"]}
+    )
+    groups = {
+        "shared": (ds.shared, {"sar", "optical", "elevation"}),
+        "shared_sar_elevation": (ds.subset_shared["sar_elevation"], {"sar", "elevation"}),
+    }
     groups.update({f"private_{name}": (ds.private[name], {name}) for name in ds.modalities})
     for name, images in ds.images.items():
         # Band means and the band-averaged amplitude spectrum: crop- and phase-invariant statistics
@@ -164,7 +186,10 @@ data:
     dm = parser.instantiate_classes(parser.parse_string(config)).data
     assert isinstance(dm, SyntheticMultimodalDataModule)
     assert {name: (spec.bands, spec.view) for name, spec in dm.modality_specs.items()} == {
-        "sar": (2, "sar"), "optical": (4, "optical"), "elevation": (1, "dem")}
+        "sar": (2, "sar"),
+        "optical": (4, "optical"),
+        "elevation": (1, "dem"),
+    }
     dm.setup()
     assert set(dm.datasets["train"][0]) >= {"image_elevation", "private_elevation", "shared_sar_elevation"}
 
@@ -172,7 +197,9 @@ data:
 def _ridge_r2(features: torch.Tensor, targets: torch.Tensor, train: int) -> torch.Tensor:
     x = torch.cat([features, torch.ones(len(features), 1)], 1).double()
     y = targets.double()
-    w = torch.linalg.solve(x[:train].T @ x[:train] + 1e-3 * torch.eye(x.shape[1], dtype=x.dtype), x[:train].T @ y[:train])
+    w = torch.linalg.solve(
+        x[:train].T @ x[:train] + 1e-3 * torch.eye(x.shape[1], dtype=x.dtype), x[:train].T @ y[:train]
+    )
     residual = ((x[train:] @ w - y[train:]) ** 2).sum(0)
     return 1 - residual / ((y[train:] - y[train:].mean(0)) ** 2).sum(0)
 
@@ -210,8 +237,11 @@ def test_factors_are_in_the_images_and_private_ones_only_in_their_modality():
         ({"modalities": THREE, "subset_shared": {"s": ["sar", "lidar"]}}, ValueError, "not among the modalities"),
         ({"modalities": THREE, "subset_shared": {"s": ["sar"]}}, ValueError, "at least two"),
         ({"modalities": THREE, "subset_shared": {"s": ["sar", "optical", "elevation"]}}, ValueError, "not all 3"),
-        ({"modalities": THREE, "subset_shared": {"a": ["sar", "optical"], "b": ["optical", "sar"]}}, ValueError,
-         "same modalities"),
+        (
+            {"modalities": THREE, "subset_shared": {"a": ["sar", "optical"], "b": ["optical", "sar"]}},
+            ValueError,
+            "same modalities",
+        ),
         ({"modalities": THREE, "subset_shared": {"a": "sar"}}, TypeError, "list of modality names"),
         ({"num_private": -1}, ValueError, "num_private must be a non-negative int"),
     ],
@@ -257,8 +287,9 @@ def test_alignment_loss_known_answers(tmp_path):
     assert abs(float(independent.mean()) - 1.0) < 0.05
     anti = alignment_loss_per_dimension(z, -z)
     torch.testing.assert_close(anti, torch.full((32,), 4.0), atol=1e-4, rtol=0)
-    path = plot_alignment_histogram(torch.cat([aligned[:24], independent[24:]]), 24, tmp_path / "h.png",
-                                    comparison=independent)
+    path = plot_alignment_histogram(
+        torch.cat([aligned[:24], independent[24:]]), 24, tmp_path / "h.png", comparison=independent
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -304,7 +335,9 @@ def test_private_share_settings_and_errors():
         ds = SyntheticMultimodalDataset(num_samples=2, rendering="structure", private_share=share)
         for truth in ds.band_truth.values():
             assert float(truth["private"].mean()) == pytest.approx(share)
-            torch.testing.assert_close(truth["shared"] + truth["private"] + truth["subset_shared"], torch.ones_like(truth["shared"]))
+            torch.testing.assert_close(
+                truth["shared"] + truth["private"] + truth["subset_shared"], torch.ones_like(truth["shared"])
+            )
     per_modality = SyntheticMultimodalDataset(num_samples=2, rendering="structure", private_share={"sar": 0.0})
     assert per_modality.band_truth["sar"]["private"].tolist() == [0, 0]
     assert per_modality.band_truth["optical"]["private"].tolist() == [0, 0, 1, 1]  # the default 0.5
@@ -319,16 +352,24 @@ def test_private_share_settings_and_errors():
     with pytest.raises(ValueError, match="num_private"):
         SyntheticMultimodalDataset(num_samples=2, rendering="structure", num_private=0)
     three = SyntheticMultimodalDataset(
-        num_samples=4, modalities={"sar": 2, "optical": 4, "dem": 1}, subset_shared={"sar_dem": ["sar", "dem"]},
-        rendering="structure", private_share=0.0,
+        num_samples=4,
+        modalities={"sar": 2, "optical": 4, "dem": 1},
+        subset_shared={"sar_dem": ["sar", "dem"]},
+        rendering="structure",
+        private_share=0.0,
     )
-    assert float(three.band_truth["sar"]["subset_shared"].sum()) > 0 and float(three.band_truth["optical"]["subset_shared"].sum()) == 0
+    assert (
+        float(three.band_truth["sar"]["subset_shared"].sum()) > 0
+        and float(three.band_truth["optical"]["subset_shared"].sum()) == 0
+    )
 
 
 def test_datamodule_band_truth_texture_and_structure():
     texture = SyntheticMultimodalDataModule().band_truth  # the default rendering: every band mixes
     for truth in texture.values():
-        torch.testing.assert_close(truth["shared"] + truth["private"] + truth["subset_shared"], torch.ones_like(truth["shared"]))
+        torch.testing.assert_close(
+            truth["shared"] + truth["private"] + truth["subset_shared"], torch.ones_like(truth["shared"])
+        )
         assert (truth["shared"] > 0).all() and (truth["private"] > 0).all()
     dm = SyntheticMultimodalDataModule(rendering="structure", private_share=0.25, num_train=8, num_val=8, num_test=8)
     before = dm.band_truth

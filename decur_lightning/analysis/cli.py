@@ -102,7 +102,9 @@ def build_parser() -> ArgumentParser:
     for section in _FIT_SECTIONS:
         # Plain values (not Any): jsonargparse would instantiate class specs given to Any.
         parser.add_argument(
-            f"--{section}", type=dict | list | str | int | float | bool | None, default=None,
+            f"--{section}",
+            type=dict | list | str | int | float | bool | None,
+            default=None,
             help="Ignored (a section of a `decur fit` config).",
         )
     return parser

@@ -322,9 +322,7 @@ def analyze(
                 arrays[f"overlap_{label}_{name}"] = saliency.overlap[pair][name].numpy()
                 arrays[f"overlap_degenerate_{label}_{name}"] = saliency.degenerate[pair][name].numpy()
             title = f"Spatial saliency statistics: {pair[0]}-{pair[1]}"
-            note = "GradCAM at " + ", ".join(
-                f"{m} {_layer_text(saliency.layers[m])}" for m in pair
-            )
+            note = "GradCAM at " + ", ".join(f"{m} {_layer_text(saliency.layers[m])}" for m in pair)
             figure = overlap_histogram_figure(
                 saliency.overlap[pair], title=title, degenerate=saliency.degenerate[pair], note=note
             )

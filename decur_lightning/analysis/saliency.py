@@ -263,6 +263,7 @@ def _output_sizes(encoder: nn.Module, layers: Sequence[nn.Module], inputs: Tenso
     sizes: dict[int, tuple[int, int] | None] = {}
     hooks = []
     for index, layer in enumerate(layers):
+
         def hook(_module: nn.Module, _args: Any, output: Any, index: int = index) -> None:
             output = output[0] if isinstance(output, (tuple, list)) else output
             sizes[index] = tuple(output.shape[-2:]) if isinstance(output, Tensor) and output.ndim == 4 else None
@@ -301,8 +302,10 @@ def select_target_layer(
     """
     if layer is not None:
         module = _resolve_layer(encoder, layer)
-        name = layer if isinstance(layer, str) else next(
-            (n for n, m in encoder.named_modules() if m is module), type(module).__name__
+        name = (
+            layer
+            if isinstance(layer, str)
+            else next((n for n, m in encoder.named_modules() if m is module), type(module).__name__)
         )
         (size,) = _output_sizes(encoder, [module], inputs)
         return TargetLayer(name, module, size)
@@ -686,8 +689,13 @@ def overlap_histogram_figure(
         ax.hist(finite, bins=edges, color=COLORS[name], alpha=0.6, label=label)
     if shown == 0:
         ax.text(
-            0.5, 0.5, "no overlap statistic: every map is degenerate\n(zero or constant; see statistics.json)",
-            ha="center", va="center", transform=ax.transAxes, color="tab:red",
+            0.5,
+            0.5,
+            "no overlap statistic: every map is degenerate\n(zero or constant; see statistics.json)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="tab:red",
         )
     ax.set_xlabel("overlap score of the two modalities' GradCAM maps")
     ax.set_ylabel("number of samples")

@@ -24,9 +24,9 @@ import kornia.augmentation as K
 import numpy as np
 import rasterio
 import torch
+from lightning.pytorch import LightningDataModule
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchgeo.datamodules import NonGeoDataModule
@@ -38,7 +38,19 @@ S1_BANDS: tuple[str, ...] = ("VV", "VH")
 """Sentinel-1 GRD polarisations, in the order the datamodules deliver them."""
 
 S2_L1C_BANDS: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
 )
 """Sentinel-2 L1C bands as SSL4EO-S12 orders them (B8A after B08, B10 present), zero-padded names."""
 
@@ -251,7 +263,11 @@ class PretrainDataModule(DescribesModalities, NonGeoDataModule):
         sampler: EpochSeededRandomSampler | EpochSeededDistributedSampler
         if world_size > 1:
             sampler = EpochSeededDistributedSampler(
-                dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=True, seed=self.shuffle_seed  # type: ignore[union-attr]
+                dataset,
+                num_replicas=world_size,
+                rank=trainer.global_rank,
+                shuffle=True,
+                seed=self.shuffle_seed,  # type: ignore[union-attr]
             )
         else:
             sampler = EpochSeededRandomSampler(dataset, self.shuffle_seed)

@@ -52,6 +52,7 @@ def check_num_classes(num_classes: int) -> None:
             f"got {num_classes!r}"
         )
 
+
 S2_L2A_BANDS: tuple[str, ...] = tuple(band for band in S2_L1C_BANDS if band != "B10")
 """The 12 Sentinel-2 L2A bands of BigEarthNet (no cirrus band B10), in file order."""
 B10_INDEX: int = S2_L1C_BANDS.index("B10")
@@ -68,12 +69,32 @@ S1_STD: tuple[float, ...] = (5.04, 5.42)
 # zhu-xlab/SSL4EO-S12 (src/benchmark/transfer_classification/datasets/BigEarthNet/
 # bigearthnet_dataset_seco_lmdb_s2_uint8.py, BAND_STATS) that DeCUR's transfer code reads.
 S2_MEAN: tuple[float, ...] = (
-    340.76769064, 429.9430203, 614.21682446, 590.23569706, 950.68368468, 1792.46290469,
-    2075.46795189, 2218.94553375, 2266.46036911, 2246.0605464, 1594.42694882, 1009.32729131,
+    340.76769064,
+    429.9430203,
+    614.21682446,
+    590.23569706,
+    950.68368468,
+    1792.46290469,
+    2075.46795189,
+    2218.94553375,
+    2266.46036911,
+    2246.0605464,
+    1594.42694882,
+    1009.32729131,
 )
 S2_STD: tuple[float, ...] = (
-    554.81258967, 572.41639287, 582.87945694, 675.88746967, 729.89827633, 1096.01480586,
-    1273.45393088, 1365.45589904, 1356.13789355, 1302.3292881, 1079.19066363, 818.86747235,
+    554.81258967,
+    572.41639287,
+    582.87945694,
+    675.88746967,
+    729.89827633,
+    1096.01480586,
+    1273.45393088,
+    1365.45589904,
+    1356.13789355,
+    1302.3292881,
+    1079.19066363,
+    818.86747235,
 )
 
 
@@ -176,9 +197,7 @@ class BigEarthNetMM(BigEarthNet):
                     "is the BigEarthNet v1 archive fully extracted?"
                 )
             with rasterio.open(matches[0]) as src:
-                arrays.append(
-                    src.read(1, out_shape=self.image_size, out_dtype=dtype, resampling=Resampling.bilinear)
-                )
+                arrays.append(src.read(1, out_shape=self.image_size, out_dtype=dtype, resampling=Resampling.bilinear))
         return torch.from_numpy(np.stack(arrays).astype(np.float32))
 
 
@@ -275,11 +294,15 @@ class BigEarthNetMMDataModule(DescribesModalities, NonGeoDataModule):
             normalization = {"s1": {"method": "none"}, "s2": {"method": "none"}}
         return {
             "s1": Modality(
-                bands=len(S1_BANDS), view="sar", band_names=list(S1_BANDS),
+                bands=len(S1_BANDS),
+                view="sar",
+                band_names=list(S1_BANDS),
                 normalization={**normalization["s1"], "input": inputs["s1"]},
             ),
             "s2": Modality(
-                bands=len(S2_L1C_BANDS), view="optical", band_names=list(S2_L1C_BANDS),
+                bands=len(S2_L1C_BANDS),
+                view="optical",
+                band_names=list(S2_L1C_BANDS),
                 normalization={**normalization["s2"], "input": inputs["s2"]},
             ),
         }

@@ -206,8 +206,7 @@ class GeoNRWMM(GeoNRW):
         """Map GeoNRW labels 0..10 to classes 0..9, background to :attr:`ignore_index`."""
         if seg.numel() and (seg.min() < 0 or seg.max() > cls.num_classes):
             raise ValueError(
-                f"{source}: GeoNRW labels must lie in 0..{cls.num_classes}, found "
-                f"{int(seg.min())}..{int(seg.max())}"
+                f"{source}: GeoNRW labels must lie in 0..{cls.num_classes}, found {int(seg.min())}..{int(seg.max())}"
             )
         return torch.where(seg == 0, torch.full_like(seg, cls.ignore_index), seg - 1)
 
@@ -270,7 +269,10 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
         # What GeoNRWMM applies (recorded in checkpoints and shipped with exported weights).
         specs["rgb"].normalization = {"method": "scale", "divisor": 255.0, "input": "uint8 aerial RGB"}
         specs["dem"].normalization = {
-            "method": "percentile_min_max", "lower": 0.01, "upper": 0.99, "input": "float32 lidar elevation (m)",
+            "method": "percentile_min_max",
+            "lower": 0.01,
+            "upper": 0.99,
+            "input": "float32 lidar elevation (m)",
         }
         return specs
 
@@ -358,7 +360,9 @@ class GeoNRWMMDataModule(DescribesModalities, NonGeoDataModule):
             checksum=checksum,
         )
         if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"train_fraction must lie in (0, 1] (0.01 for the paper's 1 % labels), got {train_fraction}")
+            raise ValueError(
+                f"train_fraction must lie in (0, 1] (0.01 for the paper's 1 % labels), got {train_fraction}"
+            )
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(
                 f"val_fraction must lie in [0, 1) (share of training cities held out for validation; 0 for no "
@@ -383,7 +387,10 @@ class GeoNRWMMDataModule(DescribesModalities, NonGeoDataModule):
         # What GeoNRWMM applies (recorded in checkpoints and shipped with exported weights).
         specs["rgb"].normalization = {"method": "scale", "divisor": 255.0, "input": "uint8 aerial RGB"}
         specs["dem"].normalization = {
-            "method": "percentile_min_max", "lower": 0.01, "upper": 0.99, "input": "float32 lidar elevation (m)",
+            "method": "percentile_min_max",
+            "lower": 0.01,
+            "upper": 0.99,
+            "input": "float32 lidar elevation (m)",
         }
         return specs
 

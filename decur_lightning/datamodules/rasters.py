@@ -217,7 +217,8 @@ def _build_dataset(name: str, source: RasterSource) -> RasterDataset:
         missing = [p for p in where if not os.path.exists(p)]
         raise FileNotFoundError(
             f"raster source {name!r}: no file matches filename_glob={source.filename_glob!r} in {where} (folders "
-            f"are searched recursively)" + (f"; {missing} do(es) not exist" if missing else "")
+            f"are searched recursively)"
+            + (f"; {missing} do(es) not exist" if missing else "")
             + ". Fix paths or filename_glob."
         )
     with rasterio.open(files[0]) as src:
@@ -269,7 +270,12 @@ class _RasterFiles(RasterDataset):
         if src.crs == self.crs and src.transform == transform and self.nodata_value is None:
             return src
         vrt = WarpedVRT(
-            src, crs=self.crs, transform=transform, height=height, width=width, resampling=self.resampling,
+            src,
+            crs=self.crs,
+            transform=transform,
+            height=height,
+            width=width,
+            resampling=self.resampling,
             src_nodata=self.nodata_value if self.nodata_value is not None else src.nodata,
             add_alpha=self.nodata_value is None and src.nodata is None,
         )
@@ -280,8 +286,13 @@ class _RasterFiles(RasterDataset):
         handles = [self._cached_load_warp_file(fp) if self.cache else self._load_warp_file(fp) for fp in filepaths]
         x, y, _ = self._disambiguate_slice(query)
         dest, _ = rasterio.merge.merge(
-            handles, (x.start, y.start, x.stop, y.stop), (x.step, y.step), indexes=band_indexes,
-            resampling=self.resampling, nodata=np.nan, dtype="float32",
+            handles,
+            (x.start, y.start, x.stop, y.stop),
+            (x.step, y.step),
+            indexes=band_indexes,
+            resampling=self.resampling,
+            nodata=np.nan,
+            dtype="float32",
         )
         return torch.from_numpy(dest)
 
@@ -350,8 +361,10 @@ def join_sources(
             ) from error
         if spatial_only:  # torchgeo 0.8.1 leaves a RangeIndex here, which its samplers cannot read
             joined.index.index = pd.IntervalIndex.from_arrays(
-                [pd.Timestamp.min] * len(joined.index), [pd.Timestamp.max] * len(joined.index),
-                closed="both", name="datetime",
+                [pd.Timestamp.min] * len(joined.index),
+                [pd.Timestamp.max] * len(joined.index),
+                closed="both",
+                name="datetime",
             )
     assert isinstance(joined, IntersectionDataset)
     return joined
@@ -542,7 +555,11 @@ class RasterPatches(Dataset[dict[str, Tensor]]):
             if max(missing.values()) <= self.max_nodata_fraction:
                 break
             if self.skipped == 0:
-                log.info("RasterPatches: skipping a patch with missing fractions %s (max %s)", missing, self.max_nodata_fraction)
+                log.info(
+                    "RasterPatches: skipping a patch with missing fractions %s (max %s)",
+                    missing,
+                    self.max_nodata_fraction,
+                )
             self.skipped += 1
         else:
             raise ValueError(
@@ -778,7 +795,8 @@ class RasterPretrainDataModule(PretrainDataModule):
                 name: {
                     "files": [
                         (path, os.path.getsize(path), int(os.path.getmtime(path)))
-                        for path in sorted(ds.index.filepath.unique()) if os.path.exists(path)
+                        for path in sorted(ds.index.filepath.unique())
+                        if os.path.exists(path)
                     ],
                     "bands": list(ds.bands),
                     "nodata": dataset.nodata.get(name),
@@ -808,9 +826,7 @@ class RasterPretrainDataModule(PretrainDataModule):
 
     def _statistics(self, dataset: RasterPatches) -> dict[str, tuple[list[float], list[float]]]:
         stats = {name: (list(s.mean), list(s.std or [])) for name, s in self.sources.items() if s.mean is not None}
-        needed = [
-            name for name in dataset.names if name not in stats and dataset.normalizations[name] != "percentile"
-        ]
+        needed = [name for name in dataset.names if name not in stats and dataset.normalizations[name] != "percentile"]
         if not needed:
             return stats
         path = self.statistics_path(dataset)
@@ -857,7 +873,9 @@ class RasterPretrainDataModule(PretrainDataModule):
         dataset = self.build_dataset(seed=self.shuffle_seed)
         if stage == "fit":
             check_enough_for_a_batch(
-                "own-raster training", len(dataset), self.train_batch_size or self.batch_size,
+                "own-raster training",
+                len(dataset),
+                self.train_batch_size or self.batch_size,
                 "raise length (random sampling) or lower patch_size",
             )
         self.train_dataset = dataset

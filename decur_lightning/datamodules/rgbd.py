@@ -15,9 +15,9 @@ import kornia.augmentation as K
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch import Tensor
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Subset, default_collate
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import DatasetNotFoundError, NonGeoDataset
@@ -577,9 +577,7 @@ class RGBDMMDataModule(DescribesModalities, NonGeoDataModule):
         self.seed = seed
         self.crop_size = _pair(crop_size or CMX_CROP_SIZE[dataset], "crop_size")
         train_transform: Callable[[Sample], Sample] = (
-            CMXTrainTransform(self.crop_size, scales)
-            if augmentation == "cmx"
-            else ResizedCropTransform(self.crop_size)
+            CMXTrainTransform(self.crop_size, scales) if augmentation == "cmx" else ResizedCropTransform(self.crop_size)
         )
         if normalization == "imagenet":
             # Normalised first, so that CMX's padding value 0 is the mean colour, as in CMX.
@@ -614,7 +612,10 @@ class RGBDMMDataModule(DescribesModalities, NonGeoDataModule):
             return super()._dataloader_factory(split)
         dataset = self._valid_attribute(f"{split}_dataset", "dataset")
         sampler = UnrepeatedDistributedSampler(
-            dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=False  # type: ignore[union-attr]
+            dataset,
+            num_replicas=world_size,
+            rank=trainer.global_rank,
+            shuffle=False,  # type: ignore[union-attr]
         )
         return DataLoader(
             dataset,
@@ -646,7 +647,9 @@ class RGBDMMDataModule(DescribesModalities, NonGeoDataModule):
                 held_out = RGBDMM(split="train", transforms=self.eval_transform, **self.kwargs)
                 self.val_dataset = self._guard(Subset(held_out, val_indices), "val")
             else:
-                self.val_dataset = self._guard(RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs), "test")
+                self.val_dataset = self._guard(
+                    RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs), "test"
+                )
         if stage in ("test", "predict"):
             self.test_dataset = self._guard(RGBDMM(split="test", transforms=self.eval_transform, **self.kwargs), "test")
             self.predict_dataset = self.test_dataset

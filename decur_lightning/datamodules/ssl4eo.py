@@ -23,7 +23,7 @@ import rasterio
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torchgeo.datasets import NonGeoDataset, Sentinel1, Sentinel2, SSL4EOS12
+from torchgeo.datasets import SSL4EOS12, NonGeoDataset, Sentinel1, Sentinel2
 from torchgeo.datasets.utils import Path, disambiguate_timestamp
 
 from ..modalities import Modality
@@ -52,13 +52,33 @@ S1_STD: tuple[float, ...] = (5.26, 5.91)
 # src/benchmark/pretrain_ssl/datasets/SSL4EO/ssl4eo_dataset.py (S2C_MEAN / S2C_STD, "calculated
 # from 50k data"); the same lists appear in zhu-xlab/DeCUR src/pretrain/datasets/SSL4EO/.
 S2C_MEAN: tuple[float, ...] = (
-    1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1549.44374991, 2091.74883118,
-    2371.7172463, 2299.90463006, 2560.29504086, 830.06605044, 22.10351321, 2177.07172323,
+    1605.57504906,
+    1390.78157673,
+    1314.8729939,
+    1363.52445545,
+    1549.44374991,
+    2091.74883118,
+    2371.7172463,
+    2299.90463006,
+    2560.29504086,
+    830.06605044,
+    22.10351321,
+    2177.07172323,
     1524.06546312,
 )
 S2C_STD: tuple[float, ...] = (
-    786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652, 1161.59187054,
-    1274.39184232, 1248.42891965, 1345.52684884, 577.31607053, 51.15431158, 1336.09932639,
+    786.78685367,
+    850.34818441,
+    875.06484736,
+    1138.84957046,
+    1122.17775652,
+    1161.59187054,
+    1274.39184232,
+    1248.42891965,
+    1345.52684884,
+    577.31607053,
+    51.15431158,
+    1336.09932639,
     1136.53823676,
 )
 
@@ -226,9 +246,7 @@ class SSL4EOS12MM(NonGeoDataset):
         """The scene folders of ``location`` for torchgeo split ``split``, sorted by name (date)."""
         directory = os.path.join(self.root, split, f"{location:07d}")
         regex = SSL4EOS12.metadata[split]["filename_regex"]
-        return sorted(
-            os.path.join(directory, name) for name in os.listdir(directory) if re.match(regex, name)
-        )
+        return sorted(os.path.join(directory, name) for name in os.listdir(directory) if re.match(regex, name))
 
     def draw_seasons(self, epoch: int, location: int, modality: int, view: int, available: int) -> list[int]:
         """Which of ``available`` scenes to read: a pure function of its arguments and the seed."""
@@ -377,11 +395,16 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
         normalize = bool(self.kwargs.get("normalize", True))
         normalization = {
             "s1": {
-                "method": "mean_2std", "mean": list(S1_MEAN) * seasons, "std": list(S1_STD) * seasons,
-                "outlier_fraction": 0.02, "input": "float32 backscatter in dB (Sentinel-1 GRD, log-scaled)",
+                "method": "mean_2std",
+                "mean": list(S1_MEAN) * seasons,
+                "std": list(S1_STD) * seasons,
+                "outlier_fraction": 0.02,
+                "input": "float32 backscatter in dB (Sentinel-1 GRD, log-scaled)",
             },
             "s2": {
-                "method": "mean_2std", "mean": list(S2C_MEAN) * seasons, "std": list(S2C_STD) * seasons,
+                "method": "mean_2std",
+                "mean": list(S2C_MEAN) * seasons,
+                "std": list(S2C_STD) * seasons,
                 "input": "uint16 Sentinel-2 L1C digital numbers (top-of-atmosphere reflectance x 10000)",
             },
         }
@@ -390,7 +413,9 @@ class SSL4EOS12MMDataModule(PretrainDataModule):
                 bands=len(bands[name]) * seasons,
                 view=view,
                 band_names=seasonal_band_names(bands[name], seasons),
-                normalization=normalization[name] if normalize else {"method": "none", "input": normalization[name]["input"]},
+                normalization=normalization[name]
+                if normalize
+                else {"method": "none", "input": normalization[name]["input"]},
             )
             for name, view in self._VIEWS.items()
         }

@@ -46,7 +46,7 @@ import copy
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from lightning import LightningDataModule
@@ -73,7 +73,7 @@ __all__ = [
 #: How the synthetic data's modalities are given: an ordered mapping name -> band count, or
 #: name -> dict of the data-side :class:`~decur_lightning.modalities.Modality` fields
 #: (``bands``, required; ``view``; ``band_names``), e.g. ``{"sar": 2, "elevation": {"bands": 1, "view": "dem"}}``.
-SyntheticModalities = Mapping[str, Union[int, Mapping[str, Any]]]
+SyntheticModalities = Mapping[str, int | Mapping[str, Any]]
 
 #: The default modalities: a 2-band "sar" and a 4-band "optical" sensor (the quickstart's).
 DEFAULT_MODALITIES: dict[str, int] = {"sar": 2, "optical": 4}
@@ -85,9 +85,7 @@ _EXAMPLE = "{'sar': 2, 'optical': 4, 'elevation': {'bands': 1, 'view': 'dem'}}"
 
 def _identifier(name: Any, what: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"{what} names are identifiers (letters, digits, '_'; they name batch keys); got {name!r}."
-        )
+        raise ValueError(f"{what} names are identifiers (letters, digits, '_'; they name batch keys); got {name!r}.")
     return name
 
 
@@ -183,9 +181,7 @@ def _check_subsets(
         members = tuple(members)
         unknown = [m for m in members if m not in modalities]
         if unknown:
-            raise ValueError(
-                f"subset_shared[{name!r}] names {unknown}, not among the modalities {list(modalities)}."
-            )
+            raise ValueError(f"subset_shared[{name!r}] names {unknown}, not among the modalities {list(modalities)}.")
         if len(set(members)) != len(members):
             raise ValueError(f"subset_shared[{name!r}] names a modality more than once: {list(members)}.")
         if not 2 <= len(members) < len(modalities):
@@ -289,6 +285,7 @@ def _structure_channels(
     Factors of one group get distinct channels (the shared ones the first, each modality's
     private ones the next, reused across modalities since they live in different images).
     """
+
     def channel(k: int) -> tuple[float, float]:
         orientation = _ORIENTATIONS[k % len(_ORIENTATIONS)]
         level = k // len(_ORIENTATIONS)
@@ -298,7 +295,9 @@ def _structure_channels(
     channels = [channel(k) for k in range(num_shared)]
     channels += [channel(num_shared + k) for _ in range(num_modalities) for k in range(num_private)]
     start = num_shared + num_private
-    channels += [channel(start + j * num_subset_shared + k) for j in range(num_subsets) for k in range(num_subset_shared)]
+    channels += [
+        channel(start + j * num_subset_shared + k) for j in range(num_subsets) for k in range(num_subset_shared)
+    ]
     if not channels:
         return torch.zeros(0), torch.zeros(0)
     freq, angle = zip(*channels)
@@ -440,7 +439,9 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
         freq = 2.0 + 4.0 * torch.rand(num_factors, generator=render)
         angle = math.pi * (torch.arange(num_factors) + torch.rand(num_factors, generator=render)) / num_factors
         if self.rendering == "structure":
-            freq, angle = _structure_channels(num_shared, num_private, num_modalities, len(self.subsets), num_subset_shared)
+            freq, angle = _structure_channels(
+                num_shared, num_private, num_modalities, len(self.subsets), num_subset_shared
+            )
         ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         coord = (xs[None] * torch.cos(angle)[:, None, None] + ys[None] * torch.sin(angle)[:, None, None]) / size
 
@@ -482,7 +483,7 @@ class SyntheticMultimodalDataset(Dataset[dict[str, Tensor]]):
                 # grating of random phase: mean square 1/2), for the band truth.
                 power = (texture**2 / 2 + offset**2) / 3  # (F_m, bands)
                 groups = {
-                    "shared": power[: num_shared].sum(0),
+                    "shared": power[:num_shared].sum(0),
                     "private": power[num_shared : num_shared + num_private].sum(0),
                     "subset_shared": power[num_shared + num_private :].sum(0),
                 }
@@ -562,7 +563,7 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
 
     def __init__(
         self,
-        modality_specs: dict[str, Union[int, dict[str, Any]]] = DEFAULT_MODALITIES,  # noqa: B006 (never mutated)
+        modality_specs: dict[str, int | dict[str, Any]] = DEFAULT_MODALITIES,  # noqa: B006 (never mutated)
         size: int = 32,
         num_shared: int = 4,
         num_private: int = 2,
@@ -612,7 +613,9 @@ class SyntheticMultimodalDataModule(DescribesModalities, LightningDataModule):
         :func:`~decur_lightning.analysis.band_truth_score`.
         """
         dataset = self.datasets.get("train") or self._make(1, 0)
-        return {name: {key: value.clone() for key, value in truth.items()} for name, truth in dataset.band_truth.items()}
+        return {
+            name: {key: value.clone() for key, value in truth.items()} for name, truth in dataset.band_truth.items()
+        }
 
     def _make(self, num_samples: int, offset: int) -> SyntheticMultimodalDataset:
         hp = self.hparams

@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -69,7 +69,7 @@ __all__ = [
 #: encoder family's layout in the authors' released files (a flat state dict with ``backbone.*``
 #: keys; ``position`` the modality's 1-based position, or what was asked for) onto this
 #: package's keys, or returns ``None`` when the layout is not its family's.
-AuthorsStateDictConverter = Callable[..., Optional[dict[str, torch.Tensor]]]
+AuthorsStateDictConverter = Callable[..., dict[str, torch.Tensor] | None]
 #: The converters :mod:`decur_lightning.weights` tries, in order, on the authors' files; append
 #: a family's converter here to teach it another layout.
 AUTHORS_STATE_DICT_CONVERTERS: list[AuthorsStateDictConverter] = [convert_authors_state_dict]
@@ -237,7 +237,8 @@ def _timm_imagenet(name: str, in_channels: int, file: Path | None, **kwargs: Any
         raise ImageNetWeightsError(_imagenet_failure(name, source, file, err)) from err
     if problems:
         raise ImageNetWeightsError(
-            f"The ImageNet weights from {source} do not fit the timm model {name!r}: " + "; ".join(problems)
+            f"The ImageNet weights from {source} do not fit the timm model {name!r}: "
+            + "; ".join(problems)
             + ". Give the weights of this very architecture (a state dict of timm.create_model(name) or its "
             "torchvision equivalent)."
         )

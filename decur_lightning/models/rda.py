@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_INIT_GAIN", "REFERENCE_POINTS", "ReferencePoints", "ResidualDeformableAttention", "reference_points_state"]
+__all__ = [
+    "DEFAULT_INIT_GAIN",
+    "REFERENCE_POINTS",
+    "ReferencePoints",
+    "ResidualDeformableAttention",
+    "reference_points_state",
+]
 
 #: Reference grid layouts: ``"centre"`` (cell centres, this package's default) and ``"dat"``
 #: (DAT's and the authors' ``(i + 0.5) / (H_G - 1)``).
@@ -269,9 +275,7 @@ class ResidualDeformableAttention(nn.Module):
 
     def _check_input(self, channels: int, height: int, width: int) -> None:
         if channels != self.channels:
-            raise ValueError(
-                f"ResidualDeformableAttention was built for {self.channels} channels, got {channels}."
-            )
+            raise ValueError(f"ResidualDeformableAttention was built for {self.channels} channels, got {channels}.")
         if height < 2 or width < 2:
             hint = ""
             if self.feature_stride is not None:
@@ -281,8 +285,7 @@ class ResidualDeformableAttention(nn.Module):
                     f" of at least {side}x{side} pixels."
                 )
             raise ValueError(
-                f"ResidualDeformableAttention needs a feature map of at least 2x2, got "
-                f"{height}x{width}.{hint}"
+                f"ResidualDeformableAttention needs a feature map of at least 2x2, got {height}x{width}.{hint}"
             )
 
     @staticmethod

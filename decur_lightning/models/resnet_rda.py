@@ -249,7 +249,7 @@ def convert_authors_state_dict(
     converted = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     for level in ("l3", "l4"):
         prefix = f"da{group}_{level}."
-        block = {f"da_{level}.{k[len(prefix):]}": v for k, v in state_dict.items() if k.startswith(prefix)}
+        block = {f"da_{level}.{k[len(prefix) :]}": v for k, v in state_dict.items() if k.startswith(prefix)}
         if block:
             converted.update(block)
             converted[f"da_{level}._extra_state"] = reference_points_state("dat")

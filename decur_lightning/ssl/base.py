@@ -177,8 +177,10 @@ class MultimodalSSLModule(NamedModalitiesMixin, LightningModule):
         count = len(names)
         if count < self.min_modalities or (self.max_modalities is not None and count > self.max_modalities):
             wanted = (
-                f"at least {self.min_modalities}" if self.max_modalities is None
-                else f"{self.min_modalities}" if self.min_modalities == self.max_modalities
+                f"at least {self.min_modalities}"
+                if self.max_modalities is None
+                else f"{self.min_modalities}"
+                if self.min_modalities == self.max_modalities
                 else f"{self.min_modalities} to {self.max_modalities}"
             )
             raise ValueError(
@@ -189,7 +191,9 @@ class MultimodalSSLModule(NamedModalitiesMixin, LightningModule):
         if unknown:
             raise ValueError(f"views names {unknown}, which are not modalities of this module ({list(names)}).")
         dims = self.hparams.projector_dims
-        self.projectors = nn.ModuleDict({name: build_projector(width, dims) for name, width in self.encoders.num_features.items()})
+        self.projectors = nn.ModuleDict(
+            {name: build_projector(width, dims) for name, width in self.encoders.num_features.items()}
+        )
         self.embedding_dim = self._embedding_dim(dims)
         self.configure_loss()
 

@@ -56,7 +56,9 @@ def _first_views(embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor
     return {name: gather_with_grad(zs[0]) for name, zs in embeddings.items()}
 
 
-def _over_pairs(embeddings: Mapping[str, Sequence[Tensor]], loss: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+def _over_pairs(
+    embeddings: Mapping[str, Sequence[Tensor]], loss: Callable[[Tensor, Tensor], Tensor]
+) -> dict[str, Tensor]:
     """``loss`` of every pair of modalities (``loss_<m>_<n>`` when more than one) and their sum as ``"loss"``."""
     z = _first_views(embeddings)
     names = list(z)
@@ -114,7 +116,7 @@ class SingleModalBarlowTwinsModule(MultimodalSSLModule):
         return {name: specs[name]}
 
     def compute_loss(self, embeddings: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
-        (za, zb), = ([gather_with_grad(z) for z in zs] for zs in embeddings.values())
+        ((za, zb),) = ([gather_with_grad(z) for z in zs] for zs in embeddings.values())
         return {"loss": barlow_twins_loss(za, zb, self.lambd)}
 
 
@@ -201,7 +203,9 @@ class VICRegCrossModule(MultimodalSSLModule):
 
     views_per_modality = 1
 
-    def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.criterion = VICRegLoss(lambda_param=lambda_param, mu_param=mu_param, nu_param=nu_param)
 

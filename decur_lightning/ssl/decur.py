@@ -95,8 +95,9 @@ class DeCURModule(MultimodalSSLModule):
         pairs = self.encoders.pairs()
         if hp.decouple:
             self.pair_common_dims = {
-                pair: resolve_common_dims(k, _per_pair(hp.common_ratio, pair, "common_ratio"),
-                                          _per_pair(hp.common_dims, pair, "common_dims"))
+                pair: resolve_common_dims(
+                    k, _per_pair(hp.common_ratio, pair, "common_ratio"), _per_pair(hp.common_dims, pair, "common_dims")
+                )
                 for pair in pairs
             }
         else:
@@ -110,7 +111,9 @@ class DeCURModule(MultimodalSSLModule):
         """``K_c``, the common-dimension count of every pair (see :meth:`common_dims_of` when they differ)."""
         values = set(self.pair_common_dims.values())
         if len(values) != 1:
-            raise ValueError(f"The pairs have different common-dimension counts {self.pair_common_dims}: use common_dims_of(m, n).")
+            raise ValueError(
+                f"The pairs have different common-dimension counts {self.pair_common_dims}: use common_dims_of(m, n)."
+            )
         return next(iter(values))
 
     def common_dims_of(self, m: str, n: str) -> int:
@@ -145,4 +148,6 @@ def _per_pair(value: Any, pair: tuple[str, str], what: str) -> Any:
     for key in (f"{m}-{n}", f"{n}-{m}"):
         if key in value:
             return value[key]
-    raise ValueError(f"{what} gives no value for the pair {m}-{n}: expected keys 'm-n' for every pair, got {sorted(value)}.")
+    raise ValueError(
+        f"{what} gives no value for the pair {m}-{n}: expected keys 'm-n' for every pair, got {sorted(value)}."
+    )
