@@ -12,7 +12,9 @@ Measured (``python benchmarks/health.py``, 20 steps, batch 16; ``benchmarks/resu
 every config's largest growth is 1.00-1.27 (ResNet, ViT and MiT alike; the largest is the
 offset-network bias of the "DA" ablation); the residual deformable attention with its former
 zero-initialised ``proj_out`` reached 25x in 10 steps. The bound 2 sits between them.
-The default run checks an RDA config (10 steps); ``-m slow`` runs every config for 20.
+The default run checks an RDA config (10 steps); ``-m slow`` runs every config for 20. The probe
+loss of one seed moves by a few per cent either way in so few steps (measured over seeds, see the
+tests), so the probe check tolerates a small rise; the norm-growth bound is the decisive one.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def test_rda_config_trains_healthily_under_lars() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", pretrain_configs(), ids=lambda path: Path(path).stem)
 def test_every_pretraining_config_trains_healthily(config: Path) -> None:
-    assert_healthy(run_health_check(config, steps=20))
+    """20 steps. The probe loss may rise by 3 %: for the RDA config it changed by +0.01, -3.6, -3.2
+    and -4.2 % over seeds 0-3 (and by -4.5, +2.3, -6.3, -1.4 % before the named-modalities
+    redesign, whose initialisation draws differ): seed noise at 20 steps, not a trend."""
+    assert_healthy(run_health_check(config, steps=20), probe_tolerance=0.03)
 
 
 @pytest.mark.parametrize("config", pretrain_configs(), ids=lambda path: Path(path).stem)
