@@ -782,7 +782,9 @@ def _from_torchgeo_layout(
     must be the one ``decur export`` recorded (files of torchgeo itself record none)."""
     hparams = obj.get("hyper_parameters") or {}
     state_dict = obj["state_dict"]
-    if not isinstance(hparams, Mapping) or _has_prefix(state_dict, ("encoders.", "encoder1.", "encoder2.")):
+    if not isinstance(hparams, Mapping) or _has_prefix(
+        state_dict, ("encoders.", *(f"encoder{p}." for p in _LEGACY_POSITIONS))
+    ):
         return None
     for hparam, prefix in _TORCHGEO_PREFIXES.items():
         if isinstance(hparams.get(hparam), str) and state_dict and all(k.startswith(prefix) for k in state_dict):
