@@ -74,10 +74,24 @@ def read_window(path: str, window: Window, expected_size: int) -> np.ndarray:
 
 def _geonrw_specs(dem_channels: int) -> dict[str, Modality]:
     """GeoNRW's modalities: ``rgb`` (aerial RGB, bands R, G, B) then ``dem`` (``dem_channels``
-    copies of the lidar elevation band ``DEM``), with their view kinds (paper B.1)."""
+    copies of the lidar elevation band ``DEM``), with their view kinds (paper B.1) and the
+    normalisation :class:`GeoNRWMM` applies (recorded in checkpoints, shipped with exports)."""
+    dem_normalization = {
+        "method": "percentile_min_max",
+        "lower": 0.01,
+        "upper": 0.99,
+        "input": "float32 lidar elevation (m)",
+    }
     return {
-        "rgb": Modality(bands=3, view="aerial_rgb", band_names=list(RGB_BANDS)),
-        "dem": Modality(bands=dem_channels, view="dem", band_names=["DEM"] * dem_channels),
+        "rgb": Modality(
+            bands=3,
+            view="aerial_rgb",
+            band_names=list(RGB_BANDS),
+            normalization={"method": "scale", "divisor": 255.0, "input": "uint8 aerial RGB"},
+        ),
+        "dem": Modality(
+            bands=dem_channels, view="dem", band_names=["DEM"] * dem_channels, normalization=dem_normalization
+        ),
     }
 
 
@@ -265,16 +279,7 @@ class GeoNRWMMPretrainDataModule(PretrainDataModule):
     @property
     def modality_specs(self) -> dict[str, Modality]:
         """``rgb`` (aerial RGB) then ``dem`` (``dem_channels`` bands); see :class:`DescribesModalities`."""
-        specs = _geonrw_specs(int(self.kwargs["dem_channels"]))
-        # What GeoNRWMM applies (recorded in checkpoints and shipped with exported weights).
-        specs["rgb"].normalization = {"method": "scale", "divisor": 255.0, "input": "uint8 aerial RGB"}
-        specs["dem"].normalization = {
-            "method": "percentile_min_max",
-            "lower": 0.01,
-            "upper": 0.99,
-            "input": "float32 lidar elevation (m)",
-        }
-        return specs
+        return _geonrw_specs(int(self.kwargs["dem_channels"]))
 
     def setup(self, stage: str) -> None:
         """Create the training dataset (train split, no mask).
@@ -383,16 +388,7 @@ class GeoNRWMMDataModule(DescribesModalities, NonGeoDataModule):
     @property
     def modality_specs(self) -> dict[str, Modality]:
         """``rgb`` (aerial RGB) then ``dem`` (``dem_channels`` bands); see :class:`DescribesModalities`."""
-        specs = _geonrw_specs(int(self.kwargs["dem_channels"]))
-        # What GeoNRWMM applies (recorded in checkpoints and shipped with exported weights).
-        specs["rgb"].normalization = {"method": "scale", "divisor": 255.0, "input": "uint8 aerial RGB"}
-        specs["dem"].normalization = {
-            "method": "percentile_min_max",
-            "lower": 0.01,
-            "upper": 0.99,
-            "input": "float32 lidar elevation (m)",
-        }
-        return specs
+        return _geonrw_specs(int(self.kwargs["dem_channels"]))
 
     def split_indices(self, dataset: GeoNRWMM) -> tuple[list[int], list[int]]:
         """Train and validation patch indices of the training split, grouped by city.
