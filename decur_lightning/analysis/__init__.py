@@ -24,7 +24,8 @@ from .alignment import (
     plot_alignment_histogram,
     summarize,
 )
-from .decoupling import extract_features, probe_factors, ridge_r2
+from .common_ratio import CommonRatioEstimate, estimate_common_ratio
+from .decoupling import extract_features, probe_factors, probe_fusion, ridge_r2
 from .pairs import check_modality, model_pairs, pair_label
 from .plotting import figure_to_array, save_figure
 from .rda import (
@@ -83,6 +84,8 @@ __all__ = [
     "degenerate_maps",
     "dimension_tsne",
     "dimension_tsne_figure",
+    "CommonRatioEstimate",
+    "estimate_common_ratio",
     "extract_features",
     "figure_to_array",
     "first_principal_component",
@@ -96,6 +99,7 @@ __all__ = [
     "pair_label",
     "plot_alignment_histogram",
     "probe_factors",
+    "probe_fusion",
     "rda_feature_points",
     "rda_feature_points_figure",
     "rda_feature_points_for_module",

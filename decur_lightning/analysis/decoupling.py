@@ -7,20 +7,27 @@ modality's private factors. The paper's claim (Sections 1, 3.1, Fig. 5) is that 
 objectives lose modality-private information that DeCUR keeps through its unique dimensions
 and intra-modal terms.
 
-The probes are closed-form ridge regressions from standardised features to the factors'
-magnitudes ``|f|`` (the texture strength each factor controls; the sign is a phase, which the
-views' crops and flips do not preserve), fit on one split and scored (R^2) on another.
+The probes are closed-form ridge regressions from standardised features to the factors, fit on
+one split and scored (R^2) on another: to their magnitudes ``|f|`` for ``rendering="texture"``
+(the texture strength each factor controls; the sign is a phase, which the views' crops and
+flips do not preserve), to their signed values for ``rendering="structure"`` (which keeps the
+sign in each band's brightness). :func:`probe_fusion` is the late-fusion probe: both
+modalities' features together predict every factor (the downstream task of the decoupling
+benchmark's ratio sweep).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ALPHAS", "extract_features", "probe_factors", "ridge_r2", "select_alpha"]
+__all__ = ["ALPHAS", "ProbeTarget", "extract_features", "probe_factors", "probe_fusion", "ridge_r2", "select_alpha"]
+
+#: What the probes predict: the factors' ``"magnitude"`` ``|f|`` or their signed ``"value"``.
+ProbeTarget = Literal["magnitude", "value"]
 
 
 @torch.no_grad()
@@ -93,13 +100,23 @@ def select_alpha(x: Tensor, y: Tensor, alphas: tuple[float, ...] = ALPHAS, holdo
     return alphas[max(range(len(alphas)), key=scores.__getitem__)]
 
 
-def probe_factors(train: dict[str, Tensor], test: dict[str, Tensor], alpha: float | None = None) -> dict[str, Any]:
-    """R^2 of linear probes from each modality's features to shared and private factor magnitudes.
+def _target(values: Tensor, target: ProbeTarget) -> Tensor:
+    if target not in ("magnitude", "value"):
+        raise ValueError(f"target must be 'magnitude' or 'value'; got {target!r}.")
+    return values.abs() if target == "magnitude" else values
+
+
+def probe_factors(
+    train: dict[str, Tensor], test: dict[str, Tensor], alpha: float | None = None, target: ProbeTarget = "magnitude"
+) -> dict[str, Any]:
+    """R^2 of linear probes from each modality's features to shared and private factors.
 
     Args:
         train, test: outputs of :func:`extract_features` on two disjoint splits.
         alpha: ridge penalty; ``None`` selects it per probe from :data:`ALPHAS` on a hold-out
             part of ``train`` (never on ``test``).
+        target: ``"magnitude"`` (``|f|``, for ``rendering="texture"``, whose sign is a random
+            phase) or ``"value"`` (the signed factors, for ``rendering="structure"``).
 
     Returns:
         ``{modality: {"shared": R2, "private_own": R2, "private_other": R2 | None}}`` with the
@@ -117,8 +134,10 @@ def probe_factors(train: dict[str, Tensor], test: dict[str, Tensor], alpha: floa
         x_tr, x_te = train[f"features_{name}"], test[f"features_{name}"]
 
         def r2(keys: list[str], x_tr: Tensor = x_tr, x_te: Tensor = x_te) -> float:
-            y_tr = torch.cat([train[key] for key in keys], 1).abs()
-            y_te = torch.cat([test[key] for key in keys], 1).abs()
+            y_tr = _target(torch.cat([train[key] for key in keys], 1), target)
+            y_te = _target(torch.cat([test[key] for key in keys], 1), target)
+            if y_tr.shape[1] == 0:  # e.g. no private factors (private_share=0)
+                return float("nan")
             penalty = select_alpha(x_tr, y_tr) if alpha is None else alpha
             return float(ridge_r2(x_tr, y_tr, x_te, y_te, penalty).mean())
 
@@ -131,3 +150,43 @@ def probe_factors(train: dict[str, Tensor], test: dict[str, Tensor], alpha: floa
         if subsets:
             results[name]["subset_shared"] = {key.removeprefix("shared_"): r2([key]) for key in subsets}
     return results
+
+
+def probe_fusion(
+    train: dict[str, Tensor], test: dict[str, Tensor], alpha: float | None = None, target: ProbeTarget = "value"
+) -> dict[str, float]:
+    """Late-fusion linear probe: every modality's features together predict every factor.
+
+    The features of all modalities (``features_<m>`` of :func:`extract_features`) are
+    concatenated, as the paper's late-fusion downstream heads do (Section 4.1), and one ridge
+    regression predicts all factors (shared, each modality's private, subset-shared).
+
+    Args:
+        train, test: outputs of :func:`extract_features` on two disjoint splits (slice ``train``
+            for a few-label probe).
+        alpha: ridge penalty; ``None`` selects it on a hold-out of ``train``.
+        target: ``"value"`` (default; signed factors) or ``"magnitude"``.
+
+    Returns:
+        ``{"all": mean R^2 over every factor, <group>: mean R^2 over the group's factors}`` for the
+        groups ``shared``, ``private_<m>`` and ``shared_<subset>`` present.
+    """
+    features = sorted(key for key in train if key.startswith("features_"))
+    groups = [
+        key for key in train if (key == "shared" or key.startswith(("private_", "shared_"))) and train[key].shape[1]
+    ]
+    if not features or not groups:
+        raise ValueError(f"Need features_<modality> and factor entries; got {sorted(train)}.")
+    x_tr = torch.cat([train[key] for key in features], 1)
+    x_te = torch.cat([test[key] for key in features], 1)
+    y_tr = _target(torch.cat([train[key] for key in groups], 1), target)
+    y_te = _target(torch.cat([test[key] for key in groups], 1), target)
+    penalty = select_alpha(x_tr, y_tr) if alpha is None else alpha
+    r2 = ridge_r2(x_tr, y_tr, x_te, y_te, penalty)
+    out = {"all": float(r2.mean())}
+    start = 0
+    for key in groups:
+        width = train[key].shape[1]
+        out[key] = float(r2[start : start + width].mean())
+        start += width
+    return out
