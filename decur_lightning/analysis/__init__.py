@@ -7,7 +7,7 @@ model's modalities (:mod:`.pairs`), so they hold for ``M >= 2`` modalities.
 - t-SNE of embedding dimensions (:mod:`.tsne`, Fig. 1, 8);
 - GradCAM and Integrated Gradients saliency of the common and unique outputs
   (:mod:`.saliency`, Fig. 6; needs ``pip install decur-lightning[analysis]``);
-- band permutation importance of the common and unique blocks (:mod:`.band_importance`), the
+- band permutation importance of the common and unique blocks (:mod:`.band_permutation`), the
   check of band importance against data with a known answer;
 - linear probes of known factors on the synthetic data (:mod:`.decoupling`);
 - the first principal component of RDA feature maps with the deformable sampling points
@@ -26,7 +26,7 @@ from .alignment import (
     plot_alignment_histogram,
     summarize,
 )
-from .band_importance import band_permutation_importance
+from .band_permutation import band_permutation_importance
 from .decoupling import extract_features, probe_factors, ridge_r2
 from .pairs import check_modality, model_pairs, pair_label
 from .plotting import figure_to_array, save_figure

@@ -23,7 +23,7 @@ from .alignment import (
     collect_embeddings,
     summarize,
 )
-from .band_importance import band_permutation_importance
+from .band_permutation import band_permutation_importance
 from .pairs import modality_mapping, model_pairs, pair_common_dims, pair_label, pair_suffix
 from .plotting import save_figure
 from .saliency import (

@@ -15,7 +15,10 @@ saliency map per modality:
   statistics and counted;
 - spectral: Integrated Gradients (captum :class:`~captum.attr.IntegratedGradients`) averaged
   per input band and normalised (:func:`band_importance`, Fig. 6b); on data with known band
-  content, :func:`band_truth_score` checks it against the truth.
+  content, :func:`band_truth_score` checks it against the truth. On the quickstart's synthetic
+  data this importance scores near chance, trained or not (the block mean it attributes mixes
+  dimensions of both signs); :func:`~decur_lightning.analysis.band_permutation_importance`
+  (which bands each block's information comes from) finds the known bands.
 
 captum is an optional dependency: ``pip install decur-lightning[analysis]``.
 """

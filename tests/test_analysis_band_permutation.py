@@ -1,4 +1,4 @@
-"""Band permutation importance (analysis/band_importance.py): known answers on hand-built models."""
+"""Band permutation importance (analysis/band_permutation.py): known answers on hand-built models."""
 
 from __future__ import annotations
 
@@ -111,6 +111,9 @@ def test_reference_standardises_and_bad_input_is_explained():
     reference = torch.randn(50, 4) * torch.tensor([1e3, 1.0, 1.0, 1.0])
     result = band_permutation_importance(model, batches, reference={"a": reference}, common_dims=2, repeats=1)
     assert result["a"]["common"][0, 0] == pytest.approx(1.0)
+    # two samples: the permutation swaps them (never the identity), so every row has its importance
+    two = band_permutation_importance(model, batches, max_samples=2, common_dims=2, repeats=4)
+    torch.testing.assert_close(two["a"]["common"], torch.tensor([[1.0, 0.0, 0.0]]).expand(4, 3))
     with pytest.raises(ValueError, match="at least 2 samples"):
         band_permutation_importance(model, batches, max_samples=1, common_dims=2)
     with pytest.raises(ValueError, match="repeats"):

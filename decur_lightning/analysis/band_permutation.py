@@ -51,6 +51,15 @@ def _inputs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_sampl
     return {m: torch.cat(parts[m]) for m in modalities}
 
 
+def _cycle(n: int, generator: torch.Generator) -> Tensor:
+    """A random permutation of ``n >= 2`` items without fixed points (one random cycle): every
+    sample receives the band of another sample, so no permutation is wasted on the identity."""
+    order = torch.randperm(n, generator=generator)
+    permutation = torch.empty(n, dtype=torch.long)
+    permutation[order] = order.roll(-1)
+    return permutation
+
+
 @torch.no_grad()
 def _embed(model: nn.Module, x: Tensor, modality: str, chunk: int) -> Tensor:
     device = next(model.parameters()).device
@@ -72,7 +81,8 @@ def band_permutation_importance(
 
     For modality ``m`` with standardised embedding ``z = (f_m(x) - mean) / std`` (``BN`` of
     Algorithm 2), common block ``z[:, :K_c]`` and unique block ``z[:, K_c:]``: for each band
-    ``c``, band ``c`` of the ``N`` samples is permuted across the samples (the other bands stay),
+    ``c``, band ``c`` of the ``N`` samples is permuted across the samples (a random cycle: each
+    sample receives band ``c`` of another sample; the other bands stay),
     and the importance of ``c`` for a block is the block's mean squared change
     ``mean_i mean_{k in block} (z_k(x_perm)_i - z_k(x)_i)^2``, normalised over the bands (each
     row sums to 1, as :func:`~decur_lightning.analysis.band_importance`). A band the block
@@ -149,7 +159,7 @@ def band_permutation_importance(
             for r in range(repeats):
                 for c in range(x.shape[1]):
                     permuted = x.clone()
-                    permuted[:, c] = x[torch.randperm(len(x), generator=generator), c]
+                    permuted[:, c] = x[_cycle(len(x), generator), c]
                     squared = ((_embed(model, permuted, name, batch_size) - mean) / std - z).double().pow(2)
                     changes[0, r, c] = squared[:, :kc].mean()
                     changes[1, r, c] = squared[:, kc:].mean()
