@@ -12,6 +12,7 @@ from decur_lightning.analysis import (
     band_truth_score,
     integrated_gradients,
 )
+
 from helpers import tiny_batch, tiny_decur
 
 

@@ -214,7 +214,9 @@ def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
     assert saved["num_samples"] == 16 and saved["saliency"]["num_samples"] == 2
     assert (tmp_path / "cli" / "band_importance.png").is_file()
     permutation = saved["saliency"]["band_permutation"]
-    assert permutation["repeats"] == 2 and permutation["band_truth"]["per_modality"]["sar"]["common"]["truth"] == "shared"
+    assert (
+        permutation["repeats"] == 2 and permutation["band_truth"]["per_modality"]["sar"]["common"]["truth"] == "shared"
+    )
     assert (tmp_path / "cli" / "band_permutation_importance.png").is_file()
 
 

@@ -63,7 +63,9 @@ def _cycle(n: int, generator: torch.Generator) -> Tensor:
 @torch.no_grad()
 def _embed(model: nn.Module, x: Tensor, modality: str, chunk: int) -> Tensor:
     device = next(model.parameters()).device
-    return torch.cat([model.embed(x[i : i + chunk].to(device), modality).float().cpu() for i in range(0, len(x), chunk)])
+    return torch.cat(
+        [model.embed(x[i : i + chunk].to(device), modality).float().cpu() for i in range(0, len(x), chunk)]
+    )
 
 
 def band_permutation_importance(

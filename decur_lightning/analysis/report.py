@@ -377,7 +377,10 @@ def analyze(
             for modality in modalities:
                 for name in OUTPUT_NAMES:
                     arrays[f"band_permutation_importance_{modality}_{name}"] = permutation[modality][name].numpy()
-            save("band_permutation_importance", band_importance_figure(permutation, bands_of, title=title))
+            figure = band_importance_figure(
+                permutation, bands_of, title=title, ylabel="normalised block change (mean, std over permutations)"
+            )
+            save("band_permutation_importance", figure)
 
     np.savez(out / "analysis.npz", **arrays)
     (out / "statistics.json").write_text(json.dumps(statistics, indent=2))
