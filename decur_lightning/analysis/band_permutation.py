@@ -4,12 +4,19 @@ The paper's band importance (Fig. 6b, Algorithm 2, :func:`~decur_lightning.analy
 attributes one scalar per block, the mean of the block's standardised dimensions, with Integrated
 Gradients. Embedding dimensions carry their information with either sign, so that mean is a
 near-arbitrary projection of the block, and gradients along one path say which bands move that
-projection, not which bands the block's information comes from. On the synthetic data with a known
-answer, it hardly beats the untrained network (see :func:`band_permutation_importance`).
+projection, not which bands the block's information comes from. Measured on the trained quickstart
+(``examples/configs/quickstart.yaml``, 256 validation samples): of the 384 common dimensions, 119
+correlate with the shared factor at r > 0.3 and 117 at r < -0.3; the block mean explains R^2 0.15
+of the shared factor where a ridge probe of the block explains 0.99 (held out). Scored against the
+data's known bands (:func:`~decur_lightning.analysis.band_truth_score`), the Integrated Gradients
+importance reaches skill 0.09 / ranking 0.50 against 0.05 / 0.38 untrained.
 
 :func:`band_permutation_importance` asks instead how much of the block's content depends on each
 band: scramble one band across samples (every other band untouched) and measure how far the whole
-block moves. It needs no gradients and no optional dependency.
+block moves. On the same model: skill 0.27 / ranking 0.81 against 0.00 / 0.56 untrained (the
+common blocks of both modalities sit on the shared bands; the optical unique block spreads over all
+bands). It needs no gradients and no optional dependency (captum's ``FeaturePermutation`` scores the
+difference of one scalar output per example, not the change of a block of dimensions).
 """
 
 from __future__ import annotations
