@@ -209,7 +209,11 @@ def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
         )
         is None
     )
-    assert "statistics.json" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "statistics.json" in printed
+    summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
+    assert set(summary["band_truth"]) == {"integrated_gradients", "band_permutation"}
+    assert set(summary["band_truth"]["band_permutation"]) == {"skill", "ranking"}
     saved = json.loads((tmp_path / "cli" / "statistics.json").read_text())
     assert saved["num_samples"] == 16 and saved["saliency"]["num_samples"] == 2
     assert (tmp_path / "cli" / "band_importance.png").is_file()

@@ -194,6 +194,15 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         else:
             statistics["figures"]["rda_feature_points"] = str(path)
     summary = {key: statistics[key] for key in ("alignment", "figures")}
+    saliency = statistics.get("saliency", {})
+    scores = {
+        "integrated_gradients": saliency.get("band_truth"),
+        "band_permutation": saliency.get("band_permutation", {}).get("band_truth"),
+    }
+    if any(scores.values()):  # data with known bands: how well each importance finds them
+        summary["band_truth"] = {
+            name: {key: score[key] for key in ("skill", "ranking")} for name, score in scores.items() if score
+        }
     print(json.dumps(summary, indent=2))
     print(f"Wrote {config.out}/statistics.json and analysis.npz")
     return statistics
