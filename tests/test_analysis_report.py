@@ -21,7 +21,14 @@ from helpers import tiny_decur
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = {"alignment_histogram", "embedding_tsne", "saliency_overlap", "band_importance", "saliency_examples"}
+FIGURES = {
+    "alignment_histogram",
+    "embedding_tsne",
+    "saliency_overlap",
+    "band_importance",
+    "saliency_examples",
+    "band_permutation_importance",
+}
 
 
 def small_data():
@@ -94,10 +101,20 @@ def test_analyze_writes_figures_and_statistics(checkpoints, tmp_path):
     assert set(truth["per_modality"]) == {"sar", "optical"}
     assert truth["per_modality"]["sar"]["common"]["truth"] == "shared"
     assert 0.0 <= truth["per_modality"]["optical"]["unique"]["ranking"] <= 1.0
+    # beside it, the band permutation importance on the same samples, scored against the same truth
+    permutation = saliency["band_permutation"]
+    assert permutation["num_samples"] == 4 and permutation["repeats"] == 5
+    assert permutation["importance"]["optical"]["bands"] == ["B2", "B3", "B4", "B8"]
+    for modality in ("sar", "optical"):
+        for name in ("common", "unique"):
+            assert sum(permutation["importance"][modality][name]["mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert permutation["band_truth"]["per_modality"]["optical"]["unique"]["truth"] == "private"
+    assert permutation["band_truth"]["skill"] is not None
     arrays = np.load(tmp_path / "out" / "analysis.npz")
     assert arrays["alignment_sar_optical"].shape == (64,) and arrays["tsne_coordinates"].shape == (128, 2)
     assert arrays["comparison_alignment_sar_optical"].shape == (64,)
     assert arrays["band_importance_sar_common"].shape == (4, 2) and arrays["overlap_sar_optical_unique"].shape == (4,)
+    assert arrays["band_permutation_importance_optical_unique"].shape == (5, 4)
     assert arrays["alignment_sar_optical"].mean() == pytest.approx(alignment["all"]["mean"], rel=1e-5)
 
 
@@ -131,6 +148,8 @@ def test_analyze_says_when_the_maps_are_degenerate(checkpoints, tmp_path):
 def test_analyze_without_tsne_and_saliency(checkpoints, tmp_path):
     stats = analyze(checkpoints[0], small_data(), tmp_path, split="test", max_samples=8, saliency_samples=0, tsne=False)
     assert set(stats["figures"]) == {"alignment_histogram"} and "saliency" not in stats
+    with pytest.raises(ValueError, match="permutation_repeats"):
+        analyze(checkpoints[0], small_data(), tmp_path, saliency_samples=0, tsne=False, permutation_repeats=-1)
     assert stats["num_samples"] == 8 and stats["split"] == "test"
 
 
@@ -181,6 +200,7 @@ def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
                 "--saliency_samples=2",
                 "--ig_steps=2",
                 "--tsne=false",
+                "--permutation_repeats=2",
                 "--layer",
                 "sar=layer3",
                 "--layer",
@@ -189,10 +209,19 @@ def test_command_line_with_the_fit_config(checkpoints, tmp_path, capsys):
         )
         is None
     )
-    assert "statistics.json" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "statistics.json" in printed
+    summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
+    assert set(summary["band_truth"]) == {"integrated_gradients", "band_permutation"}
+    assert set(summary["band_truth"]["band_permutation"]) == {"skill", "ranking"}
     saved = json.loads((tmp_path / "cli" / "statistics.json").read_text())
     assert saved["num_samples"] == 16 and saved["saliency"]["num_samples"] == 2
     assert (tmp_path / "cli" / "band_importance.png").is_file()
+    permutation = saved["saliency"]["band_permutation"]
+    assert (
+        permutation["repeats"] == 2 and permutation["band_truth"]["per_modality"]["sar"]["common"]["truth"] == "shared"
+    )
+    assert (tmp_path / "cli" / "band_permutation_importance.png").is_file()
 
 
 def test_command_line_with_a_data_only_config(checkpoints, tmp_path):
@@ -260,7 +289,7 @@ def test_three_modalities_every_pair_gets_figures_and_statistics(tmp_path):
     assert stats["common_dims"] == dict.fromkeys(pairs, 48)
     expected = {
         f"{kind}_{pair}" for kind in ("alignment_histogram", "saliency_overlap", "saliency_examples") for pair in pairs
-    } | {"embedding_tsne", "band_importance"}
+    } | {"embedding_tsne", "band_importance", "band_permutation_importance"}
     assert set(stats["figures"]) == expected
     for name, figure in stats["figures"].items():
         assert Path(figure) == tmp_path / "out" / f"{name}.png"
@@ -281,4 +310,6 @@ def test_three_modalities_every_pair_gets_figures_and_statistics(tmp_path):
     assert bands["sar"]["bands"] == ["VV", "VH"]  # recorded in the checkpoint's modality description
     assert bands["optical"]["bands"] == ["B2", "B3", "B4", "B8"] and bands["dem"]["bands"] == ["b1"]
     assert bands["dem"]["common"]["mean"] == pytest.approx([1.0])
+    permutation = stats["saliency"]["band_permutation"]["importance"]
+    assert permutation["dem"]["unique"]["mean"] == pytest.approx([1.0]) and permutation["sar"]["bands"] == ["VV", "VH"]
     assert arrays["tsne_coordinates"].shape == (3 * 64, 2) and list(arrays["tsne_modality"][::64]) == list(THREE)

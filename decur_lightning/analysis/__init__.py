@@ -7,6 +7,8 @@ model's modalities (:mod:`.pairs`), so they hold for ``M >= 2`` modalities.
 - t-SNE of embedding dimensions (:mod:`.tsne`, Fig. 1, 8);
 - GradCAM and Integrated Gradients saliency of the common and unique outputs
   (:mod:`.saliency`, Fig. 6; needs ``pip install decur-lightning[analysis]``);
+- band permutation importance of the common and unique blocks (:mod:`.band_permutation`), the
+  check of band importance against data with a known answer;
 - linear probes of known factors on the synthetic data (:mod:`.decoupling`);
 - the first principal component of RDA feature maps with the deformable sampling points
   (:mod:`.rda`, Fig. 5b);
@@ -24,6 +26,7 @@ from .alignment import (
     plot_alignment_histogram,
     summarize,
 )
+from .band_permutation import band_permutation_importance
 from .common_ratio import CommonRatioEstimate, estimate_common_ratio
 from .decoupling import extract_features, probe_factors, probe_fusion, ridge_r2
 from .pairs import check_modality, model_pairs, pair_label
@@ -77,6 +80,7 @@ __all__ = [
     "analyze",
     "band_importance",
     "band_importance_figure",
+    "band_permutation_importance",
     "band_truth_score",
     "check_modality",
     "collect_embeddings",

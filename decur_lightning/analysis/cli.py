@@ -47,8 +47,8 @@ def build_parser() -> ArgumentParser:
         prog="python -m decur_lightning.analysis",
         description=(
             "Explainability analyses of a DeCUR checkpoint (paper Section 7), for every pair of its modalities: "
-            "alignment histogram (eq. 7), t-SNE of embedding dimensions, GradCAM overlap and Integrated Gradients "
-            "band importance, and for RDA "
+            "alignment histogram (eq. 7), t-SNE of embedding dimensions, GradCAM overlap, Integrated Gradients "
+            "band importance and band permutation importance, and for RDA "
             "encoders the first principal component of the feature map with the deformable points (Fig. 5b). "
             "Writes PNG figures, statistics.json and analysis.npz into --out."
         ),
@@ -84,6 +84,15 @@ def build_parser() -> ArgumentParser:
         type=dict[str, list[str]] | None,
         default=None,
         help="Band names by modality name, e.g. '{optical: [B2, B3, B4, B8]}' (default: those the checkpoint records).",
+    )
+    parser.add_argument(
+        "--permutation_repeats",
+        type=int,
+        default=5,
+        help=(
+            "Permutations per band of the band permutation importance of the common and unique blocks, on the "
+            "saliency samples (band_permutation_importance.png; 0 skips it)."
+        ),
     )
     parser.add_argument(
         "--rda_samples",
@@ -166,6 +175,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         tsne_perplexity=config.tsne_perplexity,
         tsne_threads=config.tsne_threads,
         band_names=config.band_names,
+        permutation_repeats=config.permutation_repeats,
         device=config.device,
         seed=config.seed,
     )
@@ -184,6 +194,15 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         else:
             statistics["figures"]["rda_feature_points"] = str(path)
     summary = {key: statistics[key] for key in ("alignment", "figures")}
+    saliency = statistics.get("saliency", {})
+    scores = {
+        "integrated_gradients": saliency.get("band_truth"),
+        "band_permutation": saliency.get("band_permutation", {}).get("band_truth"),
+    }
+    if any(scores.values()):  # data with known bands: how well each importance finds them
+        summary["band_truth"] = {
+            name: {key: score[key] for key in ("skill", "ranking")} for name, score in scores.items() if score
+        }
     print(json.dumps(summary, indent=2))
     print(f"Wrote {config.out}/statistics.json and analysis.npz")
     return statistics

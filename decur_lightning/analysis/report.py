@@ -23,6 +23,7 @@ from .alignment import (
     collect_embeddings,
     summarize,
 )
+from .band_permutation import band_permutation_importance
 from .pairs import modality_mapping, model_pairs, pair_common_dims, pair_label, pair_suffix
 from .plotting import save_figure
 from .saliency import (
@@ -151,6 +152,7 @@ def analyze(
     tsne_perplexity: float = 30.0,
     tsne_threads: int | None = None,
     band_names: Mapping[str, Sequence[str]] | None = None,
+    permutation_repeats: int = 5,
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -178,13 +180,19 @@ def analyze(
     4. Integrated Gradients band importances, one panel per modality: ``band_importance.png``;
        when the datamodule knows which bands carry shared and private factors (a
        ``band_truth`` attribute, as the synthetic data's), the importance is scored against it
-       (``saliency.band_truth``, :func:`~decur_lightning.analysis.band_truth_score`).
+       (``saliency.band_truth``, :func:`~decur_lightning.analysis.band_truth_score`);
+    5. band permutation importance of the common and unique blocks on the same samples
+       (:func:`~decur_lightning.analysis.band_permutation_importance`: how far each block moves
+       when one band is permuted across samples), ``band_permutation_importance.png``, and with a
+       band truth its score (``saliency.band_permutation``). Unlike the Integrated Gradients
+       importance of Algorithm 2 (the paper's statistic, kept as it is), it measures which bands
+       each block's information comes from.
 
     Everything numeric goes to ``statistics.json`` (summaries; per-pair entries keyed
     ``"<m>_<n>"``, per-modality entries by name) and ``analysis.npz`` (the per-dimension
     alignments ``alignment_<m>_<n>``, t-SNE coordinates, per-sample overlap scores
-    ``overlap_<m>_<n>_<output>`` and band importances ``band_importance_<modality>_<output>``,
-    for re-plotting).
+    ``overlap_<m>_<n>_<output>``, band importances ``band_importance_<modality>_<output>`` and
+    ``band_permutation_importance_<modality>_<output>``, for re-plotting).
 
     Args:
         checkpoint_path: a DeCURModule ``.ckpt``; the modalities are read from it.
@@ -211,6 +219,8 @@ def analyze(
         tsne_threads: cap on scikit-learn's threads for t-SNE (``1`` helps on busy machines).
         band_names: ``{modality: [band names]}`` for the band importance plot (default: the
             band names the checkpoint's modality descriptions record, else ``b1, b2, ...``).
+        permutation_repeats: permutations per band of the band permutation importance (each
+            costs one forward pass of the ``saliency_samples`` per band); 0 skips it.
         device: ``"cpu"``, ``"cuda"``, ...
         seed: t-SNE seed.
 
@@ -224,6 +234,10 @@ def analyze(
         ...                 SyntheticMultimodalDataModule(), "analysis")  # doctest: +SKIP
         >>> stats["alignment"]["sar_optical"]["unique"]["mean"]  # doctest: +SKIP
     """
+    if isinstance(permutation_repeats, bool) or not isinstance(permutation_repeats, int) or permutation_repeats < 0:
+        raise ValueError(
+            f"permutation_repeats must be an int >= 0 (0 skips the band permutation importance); got {permutation_repeats!r}."
+        )
     out = Path(out_dir)
     model = load_ssl_module(checkpoint_path, None, device)
     modalities = tuple(model.modalities)
@@ -336,6 +350,37 @@ def analyze(
             score = statistics["saliency"]["band_truth"]
             title += f" (known bands found: skill {score['skill']:.2f}, ranking {score['ranking']:.2f}; chance 0, 0.5)"
         save("band_importance", band_importance_figure(saliency.band_importance, bands_of, title=title))
+        if permutation_repeats > 0:
+            permutation = band_permutation_importance(
+                model,
+                loader,
+                max_samples=saliency_samples,
+                reference=embeddings,
+                repeats=permutation_repeats,
+                seed=seed,
+            )
+            section: dict[str, Any] = {
+                "num_samples": saliency.num_samples,  # the same first samples of the loader
+                "repeats": permutation_repeats,
+                "importance": _importance_statistics(permutation, bands_of),
+            }
+            title = "Band permutation importance (block change when one band is permuted)"
+            if truth is not None:
+                section["band_truth"] = band_truth_score(permutation, truth)
+                if section["band_truth"]["skill"] is not None:
+                    score = section["band_truth"]
+                    title += (
+                        f"\nknown bands found: skill {score['skill']:.2f}, ranking {score['ranking']:.2f}"
+                        " (chance 0, 0.5)"
+                    )
+            statistics["saliency"]["band_permutation"] = section
+            for modality in modalities:
+                for name in OUTPUT_NAMES:
+                    arrays[f"band_permutation_importance_{modality}_{name}"] = permutation[modality][name].numpy()
+            figure = band_importance_figure(
+                permutation, bands_of, title=title, ylabel="normalised block change (mean, std over permutations)"
+            )
+            save("band_permutation_importance", figure)
 
     np.savez(out / "analysis.npz", **arrays)
     (out / "statistics.json").write_text(json.dumps(statistics, indent=2))
@@ -371,11 +416,12 @@ def _overlap_summary(values: torch.Tensor, degenerate: torch.Tensor) -> dict[str
     return summary
 
 
-def _saliency_statistics(
-    saliency: Any, band_names: Mapping[str, Sequence[str] | None], ig_steps: int
+def _importance_statistics(
+    importance: Mapping[str, Mapping[str, torch.Tensor]], band_names: Mapping[str, Sequence[str] | None]
 ) -> dict[str, Any]:
+    """Per modality: band names, and mean and std over rows of each output's band importance."""
     bands: dict[str, Any] = {}
-    for modality, per_output in saliency.band_importance.items():
+    for modality, per_output in importance.items():
         num_bands = per_output["common"].shape[1]
         names = list(band_names.get(modality) or [f"b{i + 1}" for i in range(num_bands)])
         bands[modality] = {"bands": names}
@@ -384,6 +430,13 @@ def _saliency_statistics(
                 "mean": scores.mean(0).tolist(),
                 "std": scores.std(0, unbiased=False).tolist(),
             }
+    return bands
+
+
+def _saliency_statistics(
+    saliency: Any, band_names: Mapping[str, Sequence[str] | None], ig_steps: int
+) -> dict[str, Any]:
+    bands = _importance_statistics(saliency.band_importance, band_names)
     return {
         "num_samples": saliency.num_samples,
         "gradcam_layers": {

@@ -15,7 +15,10 @@ saliency map per modality:
   statistics and counted;
 - spectral: Integrated Gradients (captum :class:`~captum.attr.IntegratedGradients`) averaged
   per input band and normalised (:func:`band_importance`, Fig. 6b); on data with known band
-  content, :func:`band_truth_score` checks it against the truth.
+  content, :func:`band_truth_score` checks it against the truth. On the quickstart's synthetic
+  data this importance scores near chance, trained or not (the block mean it attributes mixes
+  dimensions of both signs); :func:`~decur_lightning.analysis.band_permutation_importance`
+  (which bands each block's information comes from) finds the known bands.
 
 captum is an optional dependency: ``pip install decur-lightning[analysis]``.
 """
@@ -779,9 +782,11 @@ def band_importance_figure(
     importance: Mapping[str, Mapping[str, Tensor]],
     band_names: Mapping[str, Sequence[str]] | None = None,
     title: str = "Spectral saliency statistics",
+    ylabel: str = "normalised saliency score",
 ) -> Figure:
     """Mean (bars) and standard deviation (error bars) of the normalised band importances,
-    common vs unique, one panel per modality (Fig. 6b)."""
+    common vs unique, one panel per modality (Fig. 6b; also for
+    :func:`~decur_lightning.analysis.band_permutation_importance`, whose rows are permutations)."""
     modalities = list(importance)
     fig, axes = new_figure(ncols=len(modalities), width=5.0)
     axes = np.atleast_1d(axes)
@@ -806,7 +811,7 @@ def band_importance_figure(
         ax.set_xticks(positions)
         ax.set_xticklabels(names, rotation=45 if num_bands > 6 else 0)
         ax.set_xlabel(f"{modality} bands")
-        ax.set_ylabel("normalised saliency score")
+        ax.set_ylabel(ylabel)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
