@@ -296,7 +296,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if "compare" in args.parts:
         for seed in args.seeds:
-            for method in TABLE5:
+            for method in args.methods:
                 add(method, args.share, args.ratio, seed)
     if "sweep" in args.parts:
         for share in args.shares:
@@ -589,6 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parts", nargs="+", default=["compare", "sweep", "estimate"], choices=["compare", "sweep", "estimate"]
     )
+    parser.add_argument("--methods", nargs="+", default=TABLE5, choices=TABLE5, help="methods of the comparison")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the comparison")
     parser.add_argument("--sweep-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--share", type=float, default=0.5, help="private share of the comparison's data")

@@ -48,32 +48,36 @@ def test_probe_factors_separates_shared_own_and_other_private():
     assert result["b"]["shared"] > 0.95 and result["b"]["private_own"] < 0.05
 
 
-def test_benchmark_script_runs_end_to_end(tmp_path):
-    out = tmp_path / "decoupling.md"
+def test_benchmark_script_runs_end_to_end_and_pairs_its_seeds(tmp_path):
+    out, cache = tmp_path / "results.md", tmp_path / "cache"
     cmd = [
         sys.executable,
         str(ROOT / "examples" / "decoupling_benchmark.py"),
-        "--methods",
-        "random",
-        "decur",
-        "--seeds",
-        "0",
-        "--epochs",
-        "1",
-        "--num-train",
-        "64",
-        "--num-probe",
-        "64",
-        "--dim",
-        "32",
-        "--out",
-        str(out),
+        *("--methods", "decur", "barlow_cross", "random"),
+        *("--seeds", "0", "1", "--sweep-seeds", "0", "--shares", "0.5", "--ratios", "0.5", "1.0"),
+        *("--epochs", "1", "--num-train", "64", "--num-probe", "64", "--few-labels", "32"),
+        *("--dim", "32", "--batch-size", "32", "--cache", str(cache), "--out", str(out)),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    table = out.read_text()
-    assert "| Random init (no pretraining) |" in table and "| DeCUR |" in table
-    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
-    assert {r["method"] for r in runs} == {"random", "decur"}
-    assert set(runs[0]["probe"]) == {"sar", "optical"}
-    assert out.with_name("decoupling_alignment.png").read_bytes()[:4] == b"\x89PNG"
+    text = out.read_text()
+    for heading in ("## Table 5", "Paired differences", "### Fig. 5a", "## Ratio sweep", "## Estimating"):
+        assert heading in text, heading
+    assert "| DeCUR |" in text and "| Untrained encoders |" in text
+    report = json.loads(out.with_suffix(".json").read_text())
+    runs = report["runs"]
+    compare = [r for r in runs if r["ratio"] == 0.875]
+    assert {r["method"] for r in compare} == {"decur", "barlow_cross", "random"}
+    for seed in (0, 1):  # paired: every method of a seed starts from the same weights
+        assert len({r["init_checksum"] for r in compare if r["seed"] == seed}) == 1
+    assert len({r["init_checksum"] for r in compare}) == 2  # and seeds differ
+    assert {r["ratio"] for r in runs if r["method"] == "decur"} == {0.5, 0.875, 1.0}
+    assert set(runs[0]["probe"]) == {"sar", "optical"} and "private_optical" in runs[0]["fusion"]
+    assert "decur:fusion" not in report["verdicts"] and "barlow_cross:fusion" in report["verdicts"]
+    for name in ("alignment_training", "alignment_held_out", "sweep"):
+        assert (tmp_path / f"results_{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # Every run is cached: the report is rebuilt without training.
+    again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(runs)} of {len(runs)} runs cached." in again.stdout
+    assert json.loads(out.with_suffix(".json").read_text())["verdicts"] == report["verdicts"]
