@@ -159,13 +159,16 @@ def estimates(result: dict[str, Any], cache: Path) -> dict[str, float]:
     f, v, z = saved["features"], saved["view_features"], saved["embeddings"]
     names = list(f)
     a, b = (f[n].float() for n in names)
-    return {
+    start = time.perf_counter()
+    out = {
         "predictability": estimate_common_ratio(a, b).ratio,
         "predictability_view": estimate_common_ratio(
             a, b, z_m_view=v[names[0]].float(), z_n_view=v[names[1]].float()
         ).ratio,
         "alignment": estimate_common_ratio(*(z[n].float() for n in names), method="alignment").ratio,
     }
+    out["seconds"] = (time.perf_counter() - start) / 3
+    return out
 
 
 def one_run(spec: dict[str, Any], cache: str, threads: int) -> dict[str, Any]:
@@ -449,14 +452,16 @@ def estimate_section(
         "",
         "`decur_lightning.analysis.estimate_common_ratio` on the encoder features (`predictability`) or the "
         "projector embeddings (`alignment`, threshold 0.5) of 2 x "
-        f"{args.num_probe} held-out samples, mean ± 95 % interval over seeds {args.sweep_seeds}. Error: estimate "
-        "minus the data's common share, and minus the sweep's best ratio (of the mean curve, late fusion). Cost: "
-        "the training runs the estimate needs, against the sweep's.",
+        f"{args.num_probe} held-out samples (`predictability_view`: divided by what another view of the same "
+        "samples predicts, see the function), mean ± 95 % interval over the sweep's seeds (n per row). Error: "
+        "estimate minus the data's common share, and minus the sweep's best ratio (of the mean curve, late "
+        "fusion). Cost: the training runs the estimate needs, against the sweep's.",
         "",
-        "| private share | source | method | estimate | error vs data | error vs sweep best | cost |",
-        "|---:|---|---|---:|---:|---:|---|",
+        "| private share | source | method | n | estimate | error vs data | error vs sweep best | cost |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
     ]
     sweep_runs = len(args.ratios) * len(args.sweep_seeds)
+    timings: list[float] = []
     for share in args.shares:
         best = sweep.get(share, {}).get("best", {}).get("fusion", {}).get("of_mean")
         for method, source, cost in (
@@ -471,6 +476,7 @@ def estimate_section(
                 continue
             per_run = [estimates(r, args.cache) for r in rs]
             per_run = [e for e in per_run if e]
+            timings.extend(e["seconds"] for e in per_run)
             if not per_run:
                 continue
             for how in ("predictability", "predictability_view", "alignment"):
@@ -480,7 +486,8 @@ def estimate_section(
                 mean, half = mean_ci(values)
                 err_best = "–" if best is None else f"{mean - best:+.3f}"
                 lines.append(
-                    f"| {share} | {source} | {how} | {fmt(mean, half)} | {mean - (1 - share):+.3f} | {err_best} | {cost} |"
+                    f"| {share} | {source} | {how} | {len(values)} | {fmt(mean, half)} | {mean - (1 - share):+.3f} | "
+                    f"{err_best} | {cost} |"
                 )
                 out[f"{share}:{method}:{how}"] = {
                     "values": values,
@@ -488,7 +495,20 @@ def estimate_section(
                     "error": mean - (1 - share),
                     "best": best,
                 }
-    lines += ["", f"The sweep itself: {sweep_runs} runs per private share.", ""]
+    estimator_seconds = statistics.mean(s for s in timings) if timings else float("nan")
+    sweep_seconds = {
+        share: sum(
+            r["train_seconds"] for r in select(runs, method="decur", share=share) if r["seed"] in args.sweep_seeds
+        )
+        for share in args.shares
+    }
+    lines += [
+        "",
+        f"The sweep itself: {sweep_runs} pretraining runs per private share "
+        + ", ".join(f"{share}: {sec / 60:.0f} min of training" for share, sec in sweep_seconds.items())
+        + f"; one estimate takes {estimator_seconds:.1f} s on the saved features (one thread).",
+        "",
+    ]
     return out
 
 
