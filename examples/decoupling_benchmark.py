@@ -23,7 +23,7 @@ Parts (all by default):
   one cross-modal Barlow Twins run per share and seed, against the known share and the sweep's best.
 
     python examples/decoupling_benchmark.py                 # full mode, writes docs/decoupling_results.md
-    python examples/decoupling_benchmark.py --quick         # < 10 min on 2 CPU cores, writes runs/decoupling_quick/
+    python examples/decoupling_benchmark.py --quick         # < 10 min on 2 CPU cores (2 runs at a time), writes runs/decoupling_quick/
     python examples/decoupling_benchmark.py --jobs 2        # two runs at a time (one thread each)
 
 Every run's result is cached as JSON under ``--cache`` (keyed by its settings), so an interrupted
@@ -599,7 +599,14 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
 
 
 QUICK = dict(
-    seeds=[0, 1], sweep_seeds=[0], shares=[0.5], ratios=[0.25, 0.5, 0.75, 1.0], epochs=2, num_train=512, num_probe=512
+    seeds=[0, 1],
+    sweep_seeds=[0],
+    shares=[0.5],
+    ratios=[0.25, 0.5, 0.75, 1.0],
+    epochs=2,
+    num_train=512,
+    num_probe=512,
+    jobs=min(2, os.cpu_count() or 1),
 )
 
 
