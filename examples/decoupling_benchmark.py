@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         "--ratios",
         nargs="+",
         type=float,
-        default=[0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
+        default=[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
         help="common ratios of the sweep",
     )
     parser.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="DeCUR's common_ratio in the comparison")
