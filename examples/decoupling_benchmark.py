@@ -12,7 +12,8 @@ Parts (all by default):
 * ``compare``: Table 5 on this data, ``--seeds`` paired seeds (per seed the same data and the
   same initial encoder and projector weights for every method; a checksum of the initial
   weights is recorded): DeCUR, DeCUR without intra-modal terms, without decoupling, cross-modal
-  Barlow Twins (without both), and untrained encoders. Linear (ridge) probes on each modality's
+  Barlow Twins (without both), untrained encoders, and the paper's other cross-modal baselines
+  (SimCLR, CLIP, VICReg). Linear (ridge) probes on each modality's
   frozen encoder features predict the shared factors and that modality's private factors;
   a late-fusion probe on both modalities' features predicts all factors, with all probe labels
   and with few. Fig. 5a: the per-dimension alignment loss (eq. 7) of DeCUR against cross-modal
@@ -55,7 +56,7 @@ from decur_lightning.analysis.alignment import alignment_histogram_figure
 from decur_lightning.analysis.decoupling import extract_features, probe_factors, probe_fusion
 from decur_lightning.analysis.plotting import save_figure
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
-from decur_lightning.ssl import CrossModalBarlowTwinsModule
+from decur_lightning.ssl import CLIPModule, CrossModalBarlowTwinsModule, SimCLRCrossModule, VICRegCrossModule
 
 #: The two modalities: 4 bands each, crop-and-flip views (the factors are band brightness and
 #: contrast, which colour jitter would scramble).
@@ -69,8 +70,13 @@ METHODS: dict[str, str] = {
     "no_intra": "DeCUR w/o intra-modal terms",
     "no_decouple": "DeCUR w/o decoupling",
     "barlow_cross": "Cross-modal Barlow Twins (w/o intra & decoupling)",
+    "simclr_cross": "SimCLR (cross-modal)",
+    "clip": "CLIP",
+    "vicreg_cross": "VICReg (cross-modal)",
 }
 TABLE5 = ["decur", "no_intra", "no_decouple", "barlow_cross", "random"]
+#: The comparison's methods: Table 5's, then the paper's other cross-modal baselines.
+COMPARE = [*TABLE5, "simclr_cross", "clip", "vicreg_cross"]
 
 
 def factor_counts(share: float) -> tuple[int, int]:
@@ -113,8 +119,14 @@ def build(method: str, ratio: float, args: argparse.Namespace) -> torch.nn.Modul
         lr=1e-3,
         weight_decay=1e-4,
     )
-    if method == "barlow_cross":
-        return CrossModalBarlowTwinsModule(**settings)
+    baselines = {
+        "barlow_cross": CrossModalBarlowTwinsModule,
+        "simclr_cross": SimCLRCrossModule,
+        "clip": CLIPModule,
+        "vicreg_cross": VICRegCrossModule,
+    }
+    if method in baselines:
+        return baselines[method](**settings)
     extra = {"no_intra": {"intra": False}, "no_decouple": {"decouple": False}}.get(method, {})
     return DeCURModule(common_ratio=ratio, **settings, **extra)
 
@@ -181,7 +193,10 @@ def one_run(spec: dict[str, Any], cache: str, threads: int) -> dict[str, Any]:
     dm = datamodule(spec["share"], spec["seed"], args)
     L.seed_everything(spec["seed"], verbose=False)
     model = build(spec["method"], spec["ratio"], args)
-    init = sum(float(p.double().sum()) for p in model.parameters())  # equal across methods of a seed
+    # equal across the methods of a seed (encoders and projectors; CLIP adds its temperature)
+    init = sum(
+        float(p.detach().double().sum()) for part in (model.encoders, model.projectors) for p in part.parameters()
+    )
     start = time.perf_counter()
     if spec["method"] != "random":
         L.Trainer(
@@ -327,7 +342,7 @@ def select(runs: list[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
 
 def compare_section(runs: list[dict[str, Any]], args: argparse.Namespace, lines: list[str]) -> dict[str, Any]:
     verdicts: dict[str, Any] = {}
-    by = {m: select(runs, method=m, share=args.share, ratio=args.ratio) for m in TABLE5}
+    by = {m: select(runs, method=m, share=args.share, ratio=args.ratio) for m in args.methods}
     by = {m: rs for m, rs in by.items() if rs}
     if "decur" not in by:
         return verdicts
@@ -599,6 +614,7 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
 
 
 QUICK = dict(
+    methods=TABLE5,
     seeds=[0, 1],
     sweep_seeds=[0],
     shares=[0.5],
@@ -616,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parts", nargs="+", default=["compare", "sweep", "estimate"], choices=["compare", "sweep", "estimate"]
     )
-    parser.add_argument("--methods", nargs="+", default=TABLE5, choices=TABLE5, help="methods of the comparison")
+    parser.add_argument("--methods", nargs="+", default=COMPARE, choices=COMPARE, help="methods of the comparison")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the comparison")
     parser.add_argument("--sweep-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--share", type=float, default=0.5, help="private share of the comparison's data")
