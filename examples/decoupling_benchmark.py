@@ -618,9 +618,7 @@ QUICK = dict(
     seeds=[0, 1],
     sweep_seeds=[0],
     shares=[0.5],
-    ratios=[0.25, 0.5, 0.75, 1.0],
-    epochs=2,
-    num_train=512,
+    ratios=[0.25, 1.0],
     num_probe=512,
     jobs=min(2, os.cpu_count() or 1),
 )
