@@ -135,7 +135,7 @@ def run_key(spec: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _View(torch.utils.data.Dataset):
+class OtherView(torch.utils.data.Dataset):
     """Another view of a split: every image rotated by 180 degrees (a horizontal and a vertical flip,
     which keep grating orientations) and its central 3/4 resized back (a crop)."""
 
@@ -156,10 +156,6 @@ class _View(torch.utils.data.Dataset):
                     crop[None], size=(size, size), mode="bilinear", align_corners=False
                 )[0]
         return sample
-
-
-def other_view(dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-    return _View(dataset)
 
 
 def estimates(result: dict[str, Any], cache: Path) -> dict[str, float]:
@@ -224,7 +220,7 @@ def one_run(spec: dict[str, Any], cache: str, threads: int) -> dict[str, Any]:
     }
     # Features for the common-ratio estimators (computed in the report, so they can be revisited
     # without retraining): both splits, another view of them, and the held-out embeddings.
-    views = [other_view(dm.datasets[split]) for split in ("val", "test")]
+    views = [OtherView(dm.datasets[split]) for split in ("val", "test")]
     saved = {
         "features": {n: torch.cat([fit[f"features_{n}"], test[f"features_{n}"]]).half() for n in names},
         "view_features": {

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..losses import standardize
-from .pairs import check_modality, model_pairs
+from .pairs import check_modality, model_pairs, require_images
 from .plotting import COLORS, new_figure, save_figure
 
 __all__ = [
@@ -86,12 +86,7 @@ def collect_embeddings(
     count = 0
     try:
         for batch in batches:
-            missing = [f"image_{name}" for name in names if f"image_{name}" not in batch]
-            if missing:
-                raise KeyError(
-                    f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every "
-                    f"modality of the model ({names})."
-                )
+            require_images(batch, names)
             for name in names:
                 parts[name].append(model.embed(batch[f"image_{name}"].to(device), name).float().cpu())
             count += parts[names[0]][-1].shape[0]

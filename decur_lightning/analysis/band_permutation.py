@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .pairs import check_modality, modality_mapping
+from .pairs import check_modality, modality_mapping, require_images
 from .saliency import OUTPUT_NAMES, modality_common_dims
 
 __all__ = ["band_permutation_importance"]
@@ -41,11 +41,7 @@ def _inputs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_sampl
     for batch in batches:
         if count >= max_samples:
             break
-        missing = [f"image_{m}" for m in modalities if f"image_{m}" not in batch]
-        if missing:
-            raise KeyError(
-                f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every modality of the model."
-            )
+        require_images(batch, modalities)
         take = max_samples - count
         for m in modalities:
             parts[m].append(batch[f"image_{m}"][:take].detach().cpu())

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .alignment import alignment_loss_per_dimension
-from .decoupling import ALPHAS, ridge_r2
+from .decoupling import ridge_r2, select_alpha, standardize
 
 __all__ = ["CommonRatioEstimate", "EstimatorMethod", "estimate_common_ratio"]
 
@@ -66,9 +66,7 @@ class CommonRatioEstimate:
 
 def _principal_components(train: Tensor, test: Tensor, variance: float) -> tuple[Tensor, Tensor, Tensor]:
     """Standardised features projected on the principal components that explain ``variance``."""
-    mean, std = train.mean(0), train.std(0)
-    std = std.clamp_min(max(1e-2 * float(std.mean()), 1e-12))  # dead units: see ridge_r2
-    train, test = (train - mean) / std, (test - mean) / std
+    train, test = standardize(train, test)
     _, s, vh = torch.linalg.svd(train, full_matrices=False)
     explained = s.pow(2) / s.pow(2).sum()
     keep = int(torch.searchsorted(explained.cumsum(0), torch.tensor(variance, dtype=explained.dtype)).item()) + 1
@@ -82,12 +80,7 @@ def _predicted_share(
     """Share of ``y``'s variance (on its principal components) that ``x`` predicts on the test split."""
     y_tr, y_te, weight = _principal_components(y_train, y_test, variance)
     if alpha is None:  # ridge penalty chosen on a hold-out of the fitting split, never on the test split
-        cut = int(round(0.75 * x_train.shape[0]))
-        scores = [
-            float((ridge_r2(x_train[:cut], y_tr[:cut], x_train[cut:], y_tr[cut:], a).clamp(0, 1) * weight).sum())
-            for a in ALPHAS
-        ]
-        alpha = ALPHAS[max(range(len(ALPHAS)), key=scores.__getitem__)]
+        alpha = select_alpha(x_train, y_tr, weights=weight)
     r2 = ridge_r2(x_train, y_tr, x_test, y_te, alpha).double().clamp(0.0, 1.0)
     return float((r2 * weight).sum() / weight.sum()), r2.float()
 
@@ -130,7 +123,8 @@ def estimate_common_ratio(
             means something).
         variance: the share of each modality's variance whose principal components are kept.
         alpha: ridge penalty (relative to the number of samples); ``None`` selects it from
-            :data:`~decur_lightning.analysis.decoupling.ALPHAS` on a hold-out of the fitting part.
+            :data:`~decur_lightning.analysis.decoupling.ALPHAS` on a hold-out of the fitting part
+            (:func:`~decur_lightning.analysis.decoupling.select_alpha`, scored as the estimate is).
         z_m_view, z_n_view: optional features of another view of the same samples in each
             modality (e.g. cropped and rotated; ``"predictability"`` only). Then each
             modality's share predicted by the other modality is divided by the share predicted
@@ -178,9 +172,7 @@ def estimate_common_ratio(
         raise ValueError(f"Need at least 8 samples on each side of the hold-out; got {n} samples, holdout={holdout}.")
 
     def split(x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, std = x[:cut].mean(0), x[:cut].std(0)
-        x = (x - mean) / std.clamp_min(max(1e-2 * float(std.mean()), 1e-12))
-        return x[:cut], x[cut:]
+        return standardize(x[:cut], x[cut:])
 
     if (z_m_view is None) != (z_n_view is None):
         raise ValueError("Give the other view of both modalities (z_m_view and z_n_view), or of neither.")
@@ -194,10 +186,7 @@ def estimate_common_ratio(
     share_n, _ = _predicted_share(m_tr, z_n[:cut], m_te, z_n[cut:], variance, alpha)
     directions = {"m<-n": share_m, "n<-m": share_n}
     if z_m_view is not None and z_n_view is not None:
-        (mv_tr, mv_te), (nv_tr, nv_te) = (
-            split(z_m_view.detach().double().cpu()),
-            split(z_n_view.detach().double().cpu()),
-        )
+        (mv_tr, mv_te), (nv_tr, nv_te) = split(z_m_view.detach().cpu()), split(z_n_view.detach().cpu())
         reliable_m, _ = _predicted_share(mv_tr, z_m[:cut], mv_te, z_m[cut:], variance, alpha)
         reliable_n, _ = _predicted_share(nv_tr, z_n[:cut], nv_te, z_n[cut:], variance, alpha)
         directions.update({"m<-m_view": reliable_m, "n<-n_view": reliable_n})

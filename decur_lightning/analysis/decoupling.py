@@ -30,6 +30,23 @@ __all__ = ["ALPHAS", "ProbeTarget", "extract_features", "probe_factors", "probe_
 ProbeTarget = Literal["magnitude", "value"]
 
 
+def is_factor_key(key: str) -> bool:
+    """Whether a synthetic batch entry holds latent factors: ``shared``, ``private_<m>``, ``shared_<subset>``."""
+    return key == "shared" or key.startswith(("private_", "shared_"))
+
+
+def standardize(train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """``train`` and ``others`` standardised (float64) with ``train``'s per-column mean and scale.
+
+    Scales are floored at 1 % of the mean scale: near-constant columns (dead units) would
+    otherwise blow up on the other splits.
+    """
+    train = train.double()
+    std = train.std(0)
+    mean, std = train.mean(0), std.clamp_min(max(1e-2 * float(std.mean()), 1e-12))
+    return tuple((x.double() - mean) / std for x in (train, *others))
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Frozen encoder features of every modality of ``model`` and the factor values, un-augmented.
@@ -49,7 +66,7 @@ def extract_features(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> 
                 feats = model(batch[f"image_{name}"].to(device), name).float().cpu()
                 out.setdefault(f"features_{name}", []).append(feats)
             for key, value in batch.items():
-                if key == "shared" or key.startswith(("private_", "shared_")):
+                if is_factor_key(key):
                     out.setdefault(key, []).append(value.float().cpu())
     finally:
         model.train(was_training)
@@ -74,11 +91,7 @@ def ridge_r2(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, a
     """
     if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
         raise ValueError("Features and targets must have the same number of samples.")
-    x_tr, x_te = train_x.double(), test_x.double()
-    # Near-constant features (dead units) would blow up on the test split: floor their scale.
-    std = x_tr.std(0)
-    mean, std = x_tr.mean(0), std.clamp_min(max(1e-2 * float(std.mean()), 1e-12))
-    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    x_tr, x_te = standardize(train_x, test_x)
     y_tr, y_te = train_y.double(), test_y.double()
     y_mean = y_tr.mean(0)
     gram = x_tr.T @ x_tr + alpha * x_tr.shape[0] * torch.eye(x_tr.shape[1], dtype=x_tr.dtype)
@@ -91,12 +104,22 @@ def ridge_r2(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, a
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def select_alpha(x: Tensor, y: Tensor, alphas: tuple[float, ...] = ALPHAS, holdout: float = 0.25) -> float:
-    """The ridge penalty with the best mean R^2 on the last ``holdout`` share of the fitting split."""
+def select_alpha(
+    x: Tensor, y: Tensor, alphas: tuple[float, ...] = ALPHAS, holdout: float = 0.25, weights: Tensor | None = None
+) -> float:
+    """The ridge penalty with the best R^2 on the last ``holdout`` share of the fitting split.
+
+    The score is the mean R^2 over the targets, or with ``weights`` (one per target column) the
+    weighted sum of the R^2 clipped to [0, 1].
+    """
     cut = int(round(x.shape[0] * (1 - holdout)))
     if cut < 2 or cut >= x.shape[0]:
         raise ValueError(f"Need at least a few samples on both sides of the hold-out; got {x.shape[0]}.")
-    scores = [float(ridge_r2(x[:cut], y[:cut], x[cut:], y[cut:], a).mean()) for a in alphas]
+
+    def score(r2: Tensor) -> float:
+        return float(r2.mean()) if weights is None else float((r2.clamp(0, 1) * weights).sum())
+
+    scores = [score(ridge_r2(x[:cut], y[:cut], x[cut:], y[cut:], a)) for a in alphas]
     return alphas[max(range(len(alphas)), key=scores.__getitem__)]
 
 
@@ -172,9 +195,7 @@ def probe_fusion(
         groups ``shared``, ``private_<m>`` and ``shared_<subset>`` present.
     """
     features = sorted(key for key in train if key.startswith("features_"))
-    groups = [
-        key for key in train if (key == "shared" or key.startswith(("private_", "shared_"))) and train[key].shape[1]
-    ]
+    groups = [key for key in train if is_factor_key(key) and train[key].shape[1]]
     if not features or not groups:
         raise ValueError(f"Need features_<modality> and factor entries; got {sorted(train)}.")
     x_tr = torch.cat([train[key] for key in features], 1)

@@ -10,12 +10,20 @@ Every analysis takes modality *names* (the batch keys ``image_<name>``); cross-m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["check_modality", "modality_mapping", "model_pairs", "pair_common_dims", "pair_label", "pair_suffix"]
+__all__ = [
+    "check_modality",
+    "modality_mapping",
+    "require_images",
+    "model_pairs",
+    "pair_common_dims",
+    "pair_label",
+    "pair_suffix",
+]
 
 Pair = tuple[str, str]
 V = TypeVar("V")
@@ -29,6 +37,17 @@ def _names(model: nn.Module) -> tuple[str, ...]:
             "(e.g. DeCURModule) whose modalities are named."
         )
     return tuple(names)
+
+
+def require_images(batch: Mapping[str, Any], names: Iterable[str]) -> None:
+    """Raise a ``KeyError`` naming the ``image_<name>`` entries ``batch`` lacks for the modalities ``names``."""
+    names = list(names)
+    missing = [f"image_{name}" for name in names if f"image_{name}" not in batch]
+    if missing:
+        raise KeyError(
+            f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every modality the "
+            f"analysis uses ({names}), under the keys image_<name>."
+        )
 
 
 def check_modality(model: nn.Module, name: Any) -> str:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..models.resnet_rda import ResNetRDA
-from .pairs import check_modality
+from .pairs import check_modality, require_images
 from .plotting import new_figure, save_figure
 from .report import _dataloader, load_ssl_module
 
@@ -160,9 +160,7 @@ def rda_feature_points_for_module(
                 f"The encoders of {plain} have no residual deformable attention (RDA encoders: "
                 f"{[n for n in model.modalities if is_rda_encoder(model.encoders[n])]})."
             )
-    missing = [f"image_{name}" for name in names if f"image_{name}" not in batch]
-    if missing:
-        raise KeyError(f"The batch has no {missing}; it has keys {sorted(batch)}.")
+    require_images(batch, names)
     device = next(model.parameters()).device
     return {name: rda_feature_points(model.encoders[name], batch[f"image_{name}"].to(device), layer) for name in names}
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .pairs import check_modality, modality_mapping, model_pairs, pair_common_dims
+from .pairs import check_modality, modality_mapping, model_pairs, pair_common_dims, require_images
 from .plotting import COLORS, new_figure
 
 __all__ = [
@@ -579,11 +579,7 @@ def saliency_analysis(
         remaining = max_samples - count
         if remaining <= 0:
             break
-        missing = [f"image_{m}" for m in modalities if f"image_{m}" not in batch]
-        if missing:
-            raise KeyError(
-                f"The batch has no {missing}; it has keys {sorted(batch)}. The data must deliver every modality of the model."
-            )
+        require_images(batch, modalities)
         for modality in modalities:
             x = batch[f"image_{modality}"][:remaining]
             if modality not in chosen:
