@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from .augmentations import VIEW_KINDS
 
@@ -107,6 +107,20 @@ class Modality:
 ModalitiesArg = Mapping[str, Modality | Mapping[str, Any] | int | None] | Sequence[str] | None
 
 
+T = TypeVar("T")
+
+
+def from_fields(cls: type[T], value: Mapping[str, Any], what: str, one: str) -> T:
+    """The dataclass ``cls`` built from the mapping ``value`` of its fields; an unknown field raises a
+    ``ValueError`` naming it (``what``: the thing described, ``one``: "a modality", "a source") and
+    listing the fields ``cls`` has."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; {one} has {sorted(known)}.")
+    return cls(**value)
+
+
 def _as_modality(name: str, value: Modality | Mapping[str, Any] | int | None) -> Modality:
     if isinstance(value, Modality):
         return replace(value)
@@ -115,11 +129,7 @@ def _as_modality(name: str, value: Modality | Mapping[str, Any] | int | None) ->
     if isinstance(value, int) and not isinstance(value, bool):
         return Modality(bands=value)
     if isinstance(value, Mapping):
-        known = {f.name for f in fields(Modality)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"modality {name!r}: unknown field(s) {unknown}; a modality has {sorted(known)}.")
-        return Modality(**value)
+        return from_fields(Modality, value, f"modality {name!r}", "a modality")
     raise TypeError(
         f"modality {name!r}: expected a Modality, a dict of its fields, a band count or None; got {type(value).__name__}."
     )

@@ -24,7 +24,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ALPHAS", "ProbeTarget", "extract_features", "probe_factors", "probe_fusion", "ridge_r2", "select_alpha"]
+__all__ = [
+    "ALPHAS",
+    "ProbeTarget",
+    "extract_features",
+    "is_factor_key",
+    "probe_factors",
+    "probe_fusion",
+    "ridge_r2",
+    "select_alpha",
+    "standardize",
+]
 
 #: What the probes predict: the factors' ``"magnitude"`` ``|f|`` or their signed ``"value"``.
 ProbeTarget = Literal["magnitude", "value"]

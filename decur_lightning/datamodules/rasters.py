@@ -27,7 +27,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -44,7 +44,7 @@ from torchgeo.datasets import GeoDataset, IntersectionDataset, RasterDataset
 from torchgeo.samplers import GridGeoSampler, RandomGeoSampler
 
 from ..augmentations import VIEW_KINDS
-from ..modalities import Modality, _check_name
+from ..modalities import Modality, _check_name, from_fields
 from ._common import PretrainDataModule, check_enough_for_a_batch, clip_outliers, percentile_min_max, scale_mean_std
 
 __all__ = [
@@ -136,11 +136,7 @@ class RasterSource:
         if isinstance(value, RasterDataset):
             return cls(dataset=value)
         if isinstance(value, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"raster source {name!r}: unknown field(s) {unknown}; a source has {sorted(known)}.")
-            return cls(**value)
+            return from_fields(cls, value, f"raster source {name!r}", "a source")
         raise TypeError(
             f"raster source {name!r}: expected a RasterSource, a torchgeo RasterDataset or a dict of RasterSource "
             f"fields; got {type(value).__name__}."
