@@ -22,7 +22,7 @@ from decur_lightning.ssl import (
 )
 from decur_lightning.ssl.baselines import clip_loss
 
-from helpers import tiny_batch, tiny_decur
+from helpers import quiet_trainer, tiny_batch, tiny_decur
 
 SHARED = dict(modalities={"sar": 2, "optical": 4}, encoder="resnet18", projector_dims=(16,), crop_size=32)
 
@@ -114,21 +114,12 @@ def test_clip_loss_and_learnable_temperature(embeddings):
 
 
 def test_clip_temperature_is_optimised(tmp_path):
-    import lightning as L
 
     from decur_lightning.datamodules import SyntheticMultimodalDataModule
 
     model = CLIPModule(init_temperature=0.07, optimizer="adamw", lr=0.05, **SHARED)
     before = model.logit_scale.detach().clone()
-    L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    ).fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
+    quiet_trainer(tmp_path, 2).fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
     assert not torch.equal(model.logit_scale.detach(), before)
 
 
@@ -260,22 +251,13 @@ def test_compare_config_fits_with_every_method(tmp_path, method):
 
 
 def test_single_modal_checkpoint_exports_its_one_encoder(tmp_path):
-    import lightning as L
     import timm
 
     from decur_lightning.datamodules import SyntheticMultimodalDataModule
     from decur_lightning.weights import export_encoders
 
     model = SingleModalBarlowTwinsModule(**SHARED)
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 1)
     trainer.fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
     trainer.save_checkpoint(tmp_path / "bt.ckpt")
     paths = export_encoders(tmp_path / "bt.ckpt", tmp_path / "out")

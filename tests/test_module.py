@@ -12,7 +12,7 @@ from decur_lightning.optim import warmup_schedule
 from decur_lightning.ssl import resolve_common_dims
 from decur_lightning.ssl.base import build_projector
 
-from helpers import tiny_batch, tiny_decur
+from helpers import quiet_trainer, tiny_batch, tiny_decur
 
 
 def test_common_dims_from_ratio_or_count():
@@ -149,15 +149,7 @@ def test_missing_key_wrong_channels_and_batch_of_one():
 
 def test_lars_groups_exclude_biases_and_norms(tmp_path):
     model = tiny_decur()
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 1)
     trainer.fit(model, SyntheticMultimodalDataModule(num_train=32, batch_size=16))
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, LARS)

@@ -14,7 +14,7 @@ from decur_lightning import DeCURModule
 from decur_lightning.datamodules import SyntheticMultimodalDataModule
 from decur_lightning.optim import split_decay_parameters
 
-from helpers import tiny_batch, tiny_decur
+from helpers import quiet_trainer, tiny_batch, tiny_decur
 
 
 class _LossRecorder(L.Callback):
@@ -140,15 +140,7 @@ def test_nan_skip_policy_leaves_weights_untouched_in_fit(tmp_path):
 
     model = tiny_decur(nan_policy="skip", projector_dims=(32, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 2)
     trainer.fit(model, NaNData(num_train=32, batch_size=16))
     assert model.skipped_batches == 2
     for key, value in model.state_dict().items():
@@ -187,28 +179,12 @@ def test_too_small_views_for_the_encoder_give_a_clear_error():
 
 def test_checkpoint_of_other_encoders_is_rejected(tmp_path):
     model = tiny_decur(projector_dims=(32, 32))
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 1)
     trainer.fit(model, _data())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     other = tiny_decur(modalities={"sar": 2, "optical": {"bands": 4, "encoder": "resnet34"}}, projector_dims=(32, 32))
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 2)
     with pytest.raises(
         ValueError,
         match=r"modalities: checkpoint .*'optical': \['resnet18', 4\].*this module .*'optical': \['resnet34', 4\]",
