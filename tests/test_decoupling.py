@@ -81,3 +81,20 @@ def test_benchmark_script_runs_end_to_end_and_pairs_its_seeds(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{len(runs)} of {len(runs)} runs cached." in again.stdout
     assert json.loads(out.with_suffix(".json").read_text())["verdicts"] == report["verdicts"]
+
+
+def test_benchmark_statistics_on_known_numbers():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from decoupling_benchmark import mean_ci, paired
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    # t quantile 0.975 with 4 degrees of freedom is 2.7764 (tables); sd of 1..5 is sqrt(2.5).
+    mean, half = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and abs(half - 2.7764451 * (2.5**0.5) / 5**0.5) < 1e-6
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 1.9, 2.6, 3.1, 4.4]
+    d = paired(a, b)  # differences 0.5, 0.1, 0.4, 0.9, 0.6: mean 0.5, sd sqrt(0.085)
+    t_stat = 0.5 / (0.085**0.5 / 5**0.5)
+    assert abs(d["mean"] - 0.5) < 1e-12 and d["wins"] == 5 and d["n"] == 5
+    assert abs(d["half"] - 2.7764451 * 0.085**0.5 / 5**0.5) < 1e-6
+    assert abs(t_stat - 3.8348) < 1e-3 and abs(d["p"] - 0.018541) < 1e-5  # two-sided p of t = 3.83, 4 dof
